@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The whole check: install what is missing, then formatting, lints, all tests, and the meson
+# build/install of the plugin. Stops at the first failure with a non-zero exit.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+# A rustup toolchain that is installed but not on PATH (non-login shells).
+if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo" ]]; then
+    export PATH="${HOME:-/root}/.cargo/bin:$PATH"
+fi
+
+suite_start=$SECONDS
+section_start=$SECONDS
+section_name=""
+
+end_section() {
+    if [[ -n $section_name ]]; then
+        printf '=== %s: ok (%ds)\n' "$section_name" "$((SECONDS - section_start))"
+    fi
+}
+section() {
+    end_section
+    section_name=$1
+    section_start=$SECONDS
+    printf '\n=== %s\n' "$section_name"
+}
+on_exit() {
+    local rc=$?
+    if ((rc != 0)) && [[ -n $section_name ]]; then
+        printf '\n=== FAILED: %s (exit %d, after %ds)\n' "$section_name" "$rc" "$((SECONDS - suite_start))" >&2
+    fi
+    if [[ -n ${meson_tmp:-} ]]; then
+        rm -rf "$meson_tmp"
+    fi
+}
+trap on_exit EXIT
+
+section "setup (scripts/setup.sh)"
+bash scripts/setup.sh
+
+section "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+section "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+section "cargo test --all-targets"
+cargo test --all-targets
+
+# meson drives cargo in the dev profile with cargo's own target directory, so it reuses what
+# `cargo test` just built instead of compiling the crate a second time.
+section "meson setup/compile/test/install (buildtype=debug, reusing cargo's target dir)"
+meson_tmp=$(mktemp -d)
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+meson setup "$meson_tmp/build" "$repo" --buildtype=debug -Dcargo-target-dir="$target_dir"
+meson compile -C "$meson_tmp/build"
+meson test -C "$meson_tmp/build" --print-errorlogs
+DESTDIR="$meson_tmp/dest" meson install -C "$meson_tmp/build" --no-rebuild
+installed=$(find "$meson_tmp/dest" -path '*/gstreamer-1.0/libgstp2plive.so' -print -quit)
+if [[ -z $installed ]]; then
+    echo "meson install did not install gstreamer-1.0/libgstp2plive.so" >&2
+    exit 1
+fi
+echo "installed ${installed#"$meson_tmp/dest"}"
+
+end_section
+section_name=""
+printf '\n=== all checks passed in %ds\n' "$((SECONDS - suite_start))"

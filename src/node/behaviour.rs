@@ -1,0 +1,212 @@
+//! The composed libp2p behaviour, its configuration and the swarm construction.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{StreamProtocol, Swarm, gossipsub, identify, kad, mdns, noise, ping, tcp, yamux};
+
+use super::{NodeConfig, NodeError};
+use crate::core::Channel;
+
+/// Kademlia protocol of p2plive's own DHT (kept apart from the public IPFS DHT).
+pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/p2plive/kad/1.0.0");
+/// Identify protocol version string.
+const IDENTIFY_PROTOCOL_VERSION: &str = "/p2plive/1.0.0";
+/// Connections nothing keeps alive (no mesh, no query) are closed after this long.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Gossipsub heartbeat: mesh maintenance and IHAVE gossip. Short, because live media is useless
+/// after a second or two and a repair through IHAVE/IWANT must come within that.
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(250);
+/// Most topics a remote peer may have us track for it, and per subscription RPC.
+const MAX_PEER_TOPICS: usize = 1024;
+const MAX_SUBSCRIPTIONS_PER_RPC: usize = 256;
+/// Upper bound of one encoded message id in an IHAVE/IWANT: a 38-byte ed25519 peer id, the
+/// longest `core::wire::message_id` (72 bytes) and protobuf framing.
+const MAX_ENCODED_MESSAGE_ID: usize = 38 + 72 + 2;
+/// Gossipsub's (default) limit on the control part of one RPC.
+const MAX_CONTROL_MESSAGE_SIZE: usize = 16 * 1024;
+
+pub(crate) type Gossipsub = gossipsub::Behaviour<
+    gossipsub::IdentityTransform,
+    gossipsub::MaxCountSubscriptionFilter<P2pliveTopics>,
+>;
+
+/// Only p2plive topics are tracked, for us and for our peers.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct P2pliveTopics;
+
+impl gossipsub::TopicSubscriptionFilter for P2pliveTopics {
+    fn can_subscribe(&mut self, topic_hash: &gossipsub::TopicHash) -> bool {
+        Channel::parse(topic_hash.as_str()).is_some()
+    }
+}
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub gossipsub: Gossipsub,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Gossipsub tuned for live media; see the comments on each setting.
+pub(crate) fn gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Config, NodeError> {
+    // IHAVE and IWANT lists are sent as one RPC each, which the receiver refuses if larger than
+    // its max transmit size or its control-size limit: bound the number of ids accordingly.
+    let max_ids = (MAX_CONTROL_MESSAGE_SIZE.min(max_transmit_size) - 1024) / MAX_ENCODED_MESSAGE_ID;
+    gossipsub::ConfigBuilder::default()
+        // Every message is signed by its author; the node checks the author itself.
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        // Ids from content (epoch/track/layer/sequence/fragment), so copies arriving along
+        // different paths are recognised, prefixed by the author so that nobody else can
+        // poison the duplicate cache with a legitimate fragment's id.
+        .message_id_fn(|message: &gossipsub::Message| {
+            let mut id = message.source.map(|p| p.to_bytes()).unwrap_or_default();
+            id.extend_from_slice(&crate::core::wire::message_id(&message.data));
+            gossipsub::MessageId::new(&id)
+        })
+        .max_transmit_size(max_transmit_size)
+        // Publish into the mesh (or fanout) only: the publisher's upload is D copies, not one
+        // per subscriber, and viewers relay.
+        .flood_publish(false)
+        .heartbeat_interval(HEARTBEAT)
+        .heartbeat_initial_delay(Duration::from_millis(50))
+        // A modest mesh: each viewer uploads each fragment to ~mesh_n - 1 peers.
+        .mesh_n(5)
+        .mesh_n_low(4)
+        .mesh_n_high(8)
+        .mesh_outbound_min(2)
+        .gossip_lazy(4)
+        .gossip_factor(0.25)
+        // Serve IWANTs for 2 s of messages, advertise the last 750 ms in IHAVE: older media is
+        // past its playout deadline anyway.
+        .history_length(8)
+        .history_gossip(3)
+        .max_control_messages_sent(max_ids.clamp(16, 5000))
+        // One IHAVE per topic per heartbeat; a stream has a control topic and one per layer.
+        .max_ihave_messages_heartbeat(32)
+        .iwant_followup_time(Duration::from_secs(1))
+        // Content ids make late duplicates rare; at ~1000 messages/s this keeps ~30 k ids.
+        .duplicate_cache_time(Duration::from_secs(30))
+        // IDONTWANT (gossipsub 1.2) for anything bigger than a small control message: nearly
+        // every fragment, which saves duplicate transmissions inside the mesh.
+        .idontwant_message_size_threshold(1000)
+        .idontwant_on_publish(true)
+        // Per-connection queues: 2048 messages is ~2 s at 1000 msg/s; a stale frame is useless,
+        // so forwarded messages expire after 1 s and own publishes after 2 s.
+        .connection_handler_queue_len(2048)
+        .publish_queue_duration(Duration::from_secs(2))
+        .forward_queue_duration(Duration::from_secs(1))
+        .prune_backoff(Duration::from_secs(30))
+        .build()
+        .map_err(|err| NodeError::Build(format!("gossipsub configuration: {err}")))
+}
+
+fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, NodeError> {
+    let peer_id = key.public().to_peer_id();
+    let gossipsub = Gossipsub::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossipsub_config(config.max_transmit_size)?,
+        gossipsub::MaxCountSubscriptionFilter {
+            filter: P2pliveTopics,
+            max_subscribed_topics: MAX_PEER_TOPICS,
+            max_subscriptions_per_request: MAX_SUBSCRIPTIONS_PER_RPC,
+        },
+    )
+    .map_err(|err| NodeError::Build(format!("gossipsub: {err}")))?;
+
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
+            .with_agent_version(format!("p2plive/{}", env!("CARGO_PKG_VERSION"))),
+    );
+
+    let kademlia = config.kademlia.then(|| {
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        // Streams come and go: announcements expire within minutes and are refreshed every
+        // minute while the stream lives.
+        kad_config
+            .set_provider_record_ttl(Some(Duration::from_secs(300)))
+            .set_provider_publication_interval(Some(Duration::from_secs(60)))
+            .set_query_timeout(Duration::from_secs(30));
+        let mut kademlia =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        kademlia.set_mode(Some(kad::Mode::Server));
+        kademlia
+    });
+
+    let mdns = if config.mdns {
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                .map_err(|err| NodeError::Build(format!("mdns: {err}")))?,
+        )
+    } else {
+        None
+    };
+
+    Ok(Behaviour {
+        gossipsub,
+        identify,
+        ping: ping::Behaviour::default(),
+        kademlia: Toggle::from(kademlia),
+        mdns: Toggle::from(mdns),
+    })
+}
+
+/// Builds the swarm (TCP+noise+yamux and QUIC). Must run inside a tokio runtime context.
+pub(crate) fn build_swarm(config: &NodeConfig) -> Result<Swarm<Behaviour>, NodeError> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|err| NodeError::Build(format!("tcp transport: {err}")))?
+        .with_quic()
+        .with_behaviour(|key| {
+            build_behaviour(key, config)
+                .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|err| NodeError::Build(err.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gossipsub_config_builds_for_small_and_large_transmit_sizes() {
+        for size in [
+            4096,
+            super::super::config::DEFAULT_MAX_TRANSMIT_SIZE,
+            1 << 20,
+        ] {
+            let config = gossipsub_config(size).unwrap();
+            assert_eq!(config.max_transmit_size(), size);
+            // An IHAVE with the most ids we send must fit what a peer with the same
+            // configuration accepts.
+            assert!(
+                config.max_control_messages_sent() * MAX_ENCODED_MESSAGE_ID + 1024
+                    <= size.min(MAX_CONTROL_MESSAGE_SIZE)
+            );
+        }
+    }
+
+    #[test]
+    fn topic_filter_accepts_only_p2plive_topics() {
+        use gossipsub::TopicSubscriptionFilter as _;
+        let mut filter = P2pliveTopics;
+        let ours = gossipsub::IdentTopic::new(Channel::Control.topic("demo")).hash();
+        let other = gossipsub::IdentTopic::new("/eth2/beacon_block").hash();
+        assert!(filter.can_subscribe(&ours));
+        assert!(!filter.can_subscribe(&other));
+    }
+}

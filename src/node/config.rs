@@ -1,0 +1,194 @@
+//! Node configuration and the parsers of the address properties the elements expose.
+
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+use super::NodeError;
+use crate::core::Limits;
+
+/// Default gossipsub max transmit size: a 16 000-byte fragment plus envelope and pubsub overhead.
+pub const DEFAULT_MAX_TRANSMIT_SIZE: usize = 16_000 + 4096;
+/// Default capacity of the event channel handed out by [`super::Node::spawn`].
+pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
+/// Default capacity of the publish queue (about 1 s of a 30 fps stream cut in ~30 fragments).
+pub const DEFAULT_PUBLISH_CAPACITY: usize = 1024;
+/// Default number of connections the node opens by itself to peers it discovered.
+pub const DEFAULT_MAX_DIALED_PEERS: usize = 12;
+
+/// Everything [`super::Node::spawn`] needs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's identity; its peer id is the stream author id of everything it publishes.
+    pub keypair: Keypair,
+    /// Addresses to listen on. Default: [`default_listen`].
+    pub listen: Vec<Multiaddr>,
+    /// Peers dialled at start (each address ends in `/p2p/<peer id>`) and added to kademlia.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the local network with mDNS. Default true.
+    pub mdns: bool,
+    /// Run the kademlia DHT (stream announcement and discovery). Default true.
+    pub kademlia: bool,
+    /// Largest gossipsub message (payload plus pubsub framing). Default
+    /// [`DEFAULT_MAX_TRANSMIT_SIZE`].
+    pub max_transmit_size: usize,
+    /// Limits applied when decoding messages received from the network.
+    pub limits: Limits,
+    /// Capacity of the event channel. Default [`DEFAULT_EVENT_CAPACITY`].
+    pub event_capacity: usize,
+    /// Capacity of the publish queue behind [`super::Node::publish`]. Default
+    /// [`DEFAULT_PUBLISH_CAPACITY`].
+    pub publish_capacity: usize,
+    /// How many connections the node opens on its own to peers found through the DHT or mDNS
+    /// (bootstrap peers are always dialled). Default [`DEFAULT_MAX_DIALED_PEERS`].
+    pub max_dialed_peers: usize,
+}
+
+impl NodeConfig {
+    /// Defaults for everything but the identity.
+    pub fn new(keypair: Keypair) -> Self {
+        Self {
+            keypair,
+            listen: default_listen(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            kademlia: true,
+            max_transmit_size: DEFAULT_MAX_TRANSMIT_SIZE,
+            limits: Limits::default(),
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+            publish_capacity: DEFAULT_PUBLISH_CAPACITY,
+            max_dialed_peers: DEFAULT_MAX_DIALED_PEERS,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), NodeError> {
+        if self.event_capacity == 0 {
+            return Err(NodeError::InvalidConfig(
+                "event_capacity must be at least 1".into(),
+            ));
+        }
+        if self.publish_capacity == 0 {
+            return Err(NodeError::InvalidConfig(
+                "publish_capacity must be at least 1".into(),
+            ));
+        }
+        if self.max_transmit_size < 4096 {
+            return Err(NodeError::InvalidConfig(format!(
+                "max_transmit_size {} is below the minimum of 4096 bytes",
+                self.max_transmit_size
+            )));
+        }
+        if self.listen.is_empty() {
+            return Err(NodeError::InvalidConfig(
+                "at least one listen address is needed".into(),
+            ));
+        }
+        for addr in &self.bootstrap {
+            bootstrap_peer(addr)?;
+        }
+        Ok(())
+    }
+}
+
+/// `/ip4/0.0.0.0/udp/0/quic-v1` and `/ip4/0.0.0.0/tcp/0`: every IPv4 interface, ports chosen by
+/// the system.
+pub fn default_listen() -> Vec<Multiaddr> {
+    vec![
+        Multiaddr::empty()
+            .with(Protocol::Ip4([0, 0, 0, 0].into()))
+            .with(Protocol::Udp(0))
+            .with(Protocol::QuicV1),
+        Multiaddr::empty()
+            .with(Protocol::Ip4([0, 0, 0, 0].into()))
+            .with(Protocol::Tcp(0)),
+    ]
+}
+
+/// Parses a comma-separated list of multiaddrs. Whitespace around entries and empty entries
+/// are tolerated; an empty string gives an empty list.
+pub fn parse_multiaddrs(s: &str) -> Result<Vec<Multiaddr>, NodeError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<Multiaddr>()
+                .map_err(|err| NodeError::InvalidMultiaddr {
+                    entry: entry.to_owned(),
+                    reason: err.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Like [`parse_multiaddrs`], and every address must end with `/p2p/<peer id>`.
+pub fn parse_bootstrap(s: &str) -> Result<Vec<Multiaddr>, NodeError> {
+    let addrs = parse_multiaddrs(s)?;
+    for addr in &addrs {
+        bootstrap_peer(addr)?;
+    }
+    Ok(addrs)
+}
+
+/// The peer id a bootstrap address ends with.
+pub(crate) fn bootstrap_peer(addr: &Multiaddr) -> Result<PeerId, NodeError> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(peer)) => Ok(peer),
+        _ => Err(NodeError::BootstrapWithoutPeerId {
+            addr: addr.to_string(),
+        }),
+    }
+}
+
+/// `addr` without its trailing `/p2p/<id>`, as kademlia's routing table wants it.
+pub(crate) fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
+    let mut addr = addr.clone();
+    if let Some(Protocol::P2p(_)) = addr.iter().last() {
+        addr.pop();
+    }
+    addr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists_with_whitespace_and_empty_entries() {
+        let addrs =
+            parse_multiaddrs(" /ip4/127.0.0.1/tcp/1 ,, /ip4/127.0.0.1/udp/2/quic-v1 ,").unwrap();
+        assert_eq!(
+            addrs,
+            vec![
+                "/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().unwrap(),
+                "/ip4/127.0.0.1/udp/2/quic-v1".parse().unwrap()
+            ]
+        );
+        assert!(parse_multiaddrs("  ").unwrap().is_empty());
+    }
+
+    #[test]
+    fn strips_only_a_trailing_peer_id() {
+        let peer = PeerId::random();
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/1/p2p/{peer}").parse().unwrap();
+        assert_eq!(bootstrap_peer(&addr).unwrap(), peer);
+        assert_eq!(
+            without_peer_id(&addr),
+            "/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().unwrap()
+        );
+        let bare: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+        assert_eq!(without_peer_id(&bare), bare);
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        NodeConfig::new(Keypair::generate_ed25519())
+            .validate()
+            .unwrap();
+        let zero = NodeConfig {
+            event_capacity: 0,
+            ..NodeConfig::new(Keypair::generate_ed25519())
+        };
+        assert!(matches!(zero.validate(), Err(NodeError::InvalidConfig(_))));
+    }
+}

@@ -1,0 +1,903 @@
+//! The task that owns the swarm.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use libp2p::core::transport::ListenerId;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::Event;
+use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use super::stats::{NodeStats, bump};
+use crate::core::wire::{self, WireError, provider_key};
+use crate::core::{Channel, Limits, Message};
+
+/// Without every listener reporting an address, `Listening` is emitted this long after start.
+const LISTENING_DEADLINE: Duration = Duration::from_secs(1);
+/// Listen addresses arrive in bursts (one per interface); they are announced together.
+const LISTENING_DEBOUNCE: Duration = Duration::from_millis(20);
+/// Period of the housekeeping: bootstrap redials, provider lookups.
+const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
+/// A joined stream looks for more providers at most this often while under-connected.
+const PROVIDER_LOOKUP_PERIOD: Duration = Duration::from_secs(15);
+/// Most control events (listening, peers, publisher locked) waiting for room in the channel.
+const MAX_PENDING_CONTROL_EVENTS: usize = 256;
+/// Most addresses of one peer taken from identify into kademlia.
+const MAX_IDENTIFY_ADDRS: usize = 16;
+
+pub(crate) enum Command {
+    Announce {
+        stream: String,
+    },
+    Join {
+        stream: String,
+        publisher: Option<PeerId>,
+        channels: Vec<Channel>,
+    },
+    Subscribe {
+        stream: String,
+        channel: Channel,
+    },
+    Unsubscribe {
+        stream: String,
+        channel: Channel,
+    },
+}
+
+pub(crate) struct Publish {
+    pub stream: String,
+    pub channel: Channel,
+    pub payload: Vec<u8>,
+}
+
+/// What the node knows and wants about one stream.
+#[derive(Debug, Default)]
+struct StreamState {
+    /// We publish it (`announce_stream`).
+    announced: bool,
+    /// We view it (`join_stream` / `subscribe`).
+    joined: bool,
+    /// The only author whose messages are accepted; `None` until locked in.
+    publisher: Option<PeerId>,
+    /// Channels joined (always including the control channel while joined).
+    channels: BTreeSet<Channel>,
+    /// When the next provider lookup may run.
+    next_lookup: Option<Instant>,
+}
+
+impl StreamState {
+    fn wants(&self, channel: Channel) -> bool {
+        (self.announced && channel == Channel::Control)
+            || (self.joined && self.channels.contains(&channel))
+    }
+}
+
+/// Why a message is not used.
+enum Ignored {
+    NotJoined,
+    Foreign,
+    BeforeLock,
+}
+
+enum Verdict {
+    Accept { message: Message, locked: bool },
+    Reject(WireError),
+    Ignore(Ignored),
+}
+
+/// The event channel plus a small queue for events that must not be lost (listening, peers,
+/// publisher locked); media messages are dropped (and counted) when the channel is full.
+struct EventSink {
+    tx: mpsc::Sender<Event>,
+    pending: VecDeque<Event>,
+    closed: bool,
+    stats: Arc<NodeStats>,
+}
+
+impl EventSink {
+    fn control(&mut self, event: Event) {
+        if self.closed {
+            return;
+        }
+        let same_kind = |queued: &Event| {
+            matches!(
+                (queued, &event),
+                (Event::Listening { .. }, Event::Listening { .. })
+                    | (Event::PeersChanged { .. }, Event::PeersChanged { .. })
+            )
+        };
+        if let Some(slot) = self.pending.iter().position(same_kind) {
+            // Only the latest state matters.
+            self.pending[slot] = event;
+        } else {
+            if self.pending.len() >= MAX_PENDING_CONTROL_EVENTS {
+                self.pending.pop_front();
+                bump(&self.stats.events_dropped);
+            }
+            self.pending.push_back(event);
+        }
+        self.flush();
+    }
+
+    fn message(&mut self, event: Event) {
+        if self.closed {
+            return;
+        }
+        self.flush();
+        if !self.pending.is_empty() {
+            // Keep the order: nothing overtakes a queued control event.
+            bump(&self.stats.events_dropped);
+            return;
+        }
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => bump(&self.stats.events_dropped),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.closed = true,
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(event) = self.pending.pop_front() {
+            match self.tx.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.pending.push_front(event);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.closed = true;
+                    self.pending.clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Completes when `tx` has room for one event (without taking it), or fails if it is closed.
+async fn wait_for_room(tx: &mpsc::Sender<Event>) -> Result<(), mpsc::error::SendError<()>> {
+    tx.reserve().await.map(drop)
+}
+
+pub(crate) struct Parts {
+    pub swarm: Swarm<Behaviour>,
+    pub peer_id: PeerId,
+    pub commands: mpsc::Receiver<Command>,
+    pub publishes: mpsc::Receiver<Publish>,
+    pub shutdown: watch::Receiver<Option<Duration>>,
+    pub stopped: watch::Sender<bool>,
+    pub events: mpsc::Sender<Event>,
+    pub stats: Arc<NodeStats>,
+    pub limits: Limits,
+    pub max_dialed_peers: usize,
+    pub listeners: HashMap<ListenerId, BTreeSet<Multiaddr>>,
+    pub bootstrap: Vec<(PeerId, Vec<Multiaddr>)>,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    peer_id: PeerId,
+    commands: mpsc::Receiver<Command>,
+    publishes: mpsc::Receiver<Publish>,
+    shutdown: watch::Receiver<Option<Duration>>,
+    stopped: watch::Sender<bool>,
+    events: EventSink,
+    stats: Arc<NodeStats>,
+    limits: Limits,
+    max_dialed_peers: usize,
+    streams: HashMap<String, StreamState>,
+    /// Addresses of each configured listener still open.
+    listeners: HashMap<ListenerId, BTreeSet<Multiaddr>>,
+    listening_deadline: Instant,
+    /// When to announce the listen addresses next, if they (may have) changed.
+    listening_flush: Option<Instant>,
+    /// The addresses last announced.
+    announced_addrs: Option<Vec<Multiaddr>>,
+    bootstrap: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Peers we dialled on our own and are still dialling.
+    dialing: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    pub(crate) fn new(parts: Parts) -> Self {
+        let listening_deadline = Instant::now() + LISTENING_DEADLINE;
+        Self {
+            swarm: parts.swarm,
+            peer_id: parts.peer_id,
+            commands: parts.commands,
+            publishes: parts.publishes,
+            shutdown: parts.shutdown,
+            stopped: parts.stopped,
+            events: EventSink {
+                tx: parts.events,
+                pending: VecDeque::new(),
+                closed: false,
+                stats: parts.stats.clone(),
+            },
+            stats: parts.stats,
+            limits: parts.limits,
+            max_dialed_peers: parts.max_dialed_peers,
+            streams: HashMap::new(),
+            listeners: parts.listeners,
+            listening_deadline,
+            listening_flush: Some(listening_deadline),
+            announced_addrs: None,
+            bootstrap: parts.bootstrap,
+            dialing: HashSet::new(),
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut maintenance =
+            tokio::time::interval_at(Instant::now() + MAINTENANCE_PERIOD, MAINTENANCE_PERIOD);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            let listening_flush = self.listening_flush;
+            tokio::select! {
+                changed = self.shutdown.changed() => match changed {
+                    Ok(()) => {
+                        if self.shutdown.borrow_and_update().is_some() {
+                            break;
+                        }
+                    }
+                    // Every handle is gone.
+                    Err(_) => break,
+                },
+                command = self.commands.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => break,
+                },
+                publish = self.publishes.recv() => match publish {
+                    Some(publish) => self.handle_publish(publish),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.handle_swarm_event(event),
+                // Room in the event channel for the queued control events.
+                room = wait_for_room(&self.events.tx), if !self.events.pending.is_empty() => {
+                    match room {
+                        Ok(()) => self.events.flush(),
+                        Err(_) => {
+                            self.events.closed = true;
+                            self.events.pending.clear();
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(listening_flush.unwrap_or(self.listening_deadline)),
+                    if listening_flush.is_some() => self.flush_listening(),
+                _ = maintenance.tick() => self.maintenance(),
+            }
+        }
+        // A shutdown requested just before the last handle was dropped keeps its linger,
+        // whichever of the two the loop noticed first.
+        let linger = self.shutdown.borrow().unwrap_or(Duration::ZERO);
+
+        self.stats.stopping.store(true, Ordering::Relaxed);
+        // Whatever was queued before the shutdown still goes out.
+        while let Ok(command) = self.commands.try_recv() {
+            self.handle_command(command);
+        }
+        while let Ok(publish) = self.publishes.try_recv() {
+            self.handle_publish(publish);
+        }
+        if !linger.is_zero() && self.swarm.connected_peers().next().is_some() {
+            tracing::debug!(?linger, "node lingering before shutdown");
+            let deadline = Instant::now() + linger;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => break,
+                    event = self.swarm.select_next_some() => {
+                        self.handle_swarm_event(event);
+                        if self.swarm.connected_peers().next().is_none() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        self.events.flush();
+        self.stats.connected_peers.store(0, Ordering::Relaxed);
+        self.stats.stopped.store(true, Ordering::Relaxed);
+        self.stopped.send_replace(true);
+        tracing::info!(peer_id = %self.peer_id, "p2plive node stopped");
+    }
+
+    // ---- commands -------------------------------------------------------------------------
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Announce { stream } => {
+                let state = self.streams.entry(stream.clone()).or_default();
+                if !state.announced {
+                    state.announced = true;
+                    tracing::info!(%stream, "announcing stream");
+                }
+                self.sync_subscription(&stream, Channel::Control);
+                self.start_providing(&stream);
+            }
+            Command::Join {
+                stream,
+                publisher,
+                channels,
+            } => self.join(stream, publisher, channels),
+            Command::Subscribe { stream, channel } => match self.streams.get_mut(&stream) {
+                Some(state) if state.joined => {
+                    state.channels.insert(channel);
+                    self.sync_subscription(&stream, channel);
+                }
+                _ => self.join(stream, None, vec![channel]),
+            },
+            Command::Unsubscribe { stream, channel } => self.unsubscribe(stream, channel),
+        }
+    }
+
+    fn join(&mut self, stream: String, publisher: Option<PeerId>, channels: Vec<Channel>) {
+        let own_id = self.peer_id;
+        let state = self.streams.entry(stream.clone()).or_default();
+        let newly_joined = !state.joined;
+        state.joined = true;
+        match publisher {
+            Some(publisher) => {
+                if state.publisher.is_some_and(|p| p != publisher) {
+                    tracing::info!(%stream, %publisher, "stream publisher replaced");
+                }
+                state.publisher = Some(publisher);
+            }
+            // Our own stream: we are its publisher.
+            None if state.announced => state.publisher = Some(own_id),
+            None => {}
+        }
+        state.channels.insert(Channel::Control);
+        state.channels.extend(channels);
+        let channels: Vec<Channel> = state.channels.iter().copied().collect();
+        if newly_joined {
+            tracing::info!(%stream, publisher = ?state.publisher, ?channels, "joining stream");
+        }
+        for channel in channels {
+            self.sync_subscription(&stream, channel);
+        }
+        self.start_providing(&stream);
+        self.lookup_providers(&stream);
+    }
+
+    fn unsubscribe(&mut self, stream: String, channel: Channel) {
+        let Some(state) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        state.channels.remove(&channel);
+        if state.joined && state.channels.is_empty() {
+            tracing::info!(%stream, "leaving stream");
+            state.joined = false;
+            state.publisher = None;
+        }
+        let remove = !state.joined && !state.announced;
+        self.sync_subscription(&stream, channel);
+        if remove {
+            self.streams.remove(&stream);
+            if let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut() {
+                kademlia.stop_providing(&kad::RecordKey::new(&provider_key(&stream)));
+            }
+        }
+    }
+
+    /// Makes gossipsub's subscription to `channel` of `stream` match what the stream state wants.
+    fn sync_subscription(&mut self, stream: &str, channel: Channel) {
+        let want = self
+            .streams
+            .get(stream)
+            .is_some_and(|state| state.wants(channel));
+        let topic = IdentTopic::new(channel.topic(stream));
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        if want {
+            match gossipsub.subscribe(&topic) {
+                Ok(true) => tracing::debug!(%topic, "subscribed"),
+                Ok(false) => {}
+                Err(err) => tracing::warn!(%topic, %err, "cannot subscribe"),
+            }
+        } else if gossipsub.unsubscribe(&topic) {
+            tracing::debug!(%topic, "unsubscribed");
+        }
+    }
+
+    fn start_providing(&mut self, stream: &str) {
+        if let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut()
+            && let Err(err) = kademlia.start_providing(kad::RecordKey::new(&provider_key(stream)))
+        {
+            tracing::warn!(%stream, %err, "cannot announce stream in the DHT");
+        }
+    }
+
+    fn lookup_providers(&mut self, stream: &str) {
+        let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut() else {
+            return;
+        };
+        kademlia.get_providers(kad::RecordKey::new(&provider_key(stream)));
+        if let Some(state) = self.streams.get_mut(stream) {
+            state.next_lookup = Some(Instant::now() + PROVIDER_LOOKUP_PERIOD);
+        }
+    }
+
+    fn handle_publish(&mut self, publish: Publish) {
+        let Publish {
+            stream,
+            channel,
+            payload,
+        } = publish;
+        // Local viewers of our own stream (a sink and a source sharing this node).
+        if self
+            .streams
+            .get(&stream)
+            .is_some_and(|state| state.joined && state.channels.contains(&channel))
+        {
+            let own_id = self.peer_id;
+            let verdict = self.validate(&stream, channel, Some(own_id), &payload);
+            self.deliver(&stream, channel, own_id, verdict);
+        }
+        let topic = IdentTopic::new(channel.topic(&stream));
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, payload) {
+            Ok(_) => bump(&self.stats.messages_published),
+            Err(PublishError::NoPeersSubscribedToTopic) => {
+                bump(&self.stats.publish_no_peers);
+                tracing::trace!(%stream, ?channel, "no peer subscribed yet");
+            }
+            Err(err) => {
+                bump(&self.stats.publish_failures);
+                tracing::debug!(%stream, ?channel, ?err, "publish failed");
+            }
+        }
+    }
+
+    // ---- validation -----------------------------------------------------------------------
+
+    fn validate(
+        &mut self,
+        stream: &str,
+        channel: Channel,
+        source: Option<PeerId>,
+        data: &[u8],
+    ) -> Verdict {
+        let Some(state) = self
+            .streams
+            .get_mut(stream)
+            .filter(|state| state.joined && state.channels.contains(&channel))
+        else {
+            return Verdict::Ignore(Ignored::NotJoined);
+        };
+        let message = match wire::decode(data, &self.limits) {
+            Ok(message) => message,
+            Err(err) => return Verdict::Reject(err),
+        };
+        if Channel::of(&message) != channel {
+            return Verdict::Reject(WireError::Invalid(format!(
+                "message of channel {:?} published on {channel:?}",
+                Channel::of(&message)
+            )));
+        }
+        let Some(source) = source else {
+            return Verdict::Reject(WireError::Invalid("unsigned message".into()));
+        };
+        match state.publisher {
+            Some(publisher) if publisher != source => Verdict::Ignore(Ignored::Foreign),
+            Some(_) => Verdict::Accept {
+                message,
+                locked: false,
+            },
+            None if matches!(message, Message::Catalog(_)) => {
+                state.publisher = Some(source);
+                Verdict::Accept {
+                    message,
+                    locked: true,
+                }
+            }
+            None => Verdict::Ignore(Ignored::BeforeLock),
+        }
+    }
+
+    /// Emits the events of an accepted message; returns what to tell gossipsub.
+    fn deliver(
+        &mut self,
+        stream: &str,
+        channel: Channel,
+        source: PeerId,
+        verdict: Verdict,
+    ) -> MessageAcceptance {
+        match verdict {
+            Verdict::Accept { message, locked } => {
+                if locked {
+                    tracing::info!(%stream, publisher = %source, "stream publisher locked in on its first catalog");
+                    self.events.control(Event::PublisherLocked {
+                        stream: stream.to_owned(),
+                        publisher: source,
+                    });
+                }
+                self.events.message(Event::Message {
+                    stream: stream.to_owned(),
+                    channel,
+                    source,
+                    message,
+                });
+                MessageAcceptance::Accept
+            }
+            Verdict::Reject(err) => {
+                tracing::debug!(%stream, ?channel, %source, %err, "invalid message rejected");
+                MessageAcceptance::Reject
+            }
+            Verdict::Ignore(_) => MessageAcceptance::Ignore,
+        }
+    }
+
+    fn on_gossip_message(
+        &mut self,
+        propagation_source: PeerId,
+        message_id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        bump(&self.stats.messages_received);
+        let verdict = match Channel::parse(message.topic.as_str()) {
+            Some((stream, channel)) => {
+                let verdict = self.validate(stream, channel, message.source, &message.data);
+                match &verdict {
+                    Verdict::Accept { .. } => bump(&self.stats.messages_accepted),
+                    Verdict::Reject(_) => bump(&self.stats.messages_rejected),
+                    Verdict::Ignore(Ignored::Foreign) => bump(&self.stats.messages_ignored),
+                    Verdict::Ignore(Ignored::NotJoined) => bump(&self.stats.messages_not_joined),
+                    Verdict::Ignore(Ignored::BeforeLock) => bump(&self.stats.messages_before_lock),
+                }
+                // `source` is present in every non-rejected verdict (strict validation).
+                let source = message.source.unwrap_or(propagation_source);
+                self.deliver(stream, channel, source, verdict)
+            }
+            None => {
+                bump(&self.stats.messages_not_joined);
+                MessageAcceptance::Ignore
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&message_id, &propagation_source, verdict);
+    }
+
+    // ---- swarm events ---------------------------------------------------------------------
+
+    fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::debug!(%address, "new listen address");
+                if let Some(addrs) = self.listeners.get_mut(&listener_id) {
+                    addrs.insert(address);
+                    self.schedule_listening();
+                }
+            }
+            SwarmEvent::ExpiredListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::debug!(%address, "listen address expired");
+                if let Some(addrs) = self.listeners.get_mut(&listener_id) {
+                    addrs.remove(&address);
+                    self.schedule_listening();
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                match reason {
+                    Ok(()) => tracing::info!(?addresses, "listener closed"),
+                    Err(err) => tracing::warn!(?addresses, %err, "listener failed"),
+                }
+                if self.listeners.remove(&listener_id).is_some() {
+                    self.schedule_listening();
+                }
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(%error, "listener error");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
+                self.dialing.remove(&peer_id);
+                if num_established.get() == 1 {
+                    tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
+                    self.peers_changed();
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                cause,
+                ..
+            } => {
+                tracing::debug!(%peer_id, ?cause, "peer disconnected");
+                self.peers_changed();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(peer_id) = peer_id {
+                    self.dialing.remove(&peer_id);
+                }
+                tracing::debug!(?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                tracing::debug!(%send_back_addr, %error, "incoming connection failed");
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => self.on_gossip_message(propagation_source, message_id, message),
+            BehaviourEvent::Gossipsub(gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            }) => {
+                bump(&self.stats.slow_peer_reports);
+                tracing::debug!(%peer_id, ?failed_messages, "slow peer");
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::GossipsubNotSupported { peer_id }) => {
+                tracing::debug!(%peer_id, "peer does not speak gossipsub");
+            }
+            BehaviourEvent::Gossipsub(_) => {}
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                tracing::debug!(%peer_id, agent = %info.agent_version, "identified peer");
+                if info.protocols.contains(&KAD_PROTOCOL)
+                    && let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut()
+                {
+                    for addr in info.listen_addrs.into_iter().take(MAX_IDENTIFY_ADDRS) {
+                        kademlia.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
+            BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { result, .. }) => {
+                self.on_kad_result(result)
+            }
+            BehaviourEvent::Kademlia(_) => {}
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in found {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    tracing::debug!(%peer, ?addrs, "discovered peer on the local network");
+                    if let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut() {
+                        for addr in &addrs {
+                            kademlia.add_address(&peer, addr.clone());
+                        }
+                    }
+                    self.dial_discovered(peer, addrs);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
+        }
+    }
+
+    fn on_kad_result(&mut self, result: kad::QueryResult) {
+        match result {
+            kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                providers,
+                ..
+            })) => {
+                for peer in providers {
+                    self.dial_discovered(peer, Vec::new());
+                }
+            }
+            kad::QueryResult::GetProviders(Err(err)) => {
+                tracing::debug!(%err, "provider lookup failed");
+            }
+            kad::QueryResult::StartProviding(Err(err)) => {
+                tracing::debug!(%err, "stream announcement not stored remotely (yet)");
+            }
+            kad::QueryResult::Bootstrap(Err(err)) => {
+                tracing::debug!(%err, "kademlia bootstrap failed");
+            }
+            _ => {}
+        }
+    }
+
+    /// Dials a peer found through the DHT or mDNS, within the connection budget.
+    fn dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == self.peer_id || self.swarm.is_connected(&peer) || self.dialing.contains(&peer) {
+            return;
+        }
+        if self.swarm.connected_peers().count() + self.dialing.len() >= self.max_dialed_peers {
+            tracing::trace!(%peer, "connection budget used up; not dialling");
+            return;
+        }
+        let opts = if addrs.is_empty() {
+            DialOpts::peer_id(peer)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build()
+        } else {
+            DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build()
+        };
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dialing.insert(peer);
+            }
+            Err(err) => tracing::debug!(%peer, %err, "cannot dial discovered peer"),
+        }
+    }
+
+    fn peers_changed(&mut self) {
+        let connected = self.swarm.connected_peers().count();
+        self.stats
+            .connected_peers
+            .store(connected, Ordering::Relaxed);
+        self.events.control(Event::PeersChanged { connected });
+    }
+
+    // ---- listening ------------------------------------------------------------------------
+
+    fn schedule_listening(&mut self) {
+        let all_ready = self.listeners.values().all(|addrs| !addrs.is_empty());
+        let at = if all_ready || self.announced_addrs.is_some() {
+            Instant::now() + LISTENING_DEBOUNCE
+        } else {
+            self.listening_deadline
+        };
+        self.listening_flush = Some(self.listening_flush.map_or(at, |t| t.min(at)));
+    }
+
+    fn flush_listening(&mut self) {
+        self.listening_flush = None;
+        let own_id = self.peer_id;
+        let addrs: Vec<Multiaddr> = self
+            .listeners
+            .values()
+            .flatten()
+            .map(|addr| addr.clone().with_p2p(own_id).unwrap_or_else(|addr| addr))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if self.announced_addrs.as_ref() == Some(&addrs) {
+            return;
+        }
+        let shown: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        tracing::info!(peer_id = %own_id, addrs = ?shown, "listening");
+        if let Ok(mut stats_addrs) = self.stats.listen_addrs.lock() {
+            stats_addrs.clone_from(&addrs);
+        }
+        self.announced_addrs = Some(addrs.clone());
+        self.events.control(Event::Listening { addrs });
+    }
+
+    // ---- housekeeping ---------------------------------------------------------------------
+
+    fn maintenance(&mut self) {
+        // Bootstrap peers are dialled again whenever we lost them.
+        for index in 0..self.bootstrap.len() {
+            let (peer, addrs) = &self.bootstrap[index];
+            let peer = *peer;
+            if self.swarm.is_connected(&peer) {
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs.clone())
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(err) = self.swarm.dial(opts) {
+                tracing::trace!(%peer, %err, "bootstrap redial not started");
+            }
+        }
+
+        // Joined streams look for more peers while under-connected.
+        let connected = self.swarm.connected_peers().count();
+        if connected >= self.max_dialed_peers {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, state)| state.joined && state.next_lookup.is_none_or(|at| at <= now))
+            .map(|(stream, _)| stream.clone())
+            .collect();
+        for stream in due {
+            self.lookup_providers(&stream);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(capacity: usize) -> (EventSink, mpsc::Receiver<Event>, Arc<NodeStats>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let stats = Arc::new(NodeStats::default());
+        let sink = EventSink {
+            tx,
+            pending: VecDeque::new(),
+            closed: false,
+            stats: stats.clone(),
+        };
+        (sink, rx, stats)
+    }
+
+    fn message(source: PeerId, sequence: u64) -> Event {
+        Event::Message {
+            stream: "s".into(),
+            channel: Channel::Media { track: 0, layer: 0 },
+            source,
+            message: Message::Fragment(wire::Fragment {
+                sequence,
+                count: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn full_channel_drops_media_but_keeps_control_events_in_order() {
+        let (mut sink, mut rx, stats) = sink(2);
+        let peer = PeerId::random();
+        let locked = Event::PublisherLocked {
+            stream: "s".into(),
+            publisher: peer,
+        };
+        sink.message(message(peer, 0));
+        sink.message(message(peer, 1));
+        sink.message(message(peer, 2)); // channel full: dropped
+        sink.control(Event::PeersChanged { connected: 1 });
+        sink.control(locked.clone());
+        sink.control(Event::PeersChanged { connected: 2 }); // replaces the queued one
+        sink.message(message(peer, 3)); // must not overtake the queued control events
+        assert_eq!(stats.events_dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(sink.pending.len(), 2);
+
+        assert_eq!(rx.try_recv().unwrap(), message(peer, 0));
+        assert_eq!(rx.try_recv().unwrap(), message(peer, 1));
+        sink.flush();
+        assert_eq!(rx.try_recv().unwrap(), Event::PeersChanged { connected: 2 });
+        assert_eq!(rx.try_recv().unwrap(), locked);
+        assert!(sink.pending.is_empty());
+        sink.message(message(peer, 4));
+        assert_eq!(rx.try_recv().unwrap(), message(peer, 4));
+        assert_eq!(stats.events_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn closed_channel_is_not_counted_as_drops() {
+        let (mut sink, rx, stats) = sink(1);
+        drop(rx);
+        sink.message(message(PeerId::random(), 0));
+        sink.control(Event::PeersChanged { connected: 1 });
+        assert!(sink.closed);
+        assert!(sink.pending.is_empty());
+        assert_eq!(stats.events_dropped.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,95 @@
+//! Counters shared between the event loop and every [`super::Node`] handle.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use libp2p::{Multiaddr, PeerId};
+
+/// Live counters, written by the event loop (and by handles for queue-full publishes).
+#[derive(Debug, Default)]
+pub(crate) struct NodeStats {
+    pub connected_peers: AtomicUsize,
+    pub messages_received: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub messages_rejected: AtomicU64,
+    pub messages_ignored: AtomicU64,
+    pub messages_not_joined: AtomicU64,
+    pub messages_before_lock: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub messages_published: AtomicU64,
+    pub publish_failures: AtomicU64,
+    pub publish_no_peers: AtomicU64,
+    pub publish_queue_full: AtomicU64,
+    pub slow_peer_reports: AtomicU64,
+    pub listen_addrs: Mutex<Vec<Multiaddr>>,
+    /// Set by `shutdown` (refuses further commands) and when the loop ends.
+    pub stopping: AtomicBool,
+    /// Set when the event loop has ended.
+    pub stopped: AtomicBool,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A copy of a node's counters at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatsSnapshot {
+    pub peer_id: PeerId,
+    /// Peers with at least one open connection.
+    pub connected_peers: usize,
+    /// Full listen addresses (ending in `/p2p/<own id>`), as last announced by
+    /// [`super::Event::Listening`].
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Pubsub messages received from the network (before validation).
+    pub messages_received: u64,
+    /// Messages that passed validation (and were relayed to the mesh).
+    pub messages_accepted: u64,
+    /// Messages that do not decode or violate the limits (rejected: not relayed).
+    pub messages_rejected: u64,
+    /// Messages authored by someone else than the stream's publisher (ignored: not relayed).
+    pub messages_ignored: u64,
+    /// Messages on a stream or channel this node has not joined (ignored).
+    pub messages_not_joined: u64,
+    /// Non-catalog messages received before the publisher was locked in (ignored).
+    pub messages_before_lock: u64,
+    /// Events dropped because the event channel was full.
+    pub events_dropped: u64,
+    /// Messages handed to gossipsub successfully by [`super::Node::publish`].
+    pub messages_published: u64,
+    /// Publishes gossipsub refused (duplicate, too large, all peer queues full, ...).
+    pub publish_failures: u64,
+    /// Publishes not sent because no peer was subscribed to the channel yet.
+    pub publish_no_peers: u64,
+    /// Publishes refused by [`super::Node::publish`] because the publish queue was full.
+    pub publish_queue_full: u64,
+    /// Times gossipsub reported a peer too slow to take what we send it.
+    pub slow_peer_reports: u64,
+}
+
+impl NodeStats {
+    pub(crate) fn snapshot(&self, peer_id: PeerId) -> NodeStatsSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NodeStatsSnapshot {
+            peer_id,
+            connected_peers: self.connected_peers.load(Ordering::Relaxed),
+            listen_addrs: self
+                .listen_addrs
+                .lock()
+                .map(|addrs| addrs.clone())
+                .unwrap_or_default(),
+            messages_received: load(&self.messages_received),
+            messages_accepted: load(&self.messages_accepted),
+            messages_rejected: load(&self.messages_rejected),
+            messages_ignored: load(&self.messages_ignored),
+            messages_not_joined: load(&self.messages_not_joined),
+            messages_before_lock: load(&self.messages_before_lock),
+            events_dropped: load(&self.events_dropped),
+            messages_published: load(&self.messages_published),
+            publish_failures: load(&self.publish_failures),
+            publish_no_peers: load(&self.publish_no_peers),
+            publish_queue_full: load(&self.publish_queue_full),
+            slow_peer_reports: load(&self.slow_peer_reports),
+        }
+    }
+}

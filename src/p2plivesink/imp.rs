@@ -1,0 +1,847 @@
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use libp2p::Multiaddr;
+use tokio::sync::Notify;
+
+use super::VideoCodec;
+use crate::RUNTIME;
+use crate::common::{self, NetworkSettings};
+use crate::core::wire::{Layer, LayerKind, TrackKind};
+use crate::core::{EncodedFrame, Publisher, PublisherConfig};
+use crate::node::{Event, Node};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "p2plivesink",
+        gst::DebugColorFlags::empty(),
+        Some("p2plive publisher"),
+    )
+});
+
+const DEFAULT_VIDEO_CODEC: VideoCodec = VideoCodec::Vp8;
+const DEFAULT_VIDEO_BITRATE_KBPS: u32 = 2000;
+const DEFAULT_AUDIO_BITRATE_KBPS: u32 = 64;
+const DEFAULT_KEYFRAME_INTERVAL_MS: u32 = 2000;
+const DEFAULT_MAX_FRAGMENT_SIZE: u32 = 16_000;
+/// Room for the envelope, gossipsub framing and signature around a fragment's payload.
+const TRANSMIT_OVERHEAD: usize = 4096;
+/// How long a stopping node keeps running so the last fragments and the end-of-stream go out.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
+/// Frame rate assumed for keyframe spacing when the caps do not say.
+const FALLBACK_FRAMERATE: f64 = 30.0;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    net: NetworkSettings,
+    video_codec: VideoCodec,
+    video_bitrate_kbps: u32,
+    audio_bitrate_kbps: u32,
+    keyframe_interval_ms: u32,
+    max_fragment_size: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            net: NetworkSettings::default(),
+            video_codec: DEFAULT_VIDEO_CODEC,
+            video_bitrate_kbps: DEFAULT_VIDEO_BITRATE_KBPS,
+            audio_bitrate_kbps: DEFAULT_AUDIO_BITRATE_KBPS,
+            keyframe_interval_ms: DEFAULT_KEYFRAME_INTERVAL_MS,
+            max_fragment_size: DEFAULT_MAX_FRAGMENT_SIZE,
+        }
+    }
+}
+
+/// One requested input pad and the chain behind it.
+struct InputPad {
+    ghost: gst::GhostPad,
+    kind: TrackKind,
+    /// Elements owned by this pad, in stream order (the input capsfilter first).
+    elements: Vec<gst::Element>,
+    /// The core's track id, assigned when the first encoded frame arrives.
+    track: Option<u32>,
+    /// Encoded caps announced in the catalog for this track.
+    caps: Option<gst::Caps>,
+    eos: bool,
+}
+
+/// What the streaming threads and the driver task share while the node runs.
+struct Session {
+    node: Node,
+    topic: String,
+    publisher: Mutex<Publisher>,
+    /// Wakes the driver when the publisher has new timers (end of stream).
+    wake: Notify,
+    addrs: Mutex<Vec<Multiaddr>>,
+    publish_failures: AtomicU64,
+    rejected_frames: AtomicU64,
+}
+
+impl Session {
+    /// Hands every queued message to the node; never waits (the node's queue is bounded and
+    /// a full queue counts as a failure rather than stalling the streaming thread).
+    fn flush(&self, publisher: &mut Publisher) {
+        while let Some(transmit) = publisher.poll_transmit() {
+            if let Err(err) = self
+                .node
+                .publish(&self.topic, transmit.channel, transmit.payload)
+            {
+                let failures = self.publish_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                gst::debug!(CAT, "publish failed ({failures} so far): {err}");
+            }
+        }
+    }
+}
+
+struct State {
+    session: Arc<Session>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct P2pLiveSink {
+    settings: Mutex<Settings>,
+    state: Mutex<Option<State>>,
+    /// Input pads by name; lock order: a session's publisher, then pads.
+    pads: Mutex<BTreeMap<String, InputPad>>,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for P2pLiveSink {
+    const NAME: &'static str = "GstP2pLiveSink";
+    type Type = super::P2pLiveSink;
+    type ParentType = gst::Bin;
+}
+
+static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+    let mut properties = NetworkSettings::properties();
+    properties.extend([
+        glib::ParamSpecEnum::builder_with_default("video-codec", DEFAULT_VIDEO_CODEC)
+            .nick("Video codec")
+            .blurb("Encoder for raw video input (encoded input is published as it is)")
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("video-bitrate")
+            .nick("Video bitrate")
+            .blurb("Target bitrate of encoded raw video, in kbit/s")
+            .minimum(50)
+            .maximum(100_000)
+            .default_value(DEFAULT_VIDEO_BITRATE_KBPS)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("audio-bitrate")
+            .nick("Audio bitrate")
+            .blurb("Target bitrate of Opus-encoded raw audio, in kbit/s")
+            .minimum(6)
+            .maximum(510)
+            .default_value(DEFAULT_AUDIO_BITRATE_KBPS)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("keyframe-interval")
+            .nick("Keyframe interval")
+            .blurb("Milliseconds between keyframes of encoded raw video: how long a late joiner waits at most")
+            .minimum(100)
+            .maximum(60_000)
+            .default_value(DEFAULT_KEYFRAME_INTERVAL_MS)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("max-fragment-size")
+            .nick("Maximum fragment size")
+            .blurb("Largest payload, in bytes, of one network message; frames are split to fit")
+            .minimum(512)
+            .maximum(200_000)
+            .default_value(DEFAULT_MAX_FRAGMENT_SIZE)
+            .mutable_ready()
+            .build(),
+    ]);
+    properties
+});
+
+impl ObjectImpl for P2pLiveSink {
+    fn properties() -> &'static [glib::ParamSpec] {
+        &PROPERTIES
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut settings = self.settings.lock().unwrap();
+        if settings.net.set_property(pspec.name(), value) {
+            return;
+        }
+        match pspec.name() {
+            "video-codec" => settings.video_codec = value.get().expect("type checked upstream"),
+            "video-bitrate" => {
+                settings.video_bitrate_kbps = value.get().expect("type checked upstream")
+            }
+            "audio-bitrate" => {
+                settings.audio_bitrate_kbps = value.get().expect("type checked upstream")
+            }
+            "keyframe-interval" => {
+                settings.keyframe_interval_ms = value.get().expect("type checked upstream")
+            }
+            "max-fragment-size" => {
+                settings.max_fragment_size = value.get().expect("type checked upstream")
+            }
+            other => unreachable!("unknown property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        match pspec.name() {
+            "peer-id" => self
+                .session()
+                .map(|s| s.node.peer_id().to_string())
+                .to_value(),
+            "multiaddrs" => self
+                .session()
+                .map(|s| common::join_addrs(&s.addrs.lock().unwrap()))
+                .to_value(),
+            "stats" => self.stats().to_value(),
+            name => {
+                let settings = self.settings.lock().unwrap();
+                if let Some(value) = settings.net.property(name) {
+                    return value;
+                }
+                match name {
+                    "video-codec" => settings.video_codec.to_value(),
+                    "video-bitrate" => settings.video_bitrate_kbps.to_value(),
+                    "audio-bitrate" => settings.audio_bitrate_kbps.to_value(),
+                    "keyframe-interval" => settings.keyframe_interval_ms.to_value(),
+                    "max-fragment-size" => settings.max_fragment_size.to_value(),
+                    other => unreachable!("unknown property {other}"),
+                }
+            }
+        }
+    }
+}
+
+impl GstObjectImpl for P2pLiveSink {}
+
+impl ElementImpl for P2pLiveSink {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "P2P live sink",
+                "Sink/Network/Audio/Video",
+                "Publishes live audio and video to viewers over a libp2p peer-to-peer mesh",
+                "p2plive developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let video: gst::Caps =
+                "video/x-raw; video/x-h264; video/x-vp8; video/x-vp9; video/x-av1"
+                    .parse()
+                    .expect("valid caps");
+            let audio: gst::Caps = "audio/x-raw; audio/x-opus".parse().expect("valid caps");
+            vec![
+                gst::PadTemplate::new(
+                    "video_%u",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Request,
+                    &video,
+                )
+                .expect("valid template"),
+                gst::PadTemplate::new(
+                    "audio_%u",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Request,
+                    &audio,
+                )
+                .expect("valid template"),
+            ]
+        });
+        &TEMPLATES
+    }
+
+    fn request_new_pad(
+        &self,
+        templ: &gst::PadTemplate,
+        name: Option<&str>,
+        _caps: Option<&gst::Caps>,
+    ) -> Option<gst::Pad> {
+        let (prefix, kind) = match templ.name_template().as_ref() {
+            "video_%u" => ("video_", TrackKind::Video),
+            "audio_%u" => ("audio_", TrackKind::Audio),
+            other => {
+                gst::error!(CAT, imp = self, "no pad template {other}");
+                return None;
+            }
+        };
+        let mut pads = self.pads.lock().unwrap();
+        let name = match name {
+            Some(name) if pads.contains_key(name) => {
+                gst::error!(CAT, imp = self, "pad {name} already exists");
+                return None;
+            }
+            Some(name) => name.to_string(),
+            None => (0..)
+                .map(|i| format!("{prefix}{i}"))
+                .find(|n| !pads.contains_key(n))
+                .expect("an unused pad name"),
+        };
+
+        // The capsfilter restricts negotiation to what the element handles; the encode or
+        // parse chain behind it is built once the caps are known.
+        let input = gst::ElementFactory::make("capsfilter")
+            .name(format!("{name}-input"))
+            .property("caps", templ.caps())
+            .build()
+            .ok()?;
+        let obj = self.obj();
+        obj.add(&input).ok()?;
+        let target = input.static_pad("sink").expect("capsfilter has a sink pad");
+        let ghost = gst::GhostPad::builder_from_template_with_target(templ, &target)
+            .ok()?
+            .name(name.as_str())
+            .build();
+
+        let weak = obj.downgrade();
+        let pad_name = name.clone();
+        input
+            .static_pad("src")
+            .expect("capsfilter has a src pad")
+            .add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_pad, info| {
+                let Some(gst::EventView::Caps(caps)) = info.event().map(|e| e.view()) else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let Some(element) = weak.upgrade() else {
+                    return gst::PadProbeReturn::Remove;
+                };
+                match element.imp().build_chain(&pad_name, caps.caps()) {
+                    Ok(()) => gst::PadProbeReturn::Remove,
+                    Err(err) => {
+                        gst::element_error!(
+                            element,
+                            gst::StreamError::Format,
+                            ["Cannot publish {} input: {err}", pad_name]
+                        );
+                        gst::PadProbeReturn::Drop
+                    }
+                }
+            });
+
+        if obj.current_state() > gst::State::Null {
+            let _ = ghost.set_active(true);
+        }
+        obj.add_pad(&ghost).ok()?;
+        let _ = input.sync_state_with_parent();
+        pads.insert(
+            name,
+            InputPad {
+                ghost: ghost.clone(),
+                kind,
+                elements: vec![input],
+                track: None,
+                caps: None,
+                eos: false,
+            },
+        );
+        Some(ghost.upcast())
+    }
+
+    fn release_pad(&self, pad: &gst::Pad) {
+        let Some(input) = self.pads.lock().unwrap().remove(pad.name().as_str()) else {
+            return;
+        };
+        let obj = self.obj();
+        for element in input.elements.iter().rev() {
+            let _ = element.set_state(gst::State::Null);
+            let _ = obj.remove(element);
+        }
+        let _ = input.ghost.set_active(false);
+        let _ = obj.remove_pad(&input.ghost);
+    }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        match transition {
+            gst::StateChange::NullToReady => {
+                if let Err(err) = self.start() {
+                    self.post_error_message(err);
+                    return Err(gst::StateChangeError);
+                }
+            }
+            gst::StateChange::ReadyToPaused => self.begin_epoch(),
+            _ => {}
+        }
+        let result = self.parent_change_state(transition);
+        match transition {
+            gst::StateChange::ReadyToNull => self.stop(),
+            gst::StateChange::NullToReady if result.is_err() => self.stop(),
+            _ => {}
+        }
+        result
+    }
+}
+
+impl BinImpl for P2pLiveSink {}
+
+impl P2pLiveSink {
+    fn session(&self) -> Option<Arc<Session>> {
+        self.state
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| s.session.clone())
+    }
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self.settings.lock().unwrap().clone();
+        settings
+            .net
+            .validate_topic()
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ["{err}"]))?;
+        let max_fragment_size = settings.max_fragment_size as usize;
+        let config = settings
+            .net
+            .node_config(max_fragment_size + TRANSMIT_OVERHEAD)
+            .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ["{err}"]))?;
+        let (node, events) = Node::spawn(config, RUNTIME.handle()).map_err(|err| {
+            gst::error_msg!(
+                gst::ResourceError::OpenReadWrite,
+                ["Failed to start the libp2p node: {err}"]
+            )
+        })?;
+        node.announce_stream(&settings.net.topic).map_err(|err| {
+            gst::error_msg!(
+                gst::ResourceError::OpenReadWrite,
+                ["Failed to announce the stream: {err}"]
+            )
+        })?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "peer {} publishing topic '{}'",
+            node.peer_id(),
+            settings.net.topic
+        );
+        let session = Arc::new(Session {
+            node,
+            topic: settings.net.topic.clone(),
+            publisher: Mutex::new(new_publisher(&settings)),
+            wake: Notify::new(),
+            addrs: Mutex::new(Vec::new()),
+            publish_failures: AtomicU64::new(0),
+            rejected_frames: AtomicU64::new(0),
+        });
+        let driver = RUNTIME.spawn(drive(
+            session.clone(),
+            events,
+            self.obj().downgrade(),
+            settings.net.stats_interval_ms,
+        ));
+        *self.state.lock().unwrap() = Some(State { session, driver });
+        Ok(())
+    }
+
+    fn stop(&self) {
+        let Some(state) = self.state.lock().unwrap().take() else {
+            return;
+        };
+        state.driver.abort();
+        common::stop_node(&state.session.node, SHUTDOWN_LINGER);
+        gst::debug!(CAT, imp = self, "node stopped");
+    }
+
+    /// Every start of streaming is a new publisher epoch, so viewers recognise a restart and
+    /// tracks are announced afresh.
+    fn begin_epoch(&self) {
+        let Some(session) = self.session() else {
+            return;
+        };
+        let settings = self.settings.lock().unwrap().clone();
+        let mut publisher = session.publisher.lock().unwrap();
+        *publisher = new_publisher(&settings);
+        for input in self.pads.lock().unwrap().values_mut() {
+            input.track = None;
+            input.caps = None;
+            input.eos = false;
+        }
+    }
+
+    /// Builds the encode or parse chain for `pad_name` once its input caps are known.
+    fn build_chain(&self, pad_name: &str, caps: &gst::CapsRef) -> Result<(), String> {
+        let settings = self.settings.lock().unwrap().clone();
+        let structure = caps.structure(0).ok_or("empty caps")?;
+        let mut chain = chain_for(structure, &settings)?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "{pad_name}: {} -> {}",
+            structure.name(),
+            chain
+                .iter()
+                .map(|e| e
+                    .factory()
+                    .map(|f| f.name().to_string())
+                    .unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(" ! ")
+        );
+        chain.push(self.make_appsink(pad_name));
+
+        let obj = self.obj();
+        let mut pads = self.pads.lock().unwrap();
+        let input = pads.get_mut(pad_name).ok_or("pad was released")?;
+        let first = input.elements.last().expect("input capsfilter").clone();
+        for element in &chain {
+            obj.add(element).map_err(|e| e.to_string())?;
+        }
+        let mut upstream = first;
+        for element in &chain {
+            upstream.link(element).map_err(|e| {
+                format!("cannot link {} to {}: {e}", upstream.name(), element.name())
+            })?;
+            upstream = element.clone();
+        }
+        for element in chain.iter().rev() {
+            element
+                .sync_state_with_parent()
+                .map_err(|e| e.to_string())?;
+        }
+        input.elements.extend(chain);
+        Ok(())
+    }
+
+    fn make_appsink(&self, pad_name: &str) -> gst::Element {
+        let appsink = gst_app::AppSink::builder()
+            .name(format!("{pad_name}-out"))
+            .sync(false)
+            .async_(false)
+            .build();
+        let weak = self.obj().downgrade();
+        let sample_pad = pad_name.to_string();
+        let eos_weak = weak.clone();
+        let eos_pad = pad_name.to_string();
+        appsink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |appsink| {
+                    let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let element = weak.upgrade().ok_or(gst::FlowError::Flushing)?;
+                    element.imp().handle_sample(&sample_pad, &sample)
+                })
+                .eos(move |_| {
+                    if let Some(element) = eos_weak.upgrade() {
+                        element.imp().handle_eos(&eos_pad);
+                    }
+                })
+                .build(),
+        );
+        appsink.upcast()
+    }
+
+    fn handle_sample(
+        &self,
+        pad_name: &str,
+        sample: &gst::Sample,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let session = self.session().ok_or(gst::FlowError::Flushing)?;
+        let buffer = sample.buffer().ok_or(gst::FlowError::Error)?;
+        let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
+        let segment = sample
+            .segment()
+            .and_then(|s| s.downcast_ref::<gst::ClockTime>().cloned());
+        let running_time = |t: Option<gst::ClockTime>| match (&segment, t) {
+            (Some(segment), Some(t)) => segment.to_running_time(t),
+            _ => t,
+        };
+        let pts = running_time(buffer.pts());
+        let dts = running_time(buffer.dts());
+        let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+        let frame = EncodedFrame {
+            pts: pts.map(Duration::from),
+            dts: dts.map(Duration::from),
+            duration: buffer.duration().map(Duration::from),
+            keyframe: !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT),
+            capture_unix_ns: self.capture_unix_ns(pts.or(dts)),
+            data: bytes::Bytes::copy_from_slice(&map),
+        };
+        drop(map);
+
+        let now = Instant::now();
+        let mut publisher = session.publisher.lock().unwrap();
+        let track = {
+            let mut pads = self.pads.lock().unwrap();
+            let input = pads.get_mut(pad_name).ok_or(gst::FlowError::Flushing)?;
+            match input.track {
+                None => {
+                    let layers = layers_for(caps, input.kind);
+                    let id = publisher.add_track(now, input.kind, caps.to_string(), layers);
+                    gst::info!(CAT, imp = self, "{pad_name} is track {id}: {caps}");
+                    input.track = Some(id);
+                    input.caps = Some(caps.to_owned());
+                    id
+                }
+                Some(id) => {
+                    if input.caps.as_deref() != Some(caps) {
+                        gst::info!(CAT, imp = self, "track {id} caps changed: {caps}");
+                        if let Err(err) = publisher.update_track_caps(now, id, caps.to_string()) {
+                            gst::warning!(CAT, imp = self, "cannot update caps: {err}");
+                        }
+                        input.caps = Some(caps.to_owned());
+                    }
+                    id
+                }
+            }
+        };
+        if let Err(err) = publisher.push_frame(now, track, 0, frame) {
+            session.rejected_frames.fetch_add(1, Ordering::Relaxed);
+            gst::warning!(
+                CAT,
+                imp = self,
+                "frame of track {track} not published: {err}"
+            );
+        }
+        session.flush(&mut publisher);
+        Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// Wall-clock time the frame was captured: now, less how long ago its running time was.
+    fn capture_unix_ns(&self, running_time: Option<gst::ClockTime>) -> u64 {
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let age = match (self.obj().current_running_time(), running_time) {
+            (Some(current), Some(frame)) => current.saturating_sub(frame).nseconds(),
+            _ => 0,
+        };
+        now_unix.saturating_sub(age)
+    }
+
+    fn handle_eos(&self, pad_name: &str) {
+        let Some(session) = self.session() else {
+            return;
+        };
+        let mut publisher = session.publisher.lock().unwrap();
+        let all_ended = {
+            let mut pads = self.pads.lock().unwrap();
+            if let Some(input) = pads.get_mut(pad_name) {
+                input.eos = true;
+            }
+            pads.values().all(|p| p.eos)
+        };
+        if all_ended {
+            gst::info!(
+                CAT,
+                imp = self,
+                "all inputs ended: announcing end of stream"
+            );
+            publisher.end_of_stream(Instant::now());
+            session.flush(&mut publisher);
+            session.wake.notify_one();
+        }
+    }
+
+    fn on_listening(&self, addrs: &[Multiaddr]) {
+        if let Some(session) = self.session() {
+            let peer_id = session.node.peer_id().to_string();
+            common::announce_listening(
+                self.obj().upcast_ref(),
+                *CAT,
+                &session.topic,
+                &peer_id,
+                addrs,
+            );
+        }
+    }
+
+    fn stats(&self) -> gst::Structure {
+        let mut builder = gst::Structure::builder("p2plive-stats");
+        if let Some(session) = self.session() {
+            let publisher = session.publisher.lock().unwrap().stats();
+            builder = builder
+                .field("peer-id", session.node.peer_id().to_string())
+                .field("frames", publisher.frames)
+                .field("keyframes", publisher.keyframes)
+                .field("fragments", publisher.fragments)
+                .field("payload-bytes", publisher.payload_bytes)
+                .field("message-bytes", publisher.message_bytes)
+                .field("catalogs", publisher.catalogs)
+                .field(
+                    "publish-failures",
+                    session.publish_failures.load(Ordering::Relaxed),
+                )
+                .field(
+                    "rejected-frames",
+                    session.rejected_frames.load(Ordering::Relaxed),
+                );
+            builder = common::node_stats_fields(builder, &session.node);
+        }
+        builder.build()
+    }
+}
+
+fn new_publisher(settings: &Settings) -> Publisher {
+    Publisher::new(
+        &settings.net.topic,
+        rand::random(),
+        PublisherConfig {
+            max_fragment_size: settings.max_fragment_size as usize,
+            ..PublisherConfig::default()
+        },
+    )
+}
+
+/// The driver: node events, the publisher's timers (catalog republish, end-of-stream
+/// repeats) and periodic statistics, all off the streaming threads.
+async fn drive(
+    session: Arc<Session>,
+    mut events: tokio::sync::mpsc::Receiver<Event>,
+    element: glib::WeakRef<super::P2pLiveSink>,
+    stats_interval_ms: u32,
+) {
+    let mut stats_tick = common::stats_ticker(stats_interval_ms);
+    loop {
+        let deadline = session.publisher.lock().unwrap().poll_timeout();
+        tokio::select! {
+            event = events.recv() => match event {
+                None => break,
+                Some(Event::Listening { addrs }) => {
+                    *session.addrs.lock().unwrap() = addrs.clone();
+                    if let Some(element) = element.upgrade() {
+                        element.imp().on_listening(&addrs);
+                    }
+                }
+                Some(_) => {}
+            },
+            _ = session.wake.notified() => {}
+            _ = common::sleep_until(deadline) => {}
+            _ = common::next_tick(&mut stats_tick) => {
+                if let Some(element) = element.upgrade() {
+                    common::post_stats(element.upcast_ref(), element.imp().stats());
+                }
+            }
+        }
+        let mut publisher = session.publisher.lock().unwrap();
+        publisher.handle_timeout(Instant::now());
+        session.flush(&mut publisher);
+    }
+}
+
+/// The elements between the input capsfilter and the appsink for input `structure`.
+fn chain_for(
+    structure: &gst::StructureRef,
+    settings: &Settings,
+) -> Result<Vec<gst::Element>, String> {
+    Ok(match structure.name().as_str() {
+        "video/x-raw" => {
+            let fps = structure
+                .get::<gst::Fraction>("framerate")
+                .ok()
+                .filter(|f| f.numer() > 0 && f.denom() > 0)
+                .map(|f| f.numer() as f64 / f.denom() as f64)
+                .unwrap_or(FALLBACK_FRAMERATE);
+            let keyframe_distance =
+                ((settings.keyframe_interval_ms as f64 * fps / 1000.0).round() as u32).max(1);
+            let convert = make("videoconvert", "gstreamer1.0-plugins-base")?;
+            match settings.video_codec {
+                VideoCodec::Vp8 => {
+                    let encoder = make("vp8enc", "gstreamer1.0-plugins-good")?;
+                    encoder.set_property("deadline", 1i64);
+                    encoder.set_property(
+                        "target-bitrate",
+                        (settings.video_bitrate_kbps * 1000) as i32,
+                    );
+                    encoder.set_property_from_str("end-usage", "cbr");
+                    encoder.set_property("cpu-used", 8i32);
+                    encoder.set_property("lag-in-frames", 0i32);
+                    encoder.set_property("keyframe-max-dist", keyframe_distance as i32);
+                    encoder.set_property("threads", 2i32);
+                    vec![convert, encoder]
+                }
+                VideoCodec::H264 => {
+                    let encoder = make("x264enc", "gstreamer1.0-plugins-ugly")?;
+                    encoder.set_property_from_str("tune", "zerolatency");
+                    encoder.set_property_from_str("speed-preset", "ultrafast");
+                    encoder.set_property("bitrate", settings.video_bitrate_kbps);
+                    encoder.set_property("key-int-max", keyframe_distance);
+                    let mut chain = vec![convert, encoder];
+                    chain.extend(h264_normalizer()?);
+                    chain
+                }
+            }
+        }
+        // Already-encoded video in the form viewers take is published untouched (bit-exact);
+        // other H.264 and AV1 forms are converted to it, with parameter sets at every
+        // keyframe so a late joiner can decode.
+        "video/x-h264" if has_fields(structure, "byte-stream", "au") => vec![],
+        "video/x-h264" => h264_normalizer()?,
+        "video/x-av1" if has_fields(structure, "obu-stream", "tu") => vec![],
+        "video/x-av1" => {
+            let parse = make("av1parse", "gstreamer1.0-plugins-bad")?;
+            let filter = capsfilter("video/x-av1,stream-format=obu-stream,alignment=tu")?;
+            vec![parse, filter]
+        }
+        "video/x-vp8" | "video/x-vp9" | "audio/x-opus" => vec![],
+        "audio/x-raw" => {
+            let convert = make("audioconvert", "gstreamer1.0-plugins-base")?;
+            let resample = make("audioresample", "gstreamer1.0-plugins-base")?;
+            let encoder = make("opusenc", "gstreamer1.0-plugins-base")?;
+            encoder.set_property("bitrate", (settings.audio_bitrate_kbps * 1000) as i32);
+            vec![convert, resample, encoder]
+        }
+        other => return Err(format!("unsupported input caps {other}")),
+    })
+}
+
+fn has_fields(structure: &gst::StructureRef, stream_format: &str, alignment: &str) -> bool {
+    structure.get::<&str>("stream-format").ok() == Some(stream_format)
+        && structure.get::<&str>("alignment").ok() == Some(alignment)
+}
+
+fn h264_normalizer() -> Result<Vec<gst::Element>, String> {
+    let parse = make("h264parse", "gstreamer1.0-plugins-bad")?;
+    parse.set_property("config-interval", -1i32);
+    let filter = capsfilter("video/x-h264,stream-format=byte-stream,alignment=au")?;
+    Ok(vec![parse, filter])
+}
+
+fn capsfilter(caps: &str) -> Result<gst::Element, String> {
+    let caps: gst::Caps = caps.parse().map_err(|_| format!("bad caps {caps}"))?;
+    gst::ElementFactory::make("capsfilter")
+        .property("caps", caps)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn make(factory: &str, package: &str) -> Result<gst::Element, String> {
+    gst::ElementFactory::make(factory)
+        .build()
+        .map_err(|_| format!("GStreamer element '{factory}' is missing (install {package})"))
+}
+
+/// The catalog's description of a track's single layer, from its encoded caps.
+fn layers_for(caps: &gst::CapsRef, kind: TrackKind) -> Vec<Layer> {
+    let Some(structure) = caps.structure(0) else {
+        return vec![];
+    };
+    if kind != TrackKind::Video {
+        return vec![];
+    }
+    let framerate = structure
+        .get::<gst::Fraction>("framerate")
+        .unwrap_or(gst::Fraction::new(0, 1));
+    vec![Layer {
+        id: 0,
+        kind: LayerKind::Base as i32,
+        width: structure.get::<i32>("width").unwrap_or(0).max(0) as u32,
+        height: structure.get::<i32>("height").unwrap_or(0).max(0) as u32,
+        framerate_num: framerate.numer().max(0) as u32,
+        framerate_den: framerate.denom().max(0) as u32,
+        bitrate: 0,
+        depends_on: vec![],
+    }]
+}

@@ -1,0 +1,336 @@
+//! End to end: real GStreamer pipelines, real encoders and decoders, real libp2p nodes on
+//! 127.0.0.1 (mDNS and DHT off, peers given explicitly).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gst::prelude::*;
+
+const JOIN: Duration = Duration::from_secs(20);
+
+/// A publisher of `source` (a pipeline fragment ending where the sink's pad is linked).
+fn publisher(source: &str, topic: &str, extra: &str) -> (Running, String) {
+    init();
+    let pipeline = launch(&format!(
+        "{source} ! p2plivesink name=pub topic={topic} {LOOPBACK} {extra}"
+    ));
+    let running = Running::start(pipeline);
+    let addr = running.listening_addr("pub", JOIN);
+    (running, addr)
+}
+
+fn h264_source(keyframe_every: u32) -> String {
+    format!(
+        "videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=240,framerate=30/1 \
+         ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={keyframe_every} \
+         ! video/x-h264,stream-format=byte-stream,alignment=au"
+    )
+}
+
+#[test]
+fn encoded_h264_arrives_bit_exact_and_in_order() {
+    let topic = unique_topic("bitexact");
+    let (publisher, addr) = publisher(&h264_source(15), &topic, "");
+    let published = record_pad(
+        &publisher
+            .by_name::<gst::Element>("pub")
+            .static_pad("video_0")
+            .expect("video_0"),
+    );
+
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} decode=false {LOOPBACK} \
+         ! appsink name=out sync=false"
+    )));
+    let received = record_appsink(&viewer.by_name("out"));
+    assert!(
+        wait_for(&received, 60, JOIN),
+        "viewer got {} frames",
+        received.lock().unwrap().len()
+    );
+
+    let received = received.lock().unwrap().clone();
+    let published = published.lock().unwrap().clone();
+    assert!(received[0].keyframe, "playback starts at a keyframe");
+    let start = published
+        .iter()
+        .position(|p| p.data == received[0].data)
+        .expect("first received access unit was published");
+    for (offset, frame) in received.iter().enumerate() {
+        let original = &published[start + offset];
+        assert_eq!(frame.data, original.data, "access unit {offset} differs");
+        assert_eq!(
+            frame.keyframe, original.keyframe,
+            "keyframe flag of {offset}"
+        );
+    }
+    for pair in received.windows(2) {
+        assert!(
+            pair[1].pts > pair[0].pts,
+            "timestamps increase: {:?} then {:?}",
+            pair[0].pts,
+            pair[1].pts
+        );
+    }
+    let caps = received[0].caps.as_ref().expect("caps");
+    assert_eq!(caps.structure(0).unwrap().name(), "video/x-h264");
+    assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
+}
+
+#[test]
+fn raw_video_is_encoded_and_decoded_at_its_size() {
+    let topic = unique_topic("raw");
+    let (_publisher, addr) = publisher(
+        "videotestsrc is-live=true ! video/x-raw,width=320,height=180,framerate=30/1",
+        &topic,
+        "keyframe-interval=500",
+    );
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} {LOOPBACK} ! appsink name=out sync=false"
+    )));
+    let frames = record_appsink(&viewer.by_name("out"));
+    assert!(
+        wait_for(&frames, 30, JOIN),
+        "viewer got {} frames",
+        frames.lock().unwrap().len()
+    );
+    let frames = frames.lock().unwrap();
+    for frame in frames.iter() {
+        let info = gst_video::VideoInfo::from_caps(frame.caps.as_ref().expect("caps"))
+            .expect("raw video caps");
+        assert_eq!((info.width(), info.height()), (320, 180));
+        assert_eq!(frame.data.len(), info.size(), "a whole decoded frame");
+    }
+    let stats = viewer.stats("view");
+    assert!(stats.get::<u64>("frames-output").unwrap() >= 30, "{stats}");
+    assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
+}
+
+#[test]
+fn viewer_plays_through_another_viewer() {
+    let topic = unique_topic("relay");
+    let (_publisher, addr) = publisher(&h264_source(15), &topic, "");
+    let first = Running::start(launch(&format!(
+        "p2plivesrc name=b topic={topic} bootstrap={addr} decode=false {LOOPBACK} ! fakesink"
+    )));
+    let relay_addr = first.listening_addr("b", JOIN);
+    // C knows only B: mDNS and the DHT are off, so everything it plays came through B.
+    let second = Running::start(launch(&format!(
+        "p2plivesrc name=c topic={topic} bootstrap={relay_addr} decode=false {LOOPBACK} \
+         ! appsink name=out sync=false"
+    )));
+    let frames = record_appsink(&second.by_name("out"));
+    assert!(
+        wait_for(&frames, 30, JOIN),
+        "C got {} frames",
+        frames.lock().unwrap().len()
+    );
+    assert!(frames.lock().unwrap()[0].keyframe);
+    let stats = second.stats("c");
+    assert_eq!(
+        stats.get::<u64>("connected-peers").unwrap(),
+        1,
+        "C is connected to B only: {stats}"
+    );
+}
+
+#[test]
+fn late_joiner_starts_at_a_keyframe_and_decodes_cleanly() {
+    let topic = unique_topic("late");
+    // Keyframes every second; join mid-GOP after the stream has run for a while.
+    let (_publisher, addr) = publisher(&h264_source(30), &topic, "");
+    std::thread::sleep(Duration::from_millis(2300));
+    let encoded = Running::start(launch(&format!(
+        "p2plivesrc name=enc topic={topic} bootstrap={addr} decode=false {LOOPBACK} ! appsink name=out sync=false"
+    )));
+    let decoded = Running::start(launch(&format!(
+        "p2plivesrc name=dec topic={topic} bootstrap={addr} {LOOPBACK} ! appsink name=out sync=false"
+    )));
+    let encoded_frames = record_appsink(&encoded.by_name("out"));
+    let decoded_frames = record_appsink(&decoded.by_name("out"));
+    assert!(wait_for(&encoded_frames, 45, JOIN));
+    assert!(wait_for(&decoded_frames, 45, JOIN));
+    assert!(
+        encoded_frames.lock().unwrap()[0].keyframe,
+        "first output frame is a keyframe"
+    );
+    assert!(
+        decoded.problems().is_empty(),
+        "decoder complained: {:?}",
+        decoded.problems()
+    );
+    assert!(encoded.problems().is_empty(), "{:?}", encoded.problems());
+}
+
+#[test]
+fn audio_and_video_stay_in_sync_and_end_together() {
+    let topic = unique_topic("av");
+    init();
+    // Four seconds of audio and video, then the publisher ends the stream.
+    let publisher = Running::start(launch(&format!(
+        "p2plivesink name=pub topic={topic} {LOOPBACK} keyframe-interval=500 \
+         videotestsrc is-live=true num-buffers=120 ! video/x-raw,width=160,height=120,framerate=30/1 ! pub.video_0 \
+         audiotestsrc is-live=true num-buffers=200 samplesperbuffer=960 ! audio/x-raw,rate=48000,channels=2 ! pub.audio_0"
+    )));
+    let addr = publisher.listening_addr("pub", JOIN);
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} {LOOPBACK} \
+         view.video_0 ! queue ! appsink name=video sync=false \
+         view.audio_0 ! queue ! appsink name=audio sync=false"
+    )));
+    let video = record_appsink(&viewer.by_name("video"));
+    let audio = record_appsink(&viewer.by_name("audio"));
+    assert!(
+        viewer.wait_eos(Duration::from_secs(30)),
+        "publisher EOS reaches the viewer"
+    );
+    assert!(publisher.wait_eos(Duration::from_secs(5)));
+
+    let video = video.lock().unwrap();
+    let audio = audio.lock().unwrap();
+    assert!(video.len() >= 30, "video frames: {}", video.len());
+    assert!(audio.len() >= 30, "audio buffers: {}", audio.len());
+    assert!(viewer.stats("view").get::<bool>("ended").unwrap());
+
+    // Both tracks are placed on one timeline: a video frame and the audio buffer played
+    // nearest to it have the same offset between viewer time and publisher stream time.
+    // (Pairing neighbours keeps the check exact across clock rebases, which move both.)
+    let timed = |log: &[Seen]| -> Vec<(i128, i128)> {
+        log.iter()
+            .filter_map(|s| {
+                let pts = s.pts?.nseconds() as i128;
+                Some((pts, pts - s.stream_time?.nseconds() as i128))
+            })
+            .collect()
+    };
+    let (video_timed, audio_timed) = (timed(&video), timed(&audio));
+    assert!(
+        !video_timed.is_empty() && !audio_timed.is_empty(),
+        "stream time metas present"
+    );
+    let mut skews: Vec<i128> = video_timed
+        .iter()
+        .map(|(pts, offset)| {
+            let nearest = audio_timed
+                .iter()
+                .min_by_key(|(audio_pts, _)| (audio_pts - pts).abs())
+                .expect("audio buffers");
+            (offset - nearest.1).abs()
+        })
+        .collect();
+    skews.sort();
+    let median_skew_ms = skews[skews.len() / 2] as f64 / 1e6;
+    assert!(median_skew_ms < 1.0, "audio/video skew {median_skew_ms} ms");
+}
+
+#[test]
+fn viewer_reports_its_latency_in_the_latency_query() {
+    let topic = unique_topic("latency");
+    let (_publisher, addr) = publisher(&h264_source(15), &topic, "");
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} decode=false latency=450 {LOOPBACK} \
+         ! appsink name=out sync=false"
+    )));
+    let frames = record_appsink(&viewer.by_name("out"));
+    assert!(wait_for(&frames, 5, JOIN));
+    let mut query = gst::query::Latency::new();
+    let src: gst::Element = viewer.by_name("view");
+    assert!(
+        src.static_pad("video_0")
+            .expect("video_0")
+            .query(&mut query)
+    );
+    let (live, min, _max) = query.result();
+    assert!(live);
+    assert_eq!(min, gst::ClockTime::from_mseconds(450));
+}
+
+#[test]
+fn bad_properties_fail_with_clear_errors() {
+    init();
+    let cases = [
+        (
+            "videotestsrc ! p2plivesink listen=not-an-address",
+            "not-an-address",
+        ),
+        (
+            "p2plivesrc bootstrap=/ip4/127.0.0.1/tcp/1 ! fakesink",
+            "/p2p/",
+        ),
+        ("p2plivesrc publisher=nobody ! fakesink", "peer id"),
+        ("p2plivesrc topic=\"\" ! fakesink", "topic"),
+    ];
+    for (description, expected) in cases {
+        let error = start_error(&launch(description));
+        assert!(
+            error.contains(expected),
+            "'{description}': error '{error}' should mention '{expected}'"
+        );
+    }
+}
+
+#[test]
+fn identity_file_keeps_the_peer_id() {
+    init();
+    let dir = std::env::temp_dir().join(format!("p2plive-identity-{:x}", rand::random::<u64>()));
+    let file = dir.join("key");
+    let peer_id = || {
+        let element = gst::ElementFactory::make("p2plivesrc")
+            .property("identity-file", file.to_str().unwrap())
+            .property("mdns", false)
+            .property("kademlia", false)
+            .property("listen", "/ip4/127.0.0.1/tcp/0")
+            .build()
+            .unwrap();
+        element.set_state(gst::State::Ready).unwrap();
+        let id: String = element.property("peer-id");
+        element.set_state(gst::State::Null).unwrap();
+        id
+    };
+    let first = peer_id();
+    assert!(file.exists());
+    assert_eq!(peer_id(), first);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn every_property_is_documented() {
+    init();
+    for name in ["p2plivesink", "p2plivesrc"] {
+        let element = gst::ElementFactory::make(name).build().unwrap();
+        let properties = element.list_properties();
+        for required in [
+            "topic",
+            "listen",
+            "bootstrap",
+            "identity-file",
+            "mdns",
+            "peer-id",
+            "multiaddrs",
+            "stats",
+        ] {
+            assert!(
+                properties.iter().any(|p| p.name() == required),
+                "{name} lacks {required}"
+            );
+        }
+        for pspec in properties.iter().filter(|p| {
+            p.owner_type() != gst::Object::static_type()
+                && p.name() != "async-handling"
+                && p.name() != "message-forward"
+        }) {
+            let blurb = pspec.blurb().unwrap_or_default();
+            assert!(
+                blurb.len() > 10,
+                "{name}::{} has blurb '{blurb}'",
+                pspec.name()
+            );
+        }
+    }
+    let src = gst::ElementFactory::make("p2plivesrc").build().unwrap();
+    assert!(src.property::<bool>("decode"));
+    assert!(src.property::<bool>("mdns"));
+    assert_eq!(src.property::<u32>("latency"), 300);
+}

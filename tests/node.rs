@@ -1,0 +1,694 @@
+//! Real libp2p nodes on 127.0.0.1 (mDNS off): publishing, relaying, author checks, trust on
+//! first use, malformed input, identity files, listen addresses and shutdown.
+//!
+//! Nothing here sleeps for a fixed time: publishers republish every 100 ms until the viewer
+//! has seen what the test waits for, bounded by a generous timeout.
+
+use std::time::Duration;
+
+use gstp2plive::core::wire::{self, Catalog, Fragment, FrameHeader, Track, TrackKind};
+use gstp2plive::core::{Channel, Message};
+use gstp2plive::node::{self, Event, Node, NodeConfig, NodeError, NodeStatsSnapshot};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc::Receiver;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const REPUBLISH: Duration = Duration::from_millis(100);
+const STREAM: &str = "test/stream";
+const MEDIA: Channel = Channel::Media { track: 0, layer: 0 };
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn local_config(bootstrap: &[&Multiaddr], kademlia: bool) -> NodeConfig {
+    let mut config = NodeConfig::new(Keypair::generate_ed25519());
+    config.listen =
+        node::parse_multiaddrs("/ip4/127.0.0.1/udp/0/quic-v1, /ip4/127.0.0.1/tcp/0").unwrap();
+    config.bootstrap = bootstrap.iter().map(|addr| (*addr).clone()).collect();
+    config.mdns = false;
+    config.kademlia = kademlia;
+    config
+}
+
+struct Peer {
+    node: Node,
+    events: Receiver<Event>,
+    addrs: Vec<Multiaddr>,
+}
+
+impl Peer {
+    async fn start(config: NodeConfig) -> Peer {
+        let (node, mut events) =
+            Node::spawn(config, &tokio::runtime::Handle::current()).expect("node starts");
+        let addrs = tokio::time::timeout(TIMEOUT, async {
+            loop {
+                match events.recv().await {
+                    Some(Event::Listening { addrs }) => break addrs,
+                    Some(_) => continue,
+                    None => panic!("event channel closed before Listening"),
+                }
+            }
+        })
+        .await
+        .expect("Listening event");
+        Peer {
+            node,
+            events,
+            addrs,
+        }
+    }
+
+    fn id(&self) -> PeerId {
+        self.node.peer_id()
+    }
+
+    /// A QUIC address, the default transport between p2plive peers.
+    fn quic_addr(&self) -> &Multiaddr {
+        self.addrs
+            .iter()
+            .find(|addr| addr.iter().any(|p| p == Protocol::QuicV1))
+            .expect("a QUIC listen address")
+    }
+
+    fn tcp_addr(&self) -> &Multiaddr {
+        self.addrs
+            .iter()
+            .find(|addr| addr.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+            .expect("a TCP listen address")
+    }
+}
+
+fn catalog(epoch: u64, sequence: u64) -> Vec<u8> {
+    wire::encode(&Message::Catalog(Catalog {
+        epoch,
+        version: 1,
+        sequence,
+        topic: STREAM.into(),
+        tracks: vec![Track {
+            id: 0,
+            kind: TrackKind::Video as i32,
+            caps: "video/x-h264,stream-format=byte-stream".into(),
+            layers: vec![],
+        }],
+    }))
+}
+
+fn fragment(epoch: u64, sequence: u64) -> Vec<u8> {
+    let payload = sequence.to_be_bytes().to_vec();
+    wire::encode(&Message::Fragment(Fragment {
+        epoch,
+        track: 0,
+        layer: 0,
+        sequence,
+        index: 0,
+        count: 1,
+        header: Some(FrameHeader {
+            pts_ns: Some(sequence * 33_333_333),
+            keyframe: true,
+            frame_size: payload.len() as u32,
+            ..Default::default()
+        }),
+        payload: payload.into(),
+    }))
+}
+
+fn fragment_sequence(event: &Event) -> Option<(PeerId, u64)> {
+    match event {
+        Event::Message {
+            source,
+            message: Message::Fragment(f),
+            ..
+        } => Some((*source, f.sequence)),
+        _ => None,
+    }
+}
+
+fn is_catalog_from(event: &Event, author: PeerId) -> bool {
+    matches!(event, Event::Message { source, message: Message::Catalog(_), .. } if *source == author)
+}
+
+fn is_fragment_from(event: &Event, author: PeerId) -> bool {
+    fragment_sequence(event).is_some_and(|(source, _)| source == author)
+}
+
+/// Calls `tick(n)` every 100 ms (n = 0, 1, ...) and collects `events` until `done(&seen)`.
+/// Panics with `what` and the viewer's counters after [`TIMEOUT`].
+async fn drive(
+    what: &str,
+    events: &mut Receiver<Event>,
+    viewer: &Node,
+    mut tick: impl FnMut(u64),
+    mut done: impl FnMut(&[Event]) -> bool,
+) -> Vec<Event> {
+    let mut seen = Vec::new();
+    let mut interval = tokio::time::interval(REPUBLISH);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut n = 0;
+    while !done(&seen) {
+        tokio::select! {
+            _ = interval.tick() => {
+                tick(n);
+                n += 1;
+            }
+            event = events.recv() => seen.push(event.expect("viewer event channel open")),
+            () = tokio::time::sleep_until(deadline) => {
+                panic!("timed out waiting for {what}; viewer stats {:?}; events {seen:?}", viewer.stats())
+            }
+        }
+    }
+    seen
+}
+
+/// Polls `condition` every 20 ms; panics with `what` after [`TIMEOUT`].
+async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every message event must be well-formed and authored by `author`.
+fn assert_all_from(seen: &[Event], author: PeerId) {
+    for event in seen {
+        if let Event::Message {
+            stream,
+            channel,
+            source,
+            message,
+        } = event
+        {
+            assert_eq!(stream, STREAM);
+            assert_eq!(
+                *source, author,
+                "message from an unexpected author: {event:?}"
+            );
+            assert_eq!(*channel, Channel::of(message));
+        }
+    }
+}
+
+fn publish_both(node: &Node, epoch: u64, n: u64) {
+    // Before the viewers' subscriptions arrive, the queue accepts but gossipsub finds no
+    // peer: that is counted by the node, not an error here.
+    node.publish(STREAM, Channel::Control, catalog(epoch, n))
+        .unwrap();
+    node.publish(STREAM, MEDIA, fragment(epoch, n)).unwrap();
+}
+
+fn stats(peer: &Peer) -> NodeStatsSnapshot {
+    peer.node.stats()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_receives_catalog_and_fragments_from_publisher() {
+    init_tracing();
+    let a = Peer::start(local_config(&[], true)).await;
+    let mut b = Peer::start(local_config(&[a.quic_addr()], true)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    let a_id = a.id();
+    let seen = drive(
+        "a catalog and a fragment from A",
+        &mut b.events,
+        &b.node,
+        |n| publish_both(&a.node, 1, n),
+        |seen| {
+            seen.iter().any(|e| is_catalog_from(e, a_id))
+                && seen.iter().any(|e| is_fragment_from(e, a_id))
+        },
+    )
+    .await;
+    assert_all_from(&seen, a_id);
+    let b_stats = stats(&b);
+    assert!(b_stats.messages_accepted >= 2, "{b_stats:?}");
+    assert_eq!(b_stats.messages_rejected, 0, "{b_stats:?}");
+    assert!(b_stats.connected_peers >= 1, "{b_stats:?}");
+    assert!(stats(&a).messages_published >= 2, "{:?}", stats(&a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_relay_to_viewers_that_cannot_reach_the_publisher() {
+    init_tracing();
+    // No kademlia anywhere: C only knows B and has no way to find A.
+    let a = Peer::start(local_config(&[], false)).await;
+    let b = Peer::start(local_config(&[a.quic_addr()], false)).await;
+    let mut c = Peer::start(local_config(&[b.tcp_addr()], false)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+    c.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    let a_id = a.id();
+    let seen = drive(
+        "a fragment from A relayed by B",
+        &mut c.events,
+        &c.node,
+        |n| publish_both(&a.node, 1, n),
+        |seen| {
+            seen.iter().any(|e| is_fragment_from(e, a_id))
+                && seen.iter().any(|e| is_catalog_from(e, a_id))
+        },
+    )
+    .await;
+    assert_all_from(&seen, a_id);
+    assert_eq!(
+        stats(&c).connected_peers,
+        1,
+        "C must only be connected to B"
+    );
+    assert!(stats(&b).messages_accepted >= 2, "{:?}", stats(&b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_find_each_other_through_the_dht() {
+    init_tracing();
+    // B and C only know A; kademlia makes them meet so they can relay to each other.
+    let a = Peer::start(local_config(&[], true)).await;
+    let mut b = Peer::start(local_config(&[a.quic_addr()], true)).await;
+    let mut c = Peer::start(local_config(&[a.quic_addr()], true)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+    let a_id = a.id();
+    drive(
+        "B to receive A's fragments",
+        &mut b.events,
+        &b.node,
+        |n| publish_both(&a.node, 1, n),
+        |seen| seen.iter().any(|e| is_fragment_from(e, a_id)),
+    )
+    .await;
+
+    c.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+    let c_node = c.node.clone();
+    let seen = drive(
+        "C to connect to B and receive A's fragments",
+        &mut c.events,
+        &c.node,
+        |n| publish_both(&a.node, 1, 1000 + n),
+        |seen| {
+            c_node.stats().connected_peers >= 2 && seen.iter().any(|e| is_fragment_from(e, a_id))
+        },
+    )
+    .await;
+    assert_all_from(&seen, a_id);
+    wait_until("B to count C among its peers", || {
+        b.node.stats().connected_peers >= 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_by_a_foreign_author_are_ignored() {
+    init_tracing();
+    let a = Peer::start(local_config(&[], false)).await;
+    let mut b = Peer::start(local_config(&[a.quic_addr()], false)).await;
+    let d = Peer::start(local_config(&[b.quic_addr()], false)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    d.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    let (a_id, b_node) = (a.id(), b.node.clone());
+    let seen = drive(
+        "B to ignore D's messages and accept A's",
+        &mut b.events,
+        &b.node,
+        |n| {
+            publish_both(&a.node, 1, n);
+            publish_both(&d.node, 99, n);
+        },
+        |seen| {
+            seen.iter().any(|e| is_fragment_from(e, a_id)) && b_node.stats().messages_ignored >= 2
+        },
+    )
+    .await;
+    assert_all_from(&seen, a_id);
+    let b_stats = stats(&b);
+    assert_eq!(b_stats.messages_rejected, 0, "{b_stats:?}");
+    assert!(stats(&d).messages_published >= 2, "{:?}", stats(&d));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_locks_the_publisher_on_its_first_catalog() {
+    init_tracing();
+    let a = Peer::start(local_config(&[], true)).await;
+    let mut b = Peer::start(local_config(&[a.tcp_addr()], true)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node.join_stream(STREAM, None, vec![MEDIA]).unwrap();
+
+    // Fragments before any catalog: nothing is trusted yet, so they are ignored.
+    let b_node = b.node.clone();
+    let seen = drive(
+        "fragments ignored before the lock",
+        &mut b.events,
+        &b.node,
+        |n| a.node.publish(STREAM, MEDIA, fragment(1, n)).unwrap(),
+        |_| b_node.stats().messages_before_lock >= 2,
+    )
+    .await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::Message { .. } | Event::PublisherLocked { .. })),
+        "{seen:?}"
+    );
+
+    let a_id = a.id();
+    let seen = drive(
+        "PublisherLocked then A's fragments",
+        &mut b.events,
+        &b.node,
+        |n| publish_both(&a.node, 1, 1000 + n),
+        |seen| {
+            seen.iter().any(|e| is_fragment_from(e, a_id))
+                && seen.iter().any(|e| is_catalog_from(e, a_id))
+        },
+    )
+    .await;
+    let locked = seen
+        .iter()
+        .position(|e| matches!(e, Event::PublisherLocked { .. }))
+        .expect("PublisherLocked emitted");
+    assert_eq!(
+        seen[locked],
+        Event::PublisherLocked {
+            stream: STREAM.into(),
+            publisher: a_id
+        }
+    );
+    let first_message = seen
+        .iter()
+        .position(|e| matches!(e, Event::Message { .. }))
+        .unwrap();
+    assert!(
+        locked < first_message,
+        "lock announced before any message: {seen:?}"
+    );
+    assert!(is_catalog_from(&seen[first_message], a_id));
+    assert_eq!(
+        seen.iter()
+            .filter(|e| matches!(e, Event::PublisherLocked { .. }))
+            .count(),
+        1
+    );
+    assert_all_from(&seen, a_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_rejected_and_later_messages_still_arrive() {
+    init_tracing();
+    let a = Peer::start(local_config(&[], false)).await;
+    let mut b = Peer::start(local_config(&[a.quic_addr()], false)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    let b_node = b.node.clone();
+    let seen = drive(
+        "malformed messages rejected",
+        &mut b.events,
+        &b.node,
+        |n| {
+            // Not protobuf at all.
+            let mut garbage = vec![0xff, 0xff, 0xff];
+            garbage.extend_from_slice(&n.to_be_bytes());
+            a.node.publish(STREAM, MEDIA, garbage).unwrap();
+            // Decodes, but violates the limits: fragment index beyond its count.
+            let bad = Fragment {
+                epoch: 1,
+                sequence: n,
+                index: 5,
+                count: 2,
+                ..Default::default()
+            };
+            a.node
+                .publish(STREAM, MEDIA, wire::encode(&Message::Fragment(bad)))
+                .unwrap();
+            // Valid, but on the wrong channel.
+            a.node.publish(STREAM, MEDIA, catalog(1, n)).unwrap();
+        },
+        |_| b_node.stats().messages_rejected >= 6,
+    )
+    .await;
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Message { .. })),
+        "{seen:?}"
+    );
+
+    let a_id = a.id();
+    let seen = drive(
+        "valid fragments after the malformed ones",
+        &mut b.events,
+        &b.node,
+        |n| publish_both(&a.node, 1, n),
+        |seen| seen.iter().any(|e| is_fragment_from(e, a_id)),
+    )
+    .await;
+    assert_all_from(&seen, a_id);
+    assert!(b.node.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_addresses_are_full_and_dialable() {
+    init_tracing();
+    let a = Peer::start(local_config(&[], false)).await;
+    assert_eq!(a.addrs.len(), 2, "{:?}", a.addrs);
+    assert_eq!(stats(&a).listen_addrs, a.addrs);
+    for addr in &a.addrs {
+        assert_eq!(addr.iter().last(), Some(Protocol::P2p(a.id())), "{addr}");
+        assert_eq!(
+            addr.iter().next(),
+            Some(Protocol::Ip4([127, 0, 0, 1].into())),
+            "{addr}"
+        );
+        // The announced address works as a bootstrap address as it is.
+        let mut x = Peer::start(local_config(&[addr], false)).await;
+        // The connection may come up before `Listening`, whose wait skips other events.
+        let x_node = x.node.clone();
+        drive(
+            "a connection to A",
+            &mut x.events,
+            &x.node,
+            |_| {},
+            |_| x_node.stats().connected_peers >= 1,
+        )
+        .await;
+        x.node.shutdown(Duration::ZERO);
+        tokio::time::timeout(TIMEOUT, x.node.stopped())
+            .await
+            .expect("X stops");
+        assert!(!x.node.is_running());
+        assert_eq!(x.node.stats().connected_peers, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lingers_until_queued_publishes_are_out() {
+    init_tracing();
+    let a = Peer::start(local_config(&[], false)).await;
+    let mut b = Peer::start(local_config(&[a.quic_addr()], false)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    let a_id = a.id();
+    drive(
+        "the mesh to carry A's fragments",
+        &mut b.events,
+        &b.node,
+        |n| publish_both(&a.node, 1, n),
+        |seen| seen.iter().any(|e| is_fragment_from(e, a_id)),
+    )
+    .await;
+
+    const LAST: u64 = 1_000_000;
+    let Peer {
+        node: a_node,
+        events: mut a_events,
+        ..
+    } = a;
+    let linger = Duration::from_secs(2);
+    let shutdown_at = tokio::time::Instant::now();
+    a_node.publish(STREAM, MEDIA, fragment(1, LAST)).unwrap();
+    a_node.shutdown(linger);
+    a_node.shutdown(Duration::from_secs(5)); // idempotent
+    assert!(matches!(
+        a_node.publish(STREAM, MEDIA, fragment(1, LAST + 1)),
+        Err(NodeError::Stopped)
+    ));
+    assert!(matches!(
+        a_node.announce_stream("other"),
+        Err(NodeError::Stopped)
+    ));
+    // Dropping the handles right after `shutdown` must not cut the linger short.
+    drop(a_node);
+
+    drive(
+        "the fragment published right before shutdown",
+        &mut b.events,
+        &b.node,
+        |_| {},
+        |seen| {
+            seen.iter()
+                .any(|e| fragment_sequence(e) == Some((a_id, LAST)))
+        },
+    )
+    .await;
+    let closed =
+        tokio::time::timeout(TIMEOUT, async { while a_events.recv().await.is_some() {} }).await;
+    assert!(closed.is_ok(), "A's event channel ends with the node");
+    // B stayed connected, so A lingered for the whole time asked.
+    assert!(
+        shutdown_at.elapsed() >= linger,
+        "{:?}",
+        shutdown_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_stops_the_node() {
+    init_tracing();
+    let Peer {
+        node, mut events, ..
+    } = Peer::start(local_config(&[], true)).await;
+    let second = node.clone();
+    drop(node);
+    assert!(second.is_running());
+    drop(second);
+    let closed =
+        tokio::time::timeout(TIMEOUT, async { while events.recv().await.is_some() {} }).await;
+    assert!(
+        closed.is_ok(),
+        "event channel still open after every handle was dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_reports_configuration_errors() {
+    init_tracing();
+    let handle = tokio::runtime::Handle::current();
+    let spawn = |config: NodeConfig| Node::spawn(config, &handle).map(|_| ()).unwrap_err();
+
+    // UDP without QUIC is no transport of ours.
+    let mut config = local_config(&[], false);
+    config.listen = node::parse_multiaddrs("/ip4/127.0.0.1/udp/0").unwrap();
+    let err = spawn(config);
+    assert!(matches!(err, NodeError::Listen { .. }), "{err}");
+    assert!(err.to_string().contains("/ip4/127.0.0.1/udp/0"), "{err}");
+
+    // Port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut config = local_config(&[], false);
+    config.listen = node::parse_multiaddrs(&format!("/ip4/127.0.0.1/tcp/{port}")).unwrap();
+    let err = spawn(config);
+    assert!(matches!(err, NodeError::Listen { .. }), "{err}");
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+
+    // Bootstrap to ourselves, without a peer id, over an unsupported transport.
+    let mut config = local_config(&[], false);
+    let own = config.keypair.public().to_peer_id();
+    config.bootstrap = vec![format!("/ip4/127.0.0.1/tcp/1/p2p/{own}").parse().unwrap()];
+    assert!(matches!(spawn(config), NodeError::BootstrapIsSelf { .. }));
+    let mut config = local_config(&[], false);
+    config.bootstrap = vec!["/ip4/127.0.0.1/tcp/1".parse().unwrap()];
+    assert!(matches!(
+        spawn(config),
+        NodeError::BootstrapWithoutPeerId { .. }
+    ));
+    let mut config = local_config(&[], false);
+    config.bootstrap = vec![
+        format!("/dns4/example.invalid/tcp/1/p2p/{}", PeerId::random())
+            .parse()
+            .unwrap(),
+    ];
+    assert!(matches!(spawn(config), NodeError::Dial { .. }));
+
+    let mut config = local_config(&[], false);
+    config.event_capacity = 0;
+    assert!(matches!(spawn(config), NodeError::InvalidConfig(_)));
+}
+
+#[test]
+fn identity_file_is_created_once_and_reloaded() {
+    let dir = std::env::temp_dir().join(format!(
+        "p2plive-node-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let path = dir.join("nested/dir/identity.key");
+    assert!(!path.exists());
+
+    let created = node::load_or_create_identity(&path).unwrap();
+    assert!(path.exists());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let loaded = node::load_or_create_identity(&path).unwrap();
+    assert_eq!(created.public().to_peer_id(), loaded.public().to_peer_id());
+    assert!(loaded.clone().try_into_ed25519().is_ok());
+
+    let corrupt = dir.join("corrupt.key");
+    std::fs::write(&corrupt, b"not a key").unwrap();
+    let err = node::load_or_create_identity(&corrupt).unwrap_err();
+    assert!(matches!(err, NodeError::IdentityDecode { .. }), "{err}");
+    assert!(err.to_string().contains("corrupt.key"), "{err}");
+
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn address_lists_parse_with_clear_errors() {
+    assert!(node::parse_multiaddrs("").unwrap().is_empty());
+    assert_eq!(
+        node::parse_multiaddrs(" /ip4/127.0.0.1/tcp/1 , /ip6/::1/udp/2/quic-v1 ")
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let err = node::parse_multiaddrs("/ip4/127.0.0.1/tcp/1, not-an-address").unwrap_err();
+    assert!(matches!(err, NodeError::InvalidMultiaddr { .. }), "{err}");
+    assert!(err.to_string().contains("\"not-an-address\""), "{err}");
+
+    let err = node::parse_bootstrap("/ip4/127.0.0.1/tcp/4001").unwrap_err();
+    assert!(
+        matches!(err, NodeError::BootstrapWithoutPeerId { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/ip4/127.0.0.1/tcp/4001"), "{err}");
+    assert!(err.to_string().contains("/p2p/"), "{err}");
+
+    let peer = PeerId::random();
+    let ok = node::parse_bootstrap(&format!("/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{peer}")).unwrap();
+    assert_eq!(ok[0].iter().last(), Some(Protocol::P2p(peer)));
+}
