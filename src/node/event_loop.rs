@@ -303,10 +303,8 @@ impl EventLoop {
                 }
             }
         }
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        for peer in peers {
-            let _ = self.swarm.disconnect_peer_id(peer);
-        }
+        // Dropping `self` (the swarm) closes every connection and listener, and ends the event
+        // channel once its queued events are read.
         self.events.flush();
         self.stats.connected_peers.store(0, Ordering::Relaxed);
         self.stats.stopped.store(true, Ordering::Relaxed);
@@ -545,7 +543,7 @@ impl EventLoop {
         message: gossipsub::Message,
     ) {
         bump(&self.stats.messages_received);
-        let verdict = match Channel::parse(message.topic.as_str()) {
+        let acceptance = match Channel::parse(message.topic.as_str()) {
             Some((stream, channel)) => {
                 let verdict = self.validate(stream, channel, message.source, &message.data);
                 match &verdict {
@@ -567,7 +565,7 @@ impl EventLoop {
         self.swarm
             .behaviour_mut()
             .gossipsub
-            .report_message_validation_result(&message_id, &propagation_source, verdict);
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
     }
 
     // ---- swarm events ---------------------------------------------------------------------

@@ -269,7 +269,7 @@ impl ElementImpl for P2pLiveSink {
         name: Option<&str>,
         _caps: Option<&gst::Caps>,
     ) -> Option<gst::Pad> {
-        let (prefix, kind) = match templ.name_template().as_ref() {
+        let (prefix, kind) = match templ.name_template() {
             "video_%u" => ("video_", TrackKind::Video),
             "audio_%u" => ("audio_", TrackKind::Audio),
             other => {
