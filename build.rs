@@ -1,6 +1,7 @@
 fn main() {
     // protox compiles the schema in pure Rust, so no `protoc` is needed on the machine.
-    let descriptors = protox::compile(["proto/p2plive.proto"], ["proto"]).expect("proto/p2plive.proto must compile");
+    let descriptors = protox::compile(["proto/p2plive.proto"], ["proto"])
+        .expect("proto/p2plive.proto must compile");
     prost_build::Config::new()
         .bytes(["."])
         .compile_fds(descriptors)
