@@ -327,3 +327,15 @@ pub fn stop_node(node: &crate::node::Node, linger: std::time::Duration) {
     });
     let _ = done_rx.recv_timeout(linger + std::time::Duration::from_millis(200));
 }
+
+/// Aborts a driver task and waits (bounded) until it has stopped, so it cannot touch the
+/// element while the element tears down what the task used.
+pub fn abort_and_wait(task: tokio::task::JoinHandle<()>) {
+    task.abort();
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    crate::RUNTIME.spawn(async move {
+        let _ = task.await;
+        let _ = done_tx.send(());
+    });
+    let _ = done_rx.recv_timeout(std::time::Duration::from_secs(1));
+}

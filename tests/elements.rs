@@ -334,3 +334,106 @@ fn every_property_is_documented() {
     assert!(src.property::<bool>("mdns"));
     assert_eq!(src.property::<u32>("latency"), 300);
 }
+
+#[test]
+fn hostile_peer_cannot_inject_media_or_stop_the_stream() {
+    use gstp2plive::core::Channel;
+    use gstp2plive::core::wire::{self, Catalog, Fragment, FrameHeader, Message, Track, TrackKind};
+    use gstp2plive::node::{Node, NodeConfig};
+
+    let topic = unique_topic("hostile");
+    let (_publisher, addr) = publisher(&h264_source(15), &topic, "");
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} decode=false {LOOPBACK} \
+         ! appsink name=out sync=false"
+    )));
+    let viewer_addr = viewer.listening_addr("view", JOIN);
+    let frames = record_appsink(&viewer.by_name("out"));
+    assert!(
+        wait_for(&frames, 10, JOIN),
+        "the stream plays before the attack"
+    );
+
+    // A peer of the mesh that publishes garbage, a forged catalog and forged fragments.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut config = NodeConfig::new(libp2p::identity::Keypair::generate_ed25519());
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    config.bootstrap = vec![viewer_addr.parse().unwrap()];
+    config.mdns = false;
+    config.kademlia = false;
+    let (attacker, _events) = Node::spawn(config, runtime.handle()).unwrap();
+    let media = Channel::Media { track: 0, layer: 0 };
+    attacker.join_stream(&topic, None, vec![media]).unwrap();
+    let forged_catalog = wire::encode(&Message::Catalog(Catalog {
+        epoch: 1,
+        topic: topic.clone(),
+        tracks: vec![Track {
+            id: 0,
+            kind: TrackKind::Video as i32,
+            caps: "video/x-h264,stream-format=byte-stream,alignment=au".into(),
+            layers: vec![],
+        }],
+        ..Default::default()
+    }));
+    let before = frames.lock().unwrap().len();
+    for sequence in 0..60u64 {
+        let forged_frame = wire::encode(&Message::Fragment(Fragment {
+            epoch: 1,
+            track: 0,
+            layer: 0,
+            sequence,
+            index: 0,
+            count: 1,
+            header: Some(FrameHeader {
+                pts_ns: Some(sequence * 33_000_000),
+                keyframe: true,
+                frame_size: 4,
+                ..Default::default()
+            }),
+            payload: vec![0xde, 0xad, 0xbe, 0xef].into(),
+        }));
+        let _ = attacker.publish(&topic, Channel::Control, forged_catalog.clone());
+        let _ = attacker.publish(&topic, media, forged_frame);
+        let _ = attacker.publish(&topic, media, vec![0xff; 64]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    assert!(
+        wait_for(&frames, before + 30, JOIN),
+        "the stream keeps playing under attack"
+    );
+    let stats = viewer.stats("view");
+    let rejected: u64 = stats.get("messages-rejected").unwrap();
+    let ignored: u64 = stats.get("messages-ignored").unwrap();
+    assert!(rejected > 0, "garbage was counted as rejected: {stats}");
+    assert!(
+        ignored > 0,
+        "forged messages were counted as ignored: {stats}"
+    );
+    assert_eq!(
+        stats.get::<u64>("restarts").unwrap(),
+        0,
+        "the forged epoch was not followed"
+    );
+    let forged = [0xde, 0xad, 0xbe, 0xef];
+    assert!(
+        frames.lock().unwrap().iter().all(|f| f.data != forged),
+        "no forged frame was played"
+    );
+    attacker.shutdown(Duration::ZERO);
+}
+
+#[test]
+fn unsupported_input_is_refused_clearly() {
+    init();
+    // Audio offered to a video pad, and a codec the sink does not carry, cannot link.
+    for description in [
+        "p2plivesink name=s audiotestsrc ! s.video_0",
+        "videotestsrc ! theoraenc ! p2plivesink",
+    ] {
+        let error = gst::parse::launch(description)
+            .err()
+            .unwrap_or_else(|| panic!("'{description}' should not link"));
+        assert!(error.to_string().contains("link"), "{description}: {error}");
+    }
+}

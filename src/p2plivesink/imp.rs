@@ -450,7 +450,7 @@ impl P2pLiveSink {
         let Some(state) = self.state.lock().unwrap().take() else {
             return;
         };
-        state.driver.abort();
+        common::abort_and_wait(state.driver);
         common::stop_node(&state.session.node, SHUTDOWN_LINGER);
         gst::debug!(CAT, imp = self, "node stopped");
     }

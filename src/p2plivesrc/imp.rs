@@ -417,7 +417,7 @@ impl P2pLiveSrc {
         let Some(state) = self.state.lock().unwrap().take() else {
             return;
         };
-        state.driver.abort();
+        common::abort_and_wait(state.driver);
         state.node.shutdown(Duration::ZERO);
         // Outputs belong to this run; a restart builds them from the next catalog.
         *self.pads.lock().unwrap() = PadAccounting::default();
