@@ -27,6 +27,10 @@ const GAP_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 /// Period over which arrival slack is watched before the clock is moved earlier.
 const DRIFT_WINDOW: Duration = Duration::from_secs(2);
 
+/// How long every frame must be late before the clock moves later: shorter runs of late
+/// frames are bursts after a stall, which must not raise latency for good.
+const LATE_WINDOW: Duration = Duration::from_millis(500);
+
 /// The clock moves earlier by at most 1/DRIFT_STEP_DIVISOR of the elapsed time, so
 /// excess latency is shed slowly and output stays smooth.
 const DRIFT_STEP_DIVISOR: u32 = 100;
@@ -126,11 +130,20 @@ struct DriftWindow {
     min_margin: i128,
 }
 
+/// Consecutive frames later than their deadline plus the jitter tolerance.
+struct LateRun {
+    start: Instant,
+    /// Least lateness (past the deadline) seen in the run, nanoseconds.
+    min_lateness: i128,
+}
+
 /// The mapping from stream time to local time, shared by all tracks.
 #[derive(Default)]
 struct StreamClock {
     base: Option<ClockBase>,
     window: Option<DriftWindow>,
+    /// The current run of frames later than the tolerance allows, if any.
+    late_run: Option<LateRun>,
     /// Bumped whenever the mapping moves, so every track flags its next frame `resync`:
     /// downstream (audio decoders above all) must follow the jump, not smooth it over.
     generation: u64,
@@ -166,29 +179,42 @@ impl StreamClock {
         }
     }
 
-    /// Takes note of a frame completed at `arrival`. Moves the clock later when the frame
-    /// is late by more than the jitter tolerance (returns true), or earlier, slowly, when
-    /// frames have kept arriving well ahead of time.
+    /// Takes note of a frame completed at `arrival`. Moves the clock later when every frame
+    /// of a whole `LATE_WINDOW` came later than the jitter tolerance allows (the path got
+    /// slower; returns true), or earlier, slowly, when frames have kept arriving well ahead
+    /// of time. A burst after a stall holds on-time frames too, so it moves nothing: its
+    /// late frames miss their deadline once, and latency does not grow for good.
     fn observe(&mut self, arrival: Instant, stream: Duration, config: &PlayoutConfig) -> bool {
         let Some(local) = self.local(stream) else {
-            return false;
-        };
-        let Some(base) = self.base.as_mut() else {
             return false;
         };
         let margin = signed_nanos(local, arrival);
         let lateness = -margin - nanos(config.latency);
         let tolerance = nanos(config.jitter_tolerance);
         if lateness > tolerance {
-            // Beyond the lateness itself, leave the tolerance as headroom so the next
-            // frame that is a little slower is not late again at once.
-            let shift =
-                Duration::from_nanos(u64::try_from(lateness + tolerance).unwrap_or(u64::MAX));
+            self.window = None;
+            let late = self.late_run.get_or_insert(LateRun {
+                start: arrival,
+                min_lateness: lateness,
+            });
+            late.min_lateness = late.min_lateness.min(lateness);
+            if arrival.saturating_duration_since(late.start) < LATE_WINDOW {
+                return false;
+            }
+            // Every frame needs at least the least lateness seen; the tolerance on top is
+            // headroom so the next slightly slower frame is not late again at once.
+            let shift = Duration::from_nanos(
+                u64::try_from(late.min_lateness + tolerance).unwrap_or(u64::MAX),
+            );
+            self.late_run = None;
+            let Some(base) = self.base.as_mut() else {
+                return false;
+            };
             base.local = base.local.checked_add(shift).unwrap_or(base.local);
             self.generation += 1;
-            self.window = None;
             return true;
         }
+        self.late_run = None;
         let window = self.window.get_or_insert(DriftWindow {
             start: arrival,
             min_margin: margin,
@@ -196,7 +222,9 @@ impl StreamClock {
         window.min_margin = window.min_margin.min(margin);
         let elapsed = arrival.saturating_duration_since(window.start);
         if elapsed >= DRIFT_WINDOW {
-            if window.min_margin > tolerance {
+            if window.min_margin > tolerance
+                && let Some(base) = self.base.as_mut()
+            {
                 let most = nanos(elapsed / DRIFT_STEP_DIVISOR);
                 let advance = Duration::from_nanos(window.min_margin.min(most) as u64);
                 base.local = base.local.checked_sub(advance).unwrap_or(base.local);
@@ -868,26 +896,26 @@ mod tests {
             (stats.frames_late, stats.frames_lost, stats.duplicates),
             (3, 1, 0)
         );
-        // A duplicate while still buffered.
-        playout.push(t0 + Duration::from_secs(1), video(8, 1));
-        playout.push(t0 + Duration::from_secs(1), video(8, 1));
+        // A duplicate while still buffered (behind a missing frame).
+        let mut playout = self::playout(PlayoutConfig::default());
+        let _ = run(&mut playout, on_time(t0, (0..2).map(|sequence| video(sequence, 1))));
+        playout.push(t0 + MS * 130, video(3, 1));
+        playout.push(t0 + MS * 130, video(3, 1));
         assert_eq!(playout.stats().duplicates, 1);
     }
 
     #[test]
-    fn a_stall_rebases_the_clock_once_and_latency_creeps_back() {
+    fn a_slower_path_rebases_the_clock_once_and_latency_creeps_back() {
         let t0 = Instant::now();
         let config = PlayoutConfig::default();
         let mut playout = playout(config.clone());
-        let stall = Duration::from_secs(1);
-        // Frames 0..10 on time, then a one second stall delays 10..=35 (arriving as a burst),
-        // then frames are on time again for two minutes.
+        // Frames 0..10 on time, then for three seconds (frames 10..85) the path is one second
+        // slower, then frames are on time again for two minutes.
         let arrivals: Vec<_> = (0..3000u64)
             .map(|sequence| {
                 let sent = t0 + MS * 40 * sequence as u32;
-                let release = t0 + MS * 400 + stall;
-                let arrival = if (10..36).contains(&sequence) {
-                    sent.max(release)
+                let arrival = if (10..85).contains(&sequence) {
+                    sent + Duration::from_secs(1)
                 } else {
                     sent
                 };
@@ -910,23 +938,56 @@ mod tests {
             .inspect(|pair| assert!(pair[1].resync, "unflagged jump at {}", pair[1].sequence))
             .count();
         assert!(moves > 1, "the clock moved {moves} times");
-        // After the rebase every frame reaches the sink before it is due.
-        for frame in &output[10..] {
+        // Once late for a whole window (half a second: frames 10..23), the clock moves and
+        // every later frame reaches the sink before it is due.
+        for frame in &output[23..] {
             assert!(frame.pts + config.latency >= arrival_of[frame.sequence as usize]);
         }
-        // Frame 10 came 1 s after its timeline position, 700 ms past its deadline: the
-        // clock moved 760 ms (lateness plus the tolerance as headroom).
-        let delay = |frame: &OutputFrame| frame.pts - arrival_of[frame.sequence as usize];
-        let after_stall = delay(&output[36]);
-        assert_eq!(after_stall, Duration::from_millis(760));
-        // Excess delay is shed, at most 1% of the time elapsed since the stall.
-        let end = delay(&output[2999]);
-        let shed = after_stall - end;
-        let elapsed = arrival_of[2999] - arrival_of[11];
+        // Every frame of the run was 700 ms past its deadline: the clock moved 760 ms (that
+        // lateness plus the tolerance as headroom).
+        let lead = |frame: &OutputFrame| frame.pts - (t0 + MS * 40 * frame.sequence as u32);
+        let after_rebase = lead(&output[84]);
+        assert_eq!(after_rebase, Duration::from_millis(760));
+        // Excess delay is shed, at most 1% of the time elapsed since the path recovered.
+        let end = lead(&output[2999]);
+        let shed = after_rebase - end;
+        let elapsed = arrival_of[2999] - arrival_of[85];
         assert!(shed > Duration::from_millis(400), "shed only {shed:?}");
         assert!(shed <= elapsed / 100, "shed {shed:?} in {elapsed:?}");
         // Stops once frames are no longer well ahead, and never makes them late.
         assert!(end <= config.jitter_tolerance, "still {end:?} ahead");
+    }
+
+    #[test]
+    fn a_stall_does_not_raise_latency_for_good() {
+        let t0 = Instant::now();
+        let config = PlayoutConfig::default();
+        let mut playout = playout(config.clone());
+        // A one second stall: frames 10..36 arrive together when it ends, then on time.
+        let stall_end = t0 + MS * 400 + Duration::from_secs(1);
+        let arrivals: Vec<_> = (0..200u64)
+            .map(|sequence| {
+                let sent = t0 + MS * 40 * sequence as u32;
+                let arrival = if (10..36).contains(&sequence) {
+                    sent.max(stall_end)
+                } else {
+                    sent
+                };
+                (arrival, video(sequence, 50))
+            })
+            .collect();
+        let output = run(&mut playout, arrivals);
+        assert_eq!(
+            output.len(),
+            200,
+            "late frames are still handed on, in order"
+        );
+        assert_eq!(playout.stats().rebases, 0);
+        // After the burst every frame plays with the latency it had before the stall.
+        let delay = |frame: &OutputFrame| {
+            frame.pts + config.latency - (t0 + MS * 40 * frame.sequence as u32)
+        };
+        assert_eq!(delay(&output[199]), delay(&output[0]));
     }
 
     #[test]
