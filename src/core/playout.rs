@@ -76,6 +76,9 @@ pub struct OutputFrame {
     pub capture_unix_ns: u64,
     /// The publisher's PTS in stream time.
     pub stream_pts: Option<Duration>,
+    /// First frame of another spatial (simulcast) layer than the previous output of this
+    /// track: resolution and caps may change here. Always a keyframe with `discont`.
+    pub layer_switch: bool,
     pub data: Bytes,
 }
 
@@ -96,6 +99,11 @@ pub struct PlayoutStats {
     pub other_layer: u64,
     /// Frames of a track the playout does not know.
     pub unknown_track: u64,
+    /// Frames whose temporal layer counts contradict the catalog or their sequence.
+    pub inconsistent: u64,
+    /// Frames dropped because the played layers changed (switch, stepping down): neither
+    /// lost nor counted in `frames_skipped`.
+    pub switch_dropped: u64,
     /// Frames buffered now, all tracks.
     pub buffered_frames: u64,
 }
@@ -238,18 +246,68 @@ impl StreamClock {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// Before the first keyframe, or after a gap until the next one. Nothing buffered is
-    /// a keyframe in this mode: one arriving resumes playback at once.
+    /// Before the first keyframe, or after a base layer gap until the next one. Nothing
+    /// buffered is a resume point in this mode: one arriving resumes playback at once.
     WaitingForKeyframe,
     Playing,
     /// After the end of stream: everything is late.
     Finished,
 }
 
+/// Where a layer sits in its track's ladder (from the catalog).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LayerPosition {
+    pub id: u32,
+    /// Simulcast encode the layer belongs to.
+    pub spatial: u32,
+    /// Temporal layer within it, 0 upward.
+    pub temporal: u32,
+}
+
+impl LayerPosition {
+    /// The single base layer of a track without layering.
+    pub const BASE: LayerPosition = LayerPosition {
+        id: 0,
+        spatial: 0,
+        temporal: 0,
+    };
+}
+
 struct Buffered {
     frame: CompleteFrame,
     /// When the frame completed.
     arrival: Instant,
+    temporal: u32,
+    /// Per temporal id of its spatial layer: frames published before this one.
+    counts: Vec<u64>,
+}
+
+impl Buffered {
+    /// Position in the merged stream of temporal layers `0..=level`.
+    fn merged(&self, level: u32) -> u64 {
+        merged(&self.counts, level)
+    }
+
+    /// A keyframe of the base temporal layer: everything after it decodes from it.
+    fn resume_point(&self) -> bool {
+        self.temporal == 0 && self.frame.header.keyframe
+    }
+
+    fn sync(&self) -> bool {
+        self.frame.header.keyframe || self.frame.header.temporal_sync
+    }
+}
+
+fn merged(counts: &[u64], level: u32) -> u64 {
+    counts
+        .iter()
+        .take(level as usize + 1)
+        .fold(0u64, |sum, &count| sum.saturating_add(count))
+}
+
+/// Position of a frame among all frames of its spatial layer, all temporal layers.
+fn full_position(counts: &[u64]) -> u64 {
+    merged(counts, u32::MAX - 1)
 }
 
 /// What a track needs from the playout while it works.
@@ -276,16 +334,383 @@ fn deadline(config: &PlayoutConfig, clock: &StreamClock, frame: &CompleteFrame) 
     local.checked_add(config.latency)
 }
 
-/// The playout state of one track. One layer per track for now: the layer of the first
-/// frame; each layer would get one of these to play several.
-struct TrackPlayout {
-    layer: Option<u32>,
+/// The playout of one spatial layer of a track: its temporal layers `0..=level` merged in
+/// decode order. `level` climbs to `target` one temporal layer at a time, at sync frames;
+/// a loss in temporal layer `t > 0` drops it to `t - 1` (frames above reference the lost
+/// one) until the next sync frame; a loss in the base layer waits for a keyframe.
+///
+/// Frames are keyed by their position among all frames of the spatial layer, and a
+/// `cursor` counts per temporal layer the frames passed. A frame of layer `t <= level` is
+/// next when its merged position (frames of layers `0..=level` before it) equals the
+/// cursor's: a difference is a real loss, while frames of layers above `level` (not
+/// received or not played) never look like one.
+struct GroupPlayout {
+    spatial: u32,
+    /// Temporal layers in this spatial layer.
+    layers: u32,
+    target: u32,
+    level: u32,
     mode: Mode,
-    /// Next sequence to release or give up; `None` before the first keyframe.
-    next: Option<u64>,
+    /// Frames passed per temporal layer; entries above `level` are stale. `None` before
+    /// the first keyframe.
+    cursor: Option<Vec<u64>>,
+    /// Position of the last released frame.
+    passed: Option<u64>,
     /// The next released frame starts a new run.
     discont: bool,
     buffer: BTreeMap<u64, Buffered>,
+    /// Released frames and their `discont` flag, for the track to emit.
+    ready: VecDeque<(CompleteFrame, bool)>,
+    /// The spatial layer being switched to, not yet played.
+    switching: bool,
+}
+
+impl GroupPlayout {
+    fn new(spatial: u32, layers: u32, target: u32) -> Self {
+        Self {
+            spatial,
+            layers: layers.max(1),
+            target: target.min(layers.saturating_sub(1)),
+            level: 0,
+            mode: Mode::WaitingForKeyframe,
+            cursor: None,
+            passed: None,
+            discont: true,
+            buffer: BTreeMap::new(),
+            ready: VecDeque::new(),
+            switching: false,
+        }
+    }
+
+    /// Undecodable frames: skipped, or dropped by the switch while this group is the
+    /// spatial layer being switched to (awaiting its keyframe is no loss of quality).
+    fn count_skipped(&self, ctx: &mut Context<'_>, frames: u64) {
+        if self.switching {
+            ctx.stats.switch_dropped += frames;
+        } else {
+            ctx.stats.frames_skipped += frames;
+        }
+    }
+
+    fn next_merged(&self) -> Option<u64> {
+        self.cursor
+            .as_ref()
+            .map(|cursor| merged(cursor, self.level))
+    }
+
+    /// Whether the frame may be the next one played.
+    fn eligible(&self, buffered: &Buffered) -> bool {
+        match self.mode {
+            Mode::Finished => false,
+            Mode::WaitingForKeyframe => buffered.resume_point(),
+            Mode::Playing => {
+                buffered.temporal <= self.level
+                    || (buffered.temporal == self.level + 1
+                        && buffered.temporal <= self.target
+                        && buffered.sync())
+            }
+        }
+    }
+
+    fn first_eligible(&self) -> Option<u64> {
+        self.buffer
+            .iter()
+            .find(|(_, buffered)| self.eligible(buffered))
+            .map(|(&position, _)| position)
+    }
+
+    /// Plays temporal layers up to `target` from now on: lower at once, higher from their
+    /// next sync frames.
+    fn set_target(&mut self, ctx: &mut Context<'_>, target: u32) {
+        self.target = target.min(self.layers - 1);
+        if self.level > self.target {
+            self.level = self.target;
+        }
+        let before = self.buffer.len();
+        let target = self.target;
+        self.buffer
+            .retain(|_, buffered| buffered.temporal <= target);
+        ctx.stats.switch_dropped += (before - self.buffer.len()) as u64;
+        self.release_ready(ctx);
+    }
+
+    fn push(&mut self, ctx: &mut Context<'_>, now: Instant, buffered: Buffered) {
+        if buffered.temporal > self.target {
+            ctx.stats.other_layer += 1;
+            return;
+        }
+        if self.mode == Mode::Finished {
+            ctx.stats.frames_late += 1;
+            return;
+        }
+        let position = full_position(&buffered.counts);
+        if let Some(next) = self.next_merged() {
+            if buffered.temporal <= self.level && buffered.merged(self.level) < next {
+                ctx.stats.frames_late += 1;
+                return;
+            }
+            if self.passed.is_some_and(|passed| position <= passed) {
+                // A higher layer behind the playout: never decodable now.
+                ctx.stats.switch_dropped += 1;
+                return;
+            }
+        }
+        if self.buffer.contains_key(&position) {
+            ctx.stats.duplicates += 1;
+            return;
+        }
+        let resume = self.mode == Mode::WaitingForKeyframe && buffered.resume_point();
+        if resume || (self.mode == Mode::Playing && self.eligible(&buffered)) {
+            ctx.observe(now, &buffered.frame);
+        }
+        self.buffer.insert(position, buffered);
+        if resume {
+            self.resume_at(ctx, now, position);
+        } else {
+            self.release_ready(ctx);
+        }
+    }
+
+    /// Continues playback at the resume point `position`: what is buffered before it can
+    /// never be decoded.
+    fn resume_at(&mut self, ctx: &mut Context<'_>, now: Instant, position: u64) {
+        let kept = self.buffer.split_off(&position);
+        let skipped = std::mem::replace(&mut self.buffer, kept);
+        self.count_skipped(ctx, skipped.len() as u64);
+        let Some(keyframe) = self.buffer.get(&position) else {
+            return;
+        };
+        if let Some(cursor) = &self.cursor {
+            // Frames of the played layers between the cursor and the keyframe that never
+            // arrived are lost.
+            let next = merged(cursor, self.level);
+            let expected = keyframe.merged(self.level).saturating_sub(next);
+            let arrived = skipped
+                .values()
+                .filter(|b| b.temporal <= self.level && b.merged(self.level) >= next)
+                .count() as u64;
+            ctx.stats.frames_lost += expected.saturating_sub(arrived);
+        }
+        self.cursor = Some(keyframe.counts.clone());
+        self.level = self.target;
+        self.mode = Mode::Playing;
+        self.discont = true;
+        let stream = timeline_stream_time(&keyframe.frame.header)
+            .or_else(|| ctx.clock.stream_at(now))
+            .unwrap_or_default();
+        ctx.clock.start(now, stream);
+        self.release_ready(ctx);
+    }
+
+    fn release_ready(&mut self, ctx: &mut Context<'_>) {
+        while self.mode == Mode::Playing {
+            let (Some(position), Some(next)) = (self.first_eligible(), self.next_merged()) else {
+                return;
+            };
+            let buffered = &self.buffer[&position];
+            let at = buffered.merged(self.level);
+            if at > next {
+                return;
+            }
+            let buffered = self
+                .buffer
+                .remove(&position)
+                .expect("eligible frame is buffered");
+            if at < next {
+                // Behind the cursor since the level changed: undecodable.
+                ctx.stats.switch_dropped += 1;
+                continue;
+            }
+            if buffered.temporal > self.level {
+                // A sync frame: step up.
+                self.level = buffered.temporal;
+            }
+            if buffered.resume_point() {
+                self.level = self.target;
+            }
+            // Whatever precedes it and was not played never will be.
+            let behind = self.buffer.split_off(&position);
+            ctx.stats.switch_dropped += std::mem::replace(&mut self.buffer, behind).len() as u64;
+            self.advance_past(&buffered, position);
+            let discont = std::mem::take(&mut self.discont);
+            self.ready.push_back((buffered.frame, discont));
+        }
+    }
+
+    /// Moves the cursor past `buffered`.
+    fn advance_past(&mut self, buffered: &Buffered, position: u64) {
+        let cursor = self.cursor.get_or_insert_with(|| buffered.counts.clone());
+        let resume = buffered.resume_point();
+        for (layer, slot) in cursor.iter_mut().enumerate() {
+            if resume || layer as u32 <= self.level {
+                *slot = buffered.counts[layer];
+            }
+        }
+        if let Some(slot) = cursor.get_mut(buffered.temporal as usize) {
+            *slot = slot.saturating_add(1);
+        }
+        self.passed = Some(position);
+    }
+
+    /// Gives up the missing frames before the first playable buffered one. Returns whether
+    /// anything changed.
+    fn give_up_gap(&mut self, ctx: &mut Context<'_>, now: Instant) -> bool {
+        let Some(position) = self.first_eligible() else {
+            return false;
+        };
+        let Some(cursor) = self.cursor.as_mut() else {
+            return false;
+        };
+        let buffered = &self.buffer[&position];
+        let mut lowest_lost = None;
+        for layer in 0..=self.level {
+            let index = layer as usize;
+            let missing = buffered.counts[index].saturating_sub(cursor[index]);
+            if missing > 0 {
+                ctx.stats.frames_lost += missing;
+                lowest_lost.get_or_insert(layer);
+                cursor[index] = buffered.counts[index];
+            }
+        }
+        let Some(lost_layer) = lowest_lost else {
+            return false;
+        };
+        self.discont = true;
+        if lost_layer == 0 && !buffered.resume_point() {
+            self.mode = Mode::WaitingForKeyframe;
+            let keyframe = self
+                .buffer
+                .iter()
+                .find(|(_, buffered)| buffered.resume_point())
+                .map(|(&position, _)| position);
+            if let Some(keyframe) = keyframe {
+                self.resume_at(ctx, now, keyframe);
+            }
+        } else if lost_layer > 0 {
+            self.level = self.level.min(lost_layer - 1);
+        }
+        self.release_ready(ctx);
+        true
+    }
+
+    /// Drops the earliest buffered frame (waiting for a keyframe, or nothing playable).
+    fn drop_first(&mut self, ctx: &mut Context<'_>) {
+        let Some((position, buffered)) = self.buffer.pop_first() else {
+            return;
+        };
+        if self.passed.is_some_and(|passed| position <= passed) {
+            ctx.stats.switch_dropped += 1;
+            return;
+        }
+        self.count_skipped(ctx, 1);
+        if buffered.temporal > self.level {
+            return;
+        }
+        if let Some(cursor) = self.cursor.as_mut() {
+            let played = self.level as usize + 1;
+            for (slot, &count) in cursor.iter_mut().zip(&buffered.counts).take(played) {
+                ctx.stats.frames_lost += count.saturating_sub(*slot);
+                *slot = (*slot).max(count);
+            }
+            let own = &mut cursor[buffered.temporal as usize];
+            *own = own.saturating_add(1);
+            self.passed = Some(position);
+        }
+    }
+
+    /// When the gap before the first playable buffered frame is given up.
+    fn give_up_at(&self, config: &PlayoutConfig, clock: &StreamClock) -> Option<Instant> {
+        if self.mode != Mode::Playing {
+            return None;
+        }
+        let first = &self.buffer[&self.first_eligible()?];
+        let earliest_arrival = self
+            .buffer
+            .values()
+            .filter(|buffered| self.eligible(buffered))
+            .map(|buffered| buffered.arrival)
+            .min()?;
+        let by_arrival = earliest_arrival + config.jitter_tolerance;
+        let by_deadline = deadline(config, clock, &first.frame).map(|deadline| {
+            deadline
+                .checked_sub(GAP_DEADLINE_MARGIN)
+                .unwrap_or(deadline)
+        });
+        Some(by_deadline.map_or(by_arrival, |deadline| deadline.min(by_arrival)))
+    }
+
+    /// Enforces the buffer limit and gives up gaps whose time has come.
+    fn service(&mut self, ctx: &mut Context<'_>, now: Instant) {
+        let limit = ctx.config.buffer_size.max(1);
+        while self.buffer.len() > limit {
+            let progressed = self.mode == Mode::Playing && self.give_up_gap(ctx, now);
+            if !progressed {
+                self.drop_first(ctx);
+            }
+        }
+        while self
+            .give_up_at(ctx.config, ctx.clock)
+            .is_some_and(|at| at <= now)
+        {
+            if !self.give_up_gap(ctx, now) {
+                // Nothing was missing after all: cannot happen with a consistent cursor;
+                // never spin on it.
+                self.drop_first(ctx);
+            }
+        }
+    }
+
+    /// Whether every sequence of temporal layer `temporal` below `end` was released or
+    /// given up.
+    fn is_complete(&self, temporal: u32, end: u64) -> bool {
+        if self.mode == Mode::Finished || temporal > self.target {
+            return true;
+        }
+        self.cursor
+            .as_ref()
+            .and_then(|cursor| cursor.get(temporal as usize))
+            .map_or(end == 0, |&passed| passed >= end)
+    }
+
+    /// Releases what can still be released, gives up the rest up to the per-temporal-layer
+    /// `ends`, and refuses anything that comes later.
+    fn finish(&mut self, ctx: &mut Context<'_>, now: Instant, ends: &[(u32, u64)]) {
+        while !self.buffer.is_empty() {
+            let progressed = self.mode == Mode::Playing && self.give_up_gap(ctx, now);
+            if !progressed {
+                self.drop_first(ctx);
+            }
+        }
+        if let Some(cursor) = self.cursor.as_mut() {
+            for &(temporal, end) in ends {
+                if temporal <= self.level
+                    && let Some(passed) = cursor.get_mut(temporal as usize)
+                    && *passed < end
+                {
+                    ctx.stats.frames_lost += end - *passed;
+                    *passed = end;
+                }
+            }
+        }
+        self.mode = Mode::Finished;
+    }
+
+    fn drop_all(&mut self, ctx: &mut Context<'_>) {
+        ctx.stats.switch_dropped += self.buffer.len() as u64;
+        self.buffer.clear();
+    }
+}
+
+/// The playout state of one track: the spatial layer played, and the one being switched
+/// to until its first keyframe.
+struct TrackPlayout {
+    layers: Vec<LayerPosition>,
+    current: GroupPlayout,
+    /// The selected spatial layer while it waits for a keyframe; the current one keeps
+    /// playing meanwhile.
+    switching: Option<GroupPlayout>,
+    finished: bool,
+    last_spatial: Option<u32>,
     last_timeline_local: Option<Instant>,
     last_timeline_stream: Option<Duration>,
     last_duration: Option<Duration>,
@@ -294,89 +719,165 @@ struct TrackPlayout {
 }
 
 impl TrackPlayout {
-    fn new() -> Self {
-        Self {
-            layer: None,
-            mode: Mode::WaitingForKeyframe,
-            next: None,
-            discont: true,
-            buffer: BTreeMap::new(),
+    fn new(layers: Vec<LayerPosition>) -> Self {
+        let mut track = Self {
+            layers: Vec::new(),
+            current: GroupPlayout::new(0, 1, 0),
+            switching: None,
+            finished: false,
+            last_spatial: None,
             last_timeline_local: None,
             last_timeline_stream: None,
             last_duration: None,
             clock_generation: 0,
+        };
+        track.set_layers(layers);
+        track
+    }
+
+    fn group_size(&self, spatial: u32) -> u32 {
+        self.layers.iter().filter(|l| l.spatial == spatial).count() as u32
+    }
+
+    fn position(&self, layer: u32) -> Option<LayerPosition> {
+        self.layers.iter().copied().find(|l| l.id == layer)
+    }
+
+    fn position_of(&self, spatial: u32, temporal: u32) -> Option<LayerPosition> {
+        self.layers
+            .iter()
+            .copied()
+            .find(|l| l.spatial == spatial && l.temporal == temporal)
+    }
+
+    /// Replaces the ladder; starts over at its lowest layer when it changed.
+    fn set_layers(&mut self, mut layers: Vec<LayerPosition>) {
+        if layers.is_empty() {
+            layers.push(LayerPosition::BASE);
         }
+        layers.sort();
+        if layers == self.layers {
+            return;
+        }
+        self.layers = layers;
+        let lowest = self.layers[0];
+        let mut group = GroupPlayout::new(lowest.spatial, self.group_size(lowest.spatial), 0);
+        if self.finished {
+            group.mode = Mode::Finished;
+        }
+        self.current = group;
+        self.switching = None;
+    }
+
+    /// The selected layer: the target of the switch under way, or of the current group.
+    fn selected(&self) -> Option<LayerPosition> {
+        let group = self.switching.as_ref().unwrap_or(&self.current);
+        self.position_of(group.spatial, group.target)
+    }
+
+    /// The layer played now: the highest temporal layer decodable in the current group.
+    fn playing(&self) -> Option<LayerPosition> {
+        self.current.cursor.as_ref()?;
+        self.position_of(self.current.spatial, self.current.level)
+    }
+
+    fn select(&mut self, ctx: &mut Context<'_>, now: Instant, layer: u32) -> bool {
+        let Some(position) = self.position(layer) else {
+            return false;
+        };
+        if position.spatial == self.current.spatial {
+            if let Some(mut switching) = self.switching.take() {
+                switching.drop_all(ctx);
+            }
+            self.current.set_target(ctx, position.temporal);
+        } else if let Some(switching) = self
+            .switching
+            .as_mut()
+            .filter(|group| group.spatial == position.spatial)
+        {
+            switching.set_target(ctx, position.temporal);
+        } else {
+            let size = self.group_size(position.spatial);
+            let mut group = GroupPlayout::new(position.spatial, size, position.temporal);
+            if self.finished {
+                group.mode = Mode::Finished;
+            }
+            if let Some(mut old) = self.switching.take() {
+                old.drop_all(ctx);
+            }
+            if self.current.cursor.is_none() {
+                // Nothing played yet: nothing to keep playing meanwhile.
+                self.current.drop_all(ctx);
+                self.current = group;
+            } else {
+                group.switching = true;
+                self.switching = Some(group);
+            }
+        }
+        self.drain(ctx, now);
+        true
     }
 
     fn push(&mut self, ctx: &mut Context<'_>, now: Instant, frame: CompleteFrame) {
-        let sequence = frame.sequence;
-        if self.mode == Mode::Finished || self.next.is_some_and(|next| sequence < next) {
-            ctx.stats.frames_late += 1;
+        let Some(position) = self.position(frame.layer) else {
+            ctx.stats.other_layer += 1;
             return;
-        }
-        if self.buffer.contains_key(&sequence) {
-            ctx.stats.duplicates += 1;
-            return;
-        }
-        let keyframe = frame.header.keyframe;
-        let playable = self.mode == Mode::Playing || keyframe;
-        if playable {
-            ctx.observe(now, &frame);
-        }
-        self.buffer.insert(
-            sequence,
-            Buffered {
-                frame,
-                arrival: now,
-            },
-        );
-        if self.mode == Mode::WaitingForKeyframe && keyframe {
-            // Nothing else buffered is a keyframe, so this is the earliest.
-            self.resume_at(ctx, now, sequence);
+        };
+        let size = self.group_size(position.spatial);
+        let counts = if frame.header.temporal_counts.is_empty() && size == 1 {
+            vec![frame.sequence]
         } else {
-            self.release_ready(ctx, now);
-        }
-    }
-
-    /// Continues playback at keyframe `keyframe`: what is buffered before it can never be
-    /// decoded.
-    fn resume_at(&mut self, ctx: &mut Context<'_>, now: Instant, keyframe: u64) {
-        let kept = self.buffer.split_off(&keyframe);
-        let skipped = std::mem::replace(&mut self.buffer, kept).len() as u64;
-        ctx.stats.frames_skipped += skipped;
-        if let Some(next) = self.next {
-            ctx.stats.frames_lost += (keyframe - next).saturating_sub(skipped);
-        }
-        self.next = Some(keyframe);
-        self.mode = Mode::Playing;
-        self.discont = true;
-        if let Some(first) = self.buffer.get(&keyframe) {
-            let stream = timeline_stream_time(&first.frame.header)
-                .or_else(|| ctx.clock.stream_at(now))
-                .unwrap_or_default();
-            ctx.clock.start(now, stream);
-        }
-        self.release_ready(ctx, now);
-    }
-
-    fn release_ready(&mut self, ctx: &mut Context<'_>, now: Instant) {
-        if self.mode != Mode::Playing {
+            frame.header.temporal_counts.clone()
+        };
+        if counts.len() != size as usize || counts[position.temporal as usize] != frame.sequence {
+            ctx.stats.inconsistent += 1;
             return;
         }
-        while let Some(entry) = self.buffer.first_entry() {
-            let sequence = *entry.key();
-            if Some(sequence) != self.next {
-                break;
+        let buffered = Buffered {
+            frame,
+            arrival: now,
+            temporal: position.temporal,
+            counts,
+        };
+        if position.spatial == self.current.spatial {
+            self.current.push(ctx, now, buffered);
+        } else if let Some(switching) = self
+            .switching
+            .as_mut()
+            .filter(|group| group.spatial == position.spatial)
+        {
+            switching.push(ctx, now, buffered);
+        } else {
+            ctx.stats.other_layer += 1;
+            return;
+        }
+        self.drain(ctx, now);
+    }
+
+    /// Emits what the groups released; switches to the selected spatial layer once it
+    /// released its first keyframe.
+    fn drain(&mut self, ctx: &mut Context<'_>, now: Instant) {
+        while let Some((frame, discont)) = self.current.ready.pop_front() {
+            self.emit(ctx, now, frame, discont);
+        }
+        if self
+            .switching
+            .as_ref()
+            .is_some_and(|group| !group.ready.is_empty())
+        {
+            let switching = self.switching.take().expect("checked above");
+            let mut old = std::mem::replace(&mut self.current, switching);
+            old.drop_all(ctx);
+            self.current.switching = false;
+            while let Some((frame, discont)) = self.current.ready.pop_front() {
+                self.emit(ctx, now, frame, discont);
             }
-            let buffered = entry.remove();
-            self.emit(ctx, now, buffered.frame);
-            self.next = Some(sequence + 1);
         }
     }
 
-    fn emit(&mut self, ctx: &mut Context<'_>, now: Instant, frame: CompleteFrame) {
-        let header = frame.header;
-        let timeline_stream = timeline_stream_time(&header)
+    fn emit(&mut self, ctx: &mut Context<'_>, now: Instant, frame: CompleteFrame, discont: bool) {
+        let header = &frame.header;
+        let timeline_stream = timeline_stream_time(header)
             .or_else(|| {
                 self.last_timeline_stream
                     .map(|last| last.saturating_add(self.last_duration.unwrap_or_default()))
@@ -405,6 +906,9 @@ impl TrackPlayout {
         ctx.stats.frames_output += 1;
         let resync = self.clock_generation != ctx.clock.generation;
         self.clock_generation = ctx.clock.generation;
+        let spatial = self.current.spatial;
+        let layer_switch = self.last_spatial.is_some_and(|last| last != spatial);
+        self.last_spatial = Some(spatial);
         ctx.output.push_back(OutputFrame {
             track: frame.track,
             layer: frame.layer,
@@ -413,112 +917,56 @@ impl TrackPlayout {
             dts: header.dts_ns.map(|_| timeline_local),
             duration: header.duration_ns.map(Duration::from_nanos),
             keyframe: header.keyframe,
-            discont: std::mem::take(&mut self.discont),
+            discont,
             resync,
             capture_unix_ns: header.capture_unix_ns,
             stream_pts: header.pts_ns.map(Duration::from_nanos),
+            layer_switch,
             data: frame.data,
         });
     }
 
-    /// Gives up the missing sequences before the first buffered frame.
-    fn give_up_gap(&mut self, ctx: &mut Context<'_>, now: Instant) {
-        let (Some(next), Some((&first, buffered))) = (self.next, self.buffer.first_key_value())
-        else {
-            return;
-        };
-        let first_is_keyframe = buffered.frame.header.keyframe;
-        ctx.stats.frames_lost += first.saturating_sub(next);
-        self.next = Some(first);
-        if first_is_keyframe {
-            self.discont = true;
-            self.release_ready(ctx, now);
-            return;
-        }
-        self.mode = Mode::WaitingForKeyframe;
-        let keyframe = self
-            .buffer
-            .iter()
-            .find(|(_, buffered)| buffered.frame.header.keyframe)
-            .map(|(&sequence, _)| sequence);
-        if let Some(keyframe) = keyframe {
-            self.resume_at(ctx, now, keyframe);
-        }
-    }
-
-    /// Drops the earliest buffered frame while waiting for a keyframe.
-    fn drop_first_waiting(&mut self, ctx: &mut Context<'_>) {
-        let Some((sequence, _)) = self.buffer.pop_first() else {
-            return;
-        };
-        ctx.stats.frames_skipped += 1;
-        if let Some(next) = self.next {
-            ctx.stats.frames_lost += sequence.saturating_sub(next);
-            self.next = Some(sequence + 1);
-        }
-    }
-
-    /// When the gap before the first buffered frame is given up.
-    fn give_up_at(&self, config: &PlayoutConfig, clock: &StreamClock) -> Option<Instant> {
-        if self.mode != Mode::Playing {
-            return None;
-        }
-        let (_, first) = self.buffer.first_key_value()?;
-        let earliest_arrival = self
-            .buffer
-            .values()
-            .map(|buffered| buffered.arrival)
-            .min()?;
-        let by_arrival = earliest_arrival + config.jitter_tolerance;
-        let by_deadline = deadline(config, clock, &first.frame).map(|deadline| {
-            deadline
-                .checked_sub(GAP_DEADLINE_MARGIN)
-                .unwrap_or(deadline)
-        });
-        Some(by_deadline.map_or(by_arrival, |deadline| deadline.min(by_arrival)))
-    }
-
-    /// Enforces the buffer limit and gives up gaps whose time has come.
     fn service(&mut self, ctx: &mut Context<'_>, now: Instant) {
-        let limit = ctx.config.buffer_size.max(1);
-        while self.buffer.len() > limit {
-            match self.mode {
-                Mode::Playing => self.give_up_gap(ctx, now),
-                Mode::WaitingForKeyframe | Mode::Finished => self.drop_first_waiting(ctx),
-            }
+        self.current.service(ctx, now);
+        if let Some(switching) = self.switching.as_mut() {
+            switching.service(ctx, now);
         }
-        while self
-            .give_up_at(ctx.config, ctx.clock)
-            .is_some_and(|at| at <= now)
-        {
-            self.give_up_gap(ctx, now);
-        }
+        self.drain(ctx, now);
     }
 
-    /// Whether every sequence of `layer` below `end` was released or given up.
+    fn give_up_at(&self, config: &PlayoutConfig, clock: &StreamClock) -> Option<Instant> {
+        // The group being switched to waits for a keyframe: no timer.
+        self.current.give_up_at(config, clock)
+    }
+
+    fn buffered(&self) -> usize {
+        self.current.buffer.len() + self.switching.as_ref().map_or(0, |g| g.buffer.len())
+    }
+
     fn is_complete(&self, layer: u32, end: u64) -> bool {
-        match self.layer {
-            Some(played) if played != layer => true,
-            _ => self.mode == Mode::Finished || self.next.unwrap_or(0) >= end,
+        match self.position(layer) {
+            Some(position) if position.spatial == self.current.spatial => {
+                self.current.is_complete(position.temporal, end)
+            }
+            _ => true,
         }
     }
 
-    /// Releases what can still be released, gives up the rest up to `end`, and refuses
-    /// anything that comes later.
-    fn finish(&mut self, ctx: &mut Context<'_>, now: Instant, end: Option<u64>) {
-        while !self.buffer.is_empty() {
-            match self.mode {
-                Mode::Playing => self.give_up_gap(ctx, now),
-                Mode::WaitingForKeyframe | Mode::Finished => self.drop_first_waiting(ctx),
-            }
+    fn finish(&mut self, ctx: &mut Context<'_>, now: Instant, ends: &[TrackEnd]) {
+        self.finished = true;
+        if let Some(mut switching) = self.switching.take() {
+            switching.drop_all(ctx);
         }
-        if let (Some(next), Some(end)) = (self.next, end)
-            && next < end
-        {
-            ctx.stats.frames_lost += end - next;
-            self.next = Some(end);
-        }
-        self.mode = Mode::Finished;
+        let spatial = self.current.spatial;
+        let group_ends: Vec<(u32, u64)> = ends
+            .iter()
+            .filter_map(|end| {
+                let position = self.position(end.layer)?;
+                (position.spatial == spatial).then_some((position.temporal, end.next_sequence))
+            })
+            .collect();
+        self.current.finish(ctx, now, &group_ends);
+        self.drain(ctx, now);
     }
 }
 
@@ -560,27 +1008,76 @@ impl Playout {
         &self.config
     }
 
-    /// Makes the played tracks exactly `tracks`: new ones start waiting for a keyframe,
-    /// the frames buffered for removed ones are dropped as skipped.
+    /// Makes the played tracks exactly `tracks`: new ones start waiting for a keyframe on
+    /// a single base layer (see [`Playout::set_track_layers`]), the frames buffered for
+    /// removed ones are dropped as skipped.
     pub fn set_tracks(&mut self, tracks: impl IntoIterator<Item = u32>) {
         let wanted: BTreeMap<u32, ()> = tracks.into_iter().map(|id| (id, ())).collect();
         let stats = &mut self.stats;
         self.tracks.retain(|id, track| {
             let keep = wanted.contains_key(id);
             if !keep {
-                stats.frames_skipped += track.buffer.len() as u64;
+                stats.frames_skipped += track.buffered() as u64;
             }
             keep
         });
         for &id in wanted.keys() {
             self.tracks.entry(id).or_insert_with(|| {
-                let mut track = TrackPlayout::new();
+                let mut track = TrackPlayout::new(vec![LayerPosition::BASE]);
                 if self.finished {
-                    track.mode = Mode::Finished;
+                    track.finished = true;
+                    track.current.mode = Mode::Finished;
                 }
                 track
             });
         }
+    }
+
+    /// Sets a track's layer ladder (from the catalog; empty means one base layer). When
+    /// it changed, the track starts over waiting for a keyframe of its lowest layer.
+    pub fn set_track_layers(&mut self, track: u32, layers: Vec<LayerPosition>) {
+        if let Some(track) = self.tracks.get_mut(&track) {
+            track.set_layers(layers);
+        }
+    }
+
+    /// Selects the layer a track plays: for another temporal layer of the spatial layer
+    /// played, lower at once and higher from the next sync frame of each layer up; for
+    /// another spatial layer, from its first keyframe (the current one plays until then).
+    /// Gaps and frames dropped by the switch are not counted as lost. Returns false for
+    /// an unknown track or layer.
+    pub fn select(&mut self, now: Instant, track: u32, layer: u32) -> bool {
+        let (mut ctx, tracks) = self.split();
+        tracks
+            .get_mut(&track)
+            .is_some_and(|track| track.select(&mut ctx, now, layer))
+    }
+
+    /// The layer a track is set to play (see [`Playout::select`]).
+    pub fn selected_layer(&self, track: u32) -> Option<LayerPosition> {
+        self.tracks.get(&track)?.selected()
+    }
+
+    /// The highest layer a track decodes now; `None` before its first keyframe.
+    pub fn playing_layer(&self, track: u32) -> Option<LayerPosition> {
+        self.tracks.get(&track)?.playing()
+    }
+
+    /// A track's layer ladder.
+    pub fn track_layers(&self, track: u32) -> Option<&[LayerPosition]> {
+        self.tracks.get(&track).map(|track| track.layers.as_slice())
+    }
+
+    /// Whether a track waits for a keyframe of its current or selected spatial layer.
+    pub fn awaiting_keyframe(&self, track: u32) -> bool {
+        self.tracks.get(&track).is_some_and(|track| {
+            track.current.mode == Mode::WaitingForKeyframe || track.switching.is_some()
+        })
+    }
+
+    /// When a frame must reach the sink; `None` before the clock started.
+    pub fn deadline(&self, frame: &CompleteFrame) -> Option<Instant> {
+        deadline(&self.config, &self.clock, frame)
     }
 
     /// Takes a frame that just completed.
@@ -590,14 +1087,6 @@ impl Playout {
             ctx.stats.unknown_track += 1;
             return;
         };
-        match track.layer {
-            Some(layer) if layer != frame.layer => {
-                ctx.stats.other_layer += 1;
-                return;
-            }
-            Some(_) => {}
-            None => track.layer = Some(frame.layer),
-        }
         track.push(&mut ctx, now, frame);
         // The frame may have moved the shared clock: every track's timers are affected.
         for track in tracks.values_mut() {
@@ -634,18 +1123,16 @@ impl Playout {
 
     /// Frames buffered now, all tracks.
     pub fn buffered_frames(&self) -> usize {
-        self.tracks.values().map(|track| track.buffer.len()).sum()
+        self.tracks.values().map(TrackPlayout::buffered).sum()
     }
 
     /// Frames buffered now for one track.
     pub fn track_buffered_frames(&self, track: u32) -> usize {
-        self.tracks
-            .get(&track)
-            .map_or(0, |track| track.buffer.len())
+        self.tracks.get(&track).map_or(0, TrackPlayout::buffered)
     }
 
     /// Whether every listed track and layer released or gave up all sequences below its
-    /// `next_sequence`. Unknown tracks and layers other than the played one are ignored.
+    /// `next_sequence`. Unknown tracks and layers not played are ignored.
     pub fn is_complete(&self, ends: &[TrackEnd]) -> bool {
         ends.iter().all(|end| {
             self.tracks
@@ -660,11 +1147,9 @@ impl Playout {
         self.finished = true;
         let (mut ctx, tracks) = self.split();
         for (&id, track) in tracks.iter_mut() {
-            let end = ends
-                .iter()
-                .find(|end| end.track == id && track.layer.is_none_or(|layer| layer == end.layer))
-                .map(|end| end.next_sequence);
-            track.finish(&mut ctx, now, end);
+            let track_ends: Vec<TrackEnd> =
+                ends.iter().filter(|end| end.track == id).copied().collect();
+            track.finish(&mut ctx, now, &track_ends);
         }
     }
 
@@ -681,6 +1166,7 @@ impl Playout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     const MS: Duration = Duration::from_millis(1);
     const VIDEO: u32 = 0;
@@ -698,6 +1184,7 @@ mod tests {
                 keyframe,
                 capture_unix_ns: 0,
                 frame_size: 1,
+                ..FrameHeader::default()
             },
             data: Bytes::from(vec![sequence as u8]),
             first_arrival: Instant::now(),
@@ -898,7 +1385,10 @@ mod tests {
         );
         // A duplicate while still buffered (behind a missing frame).
         let mut playout = self::playout(PlayoutConfig::default());
-        let _ = run(&mut playout, on_time(t0, (0..2).map(|sequence| video(sequence, 1))));
+        let _ = run(
+            &mut playout,
+            on_time(t0, (0..2).map(|sequence| video(sequence, 1))),
+        );
         playout.push(t0 + MS * 130, video(3, 1));
         playout.push(t0 + MS * 130, video(3, 1));
         assert_eq!(playout.stats().duplicates, 1);
@@ -1130,5 +1620,442 @@ mod tests {
         playout.set_tracks([AUDIO]);
         playout.push(t0, video(1, 1));
         assert_eq!(playout.stats().unknown_track, 2);
+    }
+
+    // ---- layered playout ------------------------------------------------------------------
+
+    /// The 1/4, 1/2, 1 temporal pattern of vp8enc's three-layer mode.
+    const PATTERN: [u32; 4] = [0, 2, 1, 2];
+
+    struct Layered {
+        spatial: u32,
+        /// Temporal layers of each spatial layer; layer id = spatial * temporal + t.
+        temporal: u32,
+        frames: u64,
+        gop: u64,
+        /// Frames of layers above 0 are sync points in the first pattern period after
+        /// every multiple of this.
+        sync_every: u64,
+    }
+
+    impl Layered {
+        fn temporal_of(&self, index: u64) -> u32 {
+            let pattern: Vec<u32> = PATTERN.iter().map(|&t| t.min(self.temporal - 1)).collect();
+            pattern[(index % 4) as usize]
+        }
+
+        fn ladder(&self) -> Vec<LayerPosition> {
+            (0..self.spatial)
+                .flat_map(|spatial| {
+                    (0..self.temporal).map(move |temporal| LayerPosition {
+                        id: spatial * self.temporal + temporal,
+                        spatial,
+                        temporal,
+                    })
+                })
+                .collect()
+        }
+
+        /// Every frame of every layer, in publishing order.
+        fn frames(&self) -> Vec<CompleteFrame> {
+            let mut out = Vec::new();
+            let mut counts = vec![vec![0u64; self.temporal as usize]; self.spatial as usize];
+            for index in 0..self.frames {
+                let temporal = self.temporal_of(index);
+                for spatial in 0..self.spatial {
+                    let group = &mut counts[spatial as usize];
+                    let sequence = group[temporal as usize];
+                    let keyframe = index.is_multiple_of(self.gop);
+                    out.push(CompleteFrame {
+                        track: VIDEO,
+                        layer: spatial * self.temporal + temporal,
+                        sequence,
+                        header: FrameHeader {
+                            pts_ns: Some(40_000_000 * index),
+                            keyframe,
+                            temporal_sync: temporal > 0 && index % self.sync_every < 4,
+                            temporal_counts: if self.temporal > 1 {
+                                group.clone()
+                            } else {
+                                vec![]
+                            },
+                            frame_size: 1,
+                            ..FrameHeader::default()
+                        },
+                        data: Bytes::from(index.to_be_bytes().to_vec()),
+                        first_arrival: Instant::now(),
+                    });
+                    group[temporal as usize] += 1;
+                }
+            }
+            out
+        }
+    }
+
+    fn layered_playout(shape: &Layered) -> Playout {
+        let mut playout = Playout::new(PlayoutConfig::default());
+        playout.set_tracks([VIDEO]);
+        playout.set_track_layers(VIDEO, shape.ladder());
+        playout
+    }
+
+    fn index_of(frame: &OutputFrame) -> u64 {
+        u64::from_be_bytes(frame.data[..8].try_into().unwrap())
+    }
+
+    /// Checks that a decoder could decode every output frame: a keyframe starts a spatial
+    /// layer; a delta frame of temporal layer t references the latest frame of every layer
+    /// 0..=t before it (0..t for a sync frame) since the last keyframe, and each of those
+    /// must have been output before it, from the same spatial layer.
+    fn assert_decodable(shape: &Layered, output: &[OutputFrame]) {
+        let mut decoded: HashSet<(u32, u64)> = HashSet::new();
+        let mut spatial_played: Option<u32> = None;
+        let mut last_index: Option<u64> = None;
+        for frame in output {
+            let spatial = frame.layer / shape.temporal;
+            let temporal = frame.layer % shape.temporal;
+            let index = index_of(frame);
+            if spatial_played != Some(spatial) {
+                assert!(
+                    frame.keyframe,
+                    "spatial layer entered at a delta frame {index}"
+                );
+                assert_eq!(frame.layer_switch, spatial_played.is_some());
+                spatial_played = Some(spatial);
+                decoded.clear();
+                // A new decode sequence; it may start at the time the old one reached.
+                last_index = None;
+            } else {
+                assert!(!frame.layer_switch);
+            }
+            assert!(last_index.is_none_or(|last| index > last), "decode order");
+            last_index = Some(index);
+            if !frame.keyframe {
+                let key = index - index % shape.gop;
+                let sync = temporal > 0 && index % shape.sync_every < 4;
+                let top = if sync { temporal } else { temporal + 1 };
+                for layer in 0..top {
+                    let reference = (key..index).rev().find(|&i| shape.temporal_of(i) == layer);
+                    if let Some(reference) = reference {
+                        assert!(
+                            decoded.contains(&(spatial, reference)),
+                            "frame {index} (T{temporal}) references missing {reference}"
+                        );
+                    }
+                }
+                assert!(
+                    decoded.contains(&(spatial, key)),
+                    "frame {index} without its keyframe"
+                );
+            }
+            decoded.insert((spatial, index));
+        }
+    }
+
+    /// Frames arrive on time, 40 ms apart, the ones `keep` refuses never.
+    fn deliver_layered(
+        playout: &mut Playout,
+        t0: Instant,
+        frames: Vec<CompleteFrame>,
+        keep: impl Fn(&CompleteFrame) -> bool,
+    ) -> Vec<OutputFrame> {
+        let arrivals = frames
+            .into_iter()
+            .filter(|frame| keep(frame))
+            .map(|frame| {
+                (
+                    t0 + Duration::from_nanos(frame.header.pts_ns.unwrap()),
+                    frame,
+                )
+            })
+            .collect();
+        run(playout, arrivals)
+    }
+
+    #[test]
+    fn base_temporal_layer_plays_a_quarter_of_the_frames_without_loss() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 96,
+            gop: 32,
+            sync_every: 8,
+        };
+        // Subscribed to layer 0 only: the other layers never arrive.
+        let mut playout = layered_playout(&shape);
+        assert_eq!(playout.selected_layer(VIDEO).unwrap().id, 0);
+        let output = deliver_layered(&mut playout, t0, shape.frames(), |f| f.layer == 0);
+        assert_eq!(output.len(), 24);
+        assert!(output.iter().all(|frame| index_of(frame).is_multiple_of(4)));
+        assert_decodable(&shape, &output);
+        let stats = playout.stats();
+        assert_eq!(
+            stats.frames_lost + stats.frames_skipped + stats.frames_late,
+            0
+        );
+
+        // Receiving every layer while playing layer 0 changes nothing but `other_layer`.
+        let mut playout = layered_playout(&shape);
+        let output = deliver_layered(&mut playout, t0, shape.frames(), |_| true);
+        assert_eq!(output.len(), 24);
+        let stats = playout.stats();
+        assert_eq!(stats.frames_lost + stats.frames_skipped, 0);
+        assert_eq!(stats.other_layer, 72);
+    }
+
+    #[test]
+    fn every_temporal_layer_merges_in_decode_order() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 64,
+            gop: 32,
+            sync_every: 8,
+        };
+        for (layer, share) in [(1, 2), (2, 1)] {
+            let mut playout = layered_playout(&shape);
+            assert!(playout.select(t0, VIDEO, layer));
+            let output = deliver_layered(&mut playout, t0, shape.frames(), |f| f.layer <= layer);
+            let indices: Vec<u64> = output.iter().map(index_of).collect();
+            let expected: Vec<u64> = (0..64).filter(|i: &u64| i.is_multiple_of(share)).collect();
+            assert_eq!(indices, expected);
+            assert_decodable(&shape, &output);
+            assert_eq!(playout.stats().frames_lost, 0);
+            assert_eq!(playout.playing_layer(VIDEO).unwrap().id, layer);
+        }
+    }
+
+    #[test]
+    fn loss_in_a_played_temporal_layer_is_counted_and_resumes_at_sync_frames() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 64,
+            gop: 64,
+            sync_every: 16,
+        };
+        let mut playout = layered_playout(&shape);
+        playout.select(t0, VIDEO, 2);
+        // Frame 18 (layer 1) is lost: layers 1 and 2 stop until layer 1's next sync frame
+        // (34), layer 2 until its next sync after that (33 is before: 35); layer 0 goes on.
+        let output = deliver_layered(&mut playout, t0, shape.frames(), |f| {
+            !(f.layer == 1 && f.header.pts_ns == Some(40_000_000 * 18))
+        });
+        assert_decodable(&shape, &output);
+        let indices: Vec<u64> = output.iter().map(index_of).collect();
+        let expected: Vec<u64> = (0..18)
+            .chain((20..34).step_by(4))
+            .chain(34..64)
+            .filter(|&i| i != 33)
+            .collect();
+        assert_eq!(indices, expected);
+        let stats = playout.stats();
+        assert_eq!(stats.frames_lost, 1);
+        assert_eq!(stats.frames_late, 0);
+        assert_eq!(playout.playing_layer(VIDEO).unwrap().id, 2);
+    }
+
+    #[test]
+    fn base_layer_loss_waits_for_a_keyframe() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 64,
+            gop: 32,
+            sync_every: 8,
+        };
+        let mut playout = layered_playout(&shape);
+        playout.select(t0, VIDEO, 2);
+        let output = deliver_layered(&mut playout, t0, shape.frames(), |f| {
+            !(f.layer == 0 && f.header.pts_ns == Some(40_000_000 * 8))
+        });
+        assert_decodable(&shape, &output);
+        let indices: Vec<u64> = output.iter().map(index_of).collect();
+        assert_eq!(indices, (0..8).chain(32..64).collect::<Vec<_>>());
+        let stats = playout.stats();
+        assert_eq!(stats.frames_lost, 1);
+        // The frames in between arrived but could not be decoded.
+        assert_eq!(stats.frames_skipped, 23);
+    }
+
+    #[test]
+    fn temporal_switches_step_down_at_once_and_up_at_sync_frames() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 64,
+            gop: 64,
+            sync_every: 16,
+        };
+        let mut playout = layered_playout(&shape);
+        playout.select(t0, VIDEO, 2);
+        let mut output = Vec::new();
+        for frame in shape.frames() {
+            let index = frame.header.pts_ns.unwrap() / 40_000_000;
+            let at = t0 + MS * 40 * index as u32;
+            if index == 10 && frame.layer == PATTERN[2] {
+                // Before frame 10: down to layer 0 at once.
+                assert!(playout.select(at, VIDEO, 0));
+                assert_eq!(playout.selected_layer(VIDEO).unwrap().id, 0);
+            }
+            if index == 20 && frame.layer == 0 {
+                // Back up to everything: layer 1 from its sync frame 34 (the next after
+                // 20), layer 2 from the first sync frame after that (35).
+                assert!(playout.select(at, VIDEO, 2));
+            }
+            playout.push(at, frame);
+            output.extend(std::iter::from_fn(|| playout.poll_output()));
+        }
+        assert_decodable(&shape, &output);
+        let indices: Vec<u64> = output.iter().map(index_of).collect();
+        let expected: Vec<u64> = (0..10)
+            .chain((12..34).step_by(4))
+            .chain(34..64)
+            .filter(|&i| i != 33)
+            .collect();
+        assert_eq!(indices, expected);
+        let stats = playout.stats();
+        assert_eq!(stats.frames_lost + stats.frames_late, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn simulcast_switch_waits_for_the_target_keyframe() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 2,
+            temporal: 1,
+            frames: 60,
+            gop: 20,
+            sync_every: 4,
+        };
+        let mut playout = layered_playout(&shape);
+        let mut output = Vec::new();
+        for frame in shape.frames() {
+            let index = frame.header.pts_ns.unwrap() / 40_000_000;
+            let at = t0 + MS * 40 * index as u32;
+            if index == 5 && frame.layer == 0 {
+                assert!(playout.select(at, VIDEO, 1));
+                assert!(playout.awaiting_keyframe(VIDEO));
+                // Still playing layer 0 meanwhile.
+                assert_eq!(playout.playing_layer(VIDEO).unwrap().id, 0);
+            }
+            // A loss in the target layer before its keyframe is not counted.
+            if index == 12 && frame.layer == 1 {
+                continue;
+            }
+            playout.push(at, frame);
+            output.extend(std::iter::from_fn(|| playout.poll_output()));
+        }
+        assert_decodable(&shape, &output);
+        let layers: Vec<(u64, u32)> = output.iter().map(|f| (index_of(f), f.layer)).collect();
+        // Layer 0's keyframe 20 arrived just before layer 1's, so both were output.
+        let expected: Vec<(u64, u32)> = (0..=20)
+            .map(|i| (i, 0))
+            .chain((20..60).map(|i| (i, 1)))
+            .collect();
+        assert_eq!(layers, expected);
+        let switched = &output[21];
+        assert!(switched.layer_switch && switched.keyframe && switched.discont);
+        assert_eq!(output.iter().filter(|f| f.layer_switch).count(), 1);
+        assert!(!playout.awaiting_keyframe(VIDEO));
+        let stats = playout.stats();
+        assert_eq!(stats.frames_lost + stats.frames_skipped, 0, "{stats:?}");
+        assert_eq!(playout.playing_layer(VIDEO).unwrap().id, 1);
+    }
+
+    #[test]
+    fn inconsistent_temporal_counts_are_refused() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 8,
+            gop: 8,
+            sync_every: 8,
+        };
+        let mut playout = layered_playout(&shape);
+        let mut frames = shape.frames();
+        frames[0].header.temporal_counts.clear();
+        frames[1].header.temporal_counts = vec![0, 0];
+        frames[2].header.temporal_counts[1] = 7;
+        for frame in frames.into_iter().take(3) {
+            playout.push(t0, frame);
+        }
+        assert_eq!(playout.stats().inconsistent, 3);
+        assert!(playout.poll_output().is_none());
+    }
+
+    proptest::proptest! {
+        /// Random loss, reordering and layer selections over two simulcast layers of three
+        /// temporal layers: every output frame is decodable, in decode order, a spatial
+        /// layer is entered only at its keyframe, and the buffer stays bounded.
+        #[test]
+        fn layer_switches_never_output_undecodable_frames(
+            losses in proptest::collection::vec(proptest::bool::weighted(0.05), 480),
+            delays in proptest::collection::vec(0u32..120, 480),
+            switches in proptest::collection::vec((0u64..240, 0u32..6), 0..8),
+            gop in 1u64..5,
+            sync_every in 1u64..5,
+            buffer_size in 2usize..40,
+        ) {
+            let t0 = Instant::now();
+            let shape = Layered {
+                spatial: 2,
+                temporal: 3,
+                frames: 240,
+                gop: gop * 16,
+                sync_every: sync_every * 4,
+            };
+            let mut playout = Playout::new(PlayoutConfig {
+                buffer_size,
+                ..PlayoutConfig::default()
+            });
+            playout.set_tracks([VIDEO]);
+            playout.set_track_layers(VIDEO, shape.ladder());
+            let mut arrivals: Vec<(Instant, CompleteFrame)> = shape
+                .frames()
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !losses[i % losses.len()])
+                .map(|(i, frame)| {
+                    let sent = t0 + Duration::from_nanos(frame.header.pts_ns.unwrap());
+                    (sent + MS * delays[i % delays.len()], frame)
+                })
+                .collect();
+            arrivals.sort_by_key(|(at, _)| *at);
+            let mut switches = switches;
+            switches.sort();
+            let mut output = Vec::new();
+            let mut next_switch = 0;
+            for (at, frame) in arrivals {
+                while let Some(due) = playout.poll_timeout().filter(|&due| due <= at) {
+                    playout.handle_timeout(due);
+                }
+                while next_switch < switches.len()
+                    && t0 + MS * 40 * switches[next_switch].0 as u32 <= at
+                {
+                    playout.select(at, VIDEO, switches[next_switch].1);
+                    next_switch += 1;
+                }
+                playout.push(at, frame);
+                proptest::prop_assert!(playout.buffered_frames() <= 2 * buffer_size);
+                output.extend(std::iter::from_fn(|| playout.poll_output()));
+            }
+            while let Some(due) = playout.poll_timeout() {
+                playout.handle_timeout(due);
+            }
+            output.extend(std::iter::from_fn(|| playout.poll_output()));
+            assert_decodable(&shape, &output);
+            for frame in &output {
+                if frame.layer_switch {
+                    proptest::prop_assert!(frame.keyframe && frame.discont);
+                }
+            }
+        }
     }
 }

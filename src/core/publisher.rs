@@ -162,10 +162,17 @@ impl Publisher {
         } else {
             layers
         };
+        let probe = Catalog {
+            tracks: vec![Track {
+                id,
+                kind: kind as i32,
+                caps: caps.clone(),
+                layers: layers.clone(),
+            }],
+            ..Catalog::default()
+        };
         if self.tracks.len() >= self.limits.max_tracks
-            || layers.len() > self.limits.max_layers
-            || caps.is_empty()
-            || caps.len() > self.limits.max_caps_len
+            || wire::validate(&Message::Catalog(probe), &self.limits).is_err()
         {
             tracing::warn!(
                 id,
@@ -207,10 +214,25 @@ impl Publisher {
     /// and layer, consecutive from 0.
     pub fn push_frame(
         &mut self,
+        now: Instant,
+        track: u32,
+        layer: u32,
+        frame: EncodedFrame,
+    ) -> Result<u64, PublishError> {
+        self.push_layer_frame(now, track, layer, frame, false)
+    }
+
+    /// [`Publisher::push_frame`] for a temporal layer: `temporal_sync` marks a frame that
+    /// references only lower temporal layers (GstVP8Meta `layer_sync`), where viewers may
+    /// step up to this layer. The frame header gets the per-temporal-layer frame counts of
+    /// its spatial layer, from which viewers tell loss from layers they do not receive.
+    pub fn push_layer_frame(
+        &mut self,
         _now: Instant,
         track: u32,
         layer: u32,
         frame: EncodedFrame,
+        temporal_sync: bool,
     ) -> Result<u64, PublishError> {
         if self.ended {
             return Err(PublishError::Ended);
@@ -221,7 +243,7 @@ impl Publisher {
         let published = self.track_mut(track)?;
         let sequence_slot = published
             .next_sequence
-            .get_mut(&layer)
+            .get(&layer)
             .ok_or(PublishError::UnknownLayer { track, layer })?;
         let size = frame.data.len();
         if size == 0 {
@@ -234,7 +256,10 @@ impl Publisher {
             });
         }
         let sequence = *sequence_slot;
-        *sequence_slot += 1;
+        let temporal_counts = temporal_counts(published, layer);
+        if let Some(slot) = published.next_sequence.get_mut(&layer) {
+            *slot += 1;
+        }
 
         let count = size.div_ceil(fragment_size);
         let header = FrameHeader {
@@ -245,6 +270,8 @@ impl Publisher {
             capture_unix_ns: frame.capture_unix_ns,
             // Fits: bounded by max_frame_size above.
             frame_size: size as u32,
+            temporal_sync,
+            temporal_counts,
         };
         let channel = Channel::Media { track, layer };
         for index in 0..count {
@@ -257,7 +284,7 @@ impl Publisher {
                 sequence,
                 index: index as u32,
                 count: count as u32,
-                header: (index == 0).then_some(header),
+                header: (index == 0).then(|| header.clone()),
                 payload: frame.data.slice(start..end),
             };
             self.queue_message(channel, &Message::Fragment(fragment));
@@ -406,6 +433,27 @@ impl Publisher {
     }
 }
 
+/// Per temporal layer of `layer`'s spatial layer (by temporal id), the frames published so
+/// far; empty when that spatial layer has a single temporal layer.
+fn temporal_counts(published: &PublishedTrack, layer: u32) -> Vec<u64> {
+    let layers = &published.description.layers;
+    let Some(own) = layers.iter().find(|l| l.id == layer) else {
+        return Vec::new();
+    };
+    let mut group: Vec<&Layer> = layers
+        .iter()
+        .filter(|l| l.spatial_id == own.spatial_id)
+        .collect();
+    if group.len() < 2 {
+        return Vec::new();
+    }
+    group.sort_by_key(|l| l.temporal_id);
+    group
+        .iter()
+        .map(|l| published.next_sequence.get(&l.id).copied().unwrap_or(0))
+        .collect()
+}
+
 fn duration_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -494,7 +542,7 @@ mod tests {
                 .iter()
                 .all(|f| f.count == 3 && f.payload.len() <= 100)
         );
-        let header = first_frame[0].header.expect("header on index 0");
+        let header = first_frame[0].header.clone().expect("header on index 0");
         assert_eq!(header.frame_size, 250);
         assert_eq!(header.pts_ns, Some(40_000_000));
         assert!(header.keyframe);

@@ -235,7 +235,9 @@ impl Reassembler {
             || count > self.config.max_fragment_count
             || index >= count
             || (index == 0) != header.is_some()
-            || header.is_some_and(|h| (h.frame_size as usize) < payload.len())
+            || header
+                .as_ref()
+                .is_some_and(|h| (h.frame_size as usize) < payload.len())
         {
             return Err(ReassemblyDrop::Invalid);
         }
@@ -270,7 +272,9 @@ impl Reassembler {
         }
 
         let too_large = payload.len() > self.config.max_pending_bytes
-            || header.is_some_and(|h| h.frame_size as usize > self.config.max_pending_bytes);
+            || header
+                .as_ref()
+                .is_some_and(|h| h.frame_size as usize > self.config.max_pending_bytes);
         if too_large {
             self.abandon(&key);
             return Err(ReassemblyDrop::TooLarge);
@@ -284,7 +288,10 @@ impl Reassembler {
             if frame.parts.contains_key(&index) {
                 return Err(ReassemblyDrop::Duplicate);
             }
-            let frame_size = header.or(frame.header).map(|h| h.frame_size as usize);
+            let frame_size = header
+                .as_ref()
+                .or(frame.header.as_ref())
+                .map(|h| h.frame_size as usize);
             if frame_size.is_some_and(|size| frame.bytes + payload.len() > size) {
                 self.abandon(&key);
                 return Err(ReassemblyDrop::Inconsistent);
@@ -716,7 +723,7 @@ mod tests {
                 ..parts[0].clone()
             },
             Fragment {
-                header: parts[0].header,
+                header: parts[0].header.clone(),
                 ..parts[1].clone()
             },
         ];

@@ -2,13 +2,17 @@
 //! and epoch, reassembles frames and plays them out in time (see [`super::playout`]).
 //! Sans-IO: messages and time go in, [`SubscriberEvent`]s come out.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use super::playout::OutputFrame;
-use super::playout::{Playout, PlayoutConfig, PlayoutStats};
-use super::reassembly::{Reassembler, ReassemblyConfig, ReassemblyStats};
+use super::playout::{LayerPosition, Playout, PlayoutConfig, PlayoutStats};
+use super::reassembly::{CompleteFrame, Reassembler, ReassemblyConfig, ReassemblyStats};
 use super::wire::{self, Catalog, EndOfStream, Fragment, Limits, Message, TrackEnd};
+
+/// Most sequence gaps remembered per layer while waiting for them to fill; beyond, the
+/// oldest is counted lost at once.
+const MAX_MISSING_PER_LAYER: usize = 512;
 
 /// How many past publisher epochs are remembered, so a delayed message of a publisher
 /// that restarted cannot restart the viewer back into the old stream.
@@ -115,6 +119,78 @@ pub struct SubscriberStats {
     pub abandoned: u64,
     /// Frames of a layer other than the one played on their track.
     pub other_layer: u64,
+    /// Frames dropped because the played layers changed; not losses.
+    pub switch_dropped: u64,
+    /// Viewer messages (reports, keyframe requests) a viewer has no use for.
+    pub ignored: u64,
+}
+
+/// What arrived on one layer since the last [`Subscriber::take_layer_counts`]. Counted per
+/// layer's own sequence space, whether the layer is played or only received (a probe),
+/// from the first frame after the layer was (re)subscribed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerCounts {
+    pub received: u64,
+    /// Completed after their deadline (local time + latency).
+    pub late: u64,
+    /// Sequences still missing `loss_grace` after a later one arrived.
+    pub lost: u64,
+    /// Sequences that were missing (a later one came first) and then arrived.
+    pub recovered: u64,
+}
+
+impl LayerCounts {
+    pub fn add(&mut self, other: &LayerCounts) {
+        self.received += other.received;
+        self.late += other.late;
+        self.lost += other.lost;
+        self.recovered += other.recovered;
+    }
+}
+
+/// Per-layer arrival accounting for feedback and the layer controller.
+#[derive(Default)]
+struct LayerMonitor {
+    highest: Option<u64>,
+    /// Missing sequences and when they were noticed.
+    missing: BTreeMap<u64, Instant>,
+    counts: LayerCounts,
+}
+
+impl LayerMonitor {
+    fn frame(&mut self, now: Instant, sequence: u64, late: bool) {
+        self.counts.received += 1;
+        self.counts.late += u64::from(late);
+        match self.highest {
+            None => self.highest = Some(sequence),
+            Some(highest) if sequence > highest => {
+                let gap = sequence - highest - 1;
+                // Too many to track one by one: the excess is lost at once.
+                let tracked = gap.min(MAX_MISSING_PER_LAYER as u64);
+                self.counts.lost += gap - tracked;
+                for missing in sequence - tracked..sequence {
+                    self.missing.insert(missing, now);
+                }
+                while self.missing.len() > MAX_MISSING_PER_LAYER {
+                    self.missing.pop_first();
+                    self.counts.lost += 1;
+                }
+                self.highest = Some(sequence);
+            }
+            Some(_) => {
+                if self.missing.remove(&sequence).is_some() {
+                    self.counts.recovered += 1;
+                }
+            }
+        }
+    }
+
+    fn take(&mut self, now: Instant, grace: Duration) -> LayerCounts {
+        let before = self.missing.len();
+        self.missing.retain(|_, noticed| *noticed + grace > now);
+        self.counts.lost += (before - self.missing.len()) as u64;
+        std::mem::take(&mut self.counts)
+    }
 }
 
 struct PendingEnd {
@@ -134,6 +210,8 @@ pub struct Subscriber {
     pending_end: Option<PendingEnd>,
     ended: bool,
     events: VecDeque<SubscriberEvent>,
+    /// Per (track, layer) of the catalog that frames arrived on.
+    monitors: BTreeMap<(u32, u32), LayerMonitor>,
     /// Counters kept here; the reassembler's and playout's are added in `stats`.
     stats: SubscriberStats,
 }
@@ -150,6 +228,7 @@ impl Subscriber {
             pending_end: None,
             ended: false,
             events: VecDeque::new(),
+            monitors: BTreeMap::new(),
             stats: SubscriberStats::default(),
         }
     }
@@ -165,6 +244,7 @@ impl Subscriber {
             Message::Catalog(catalog) => self.handle_catalog(catalog),
             Message::Fragment(fragment) => self.handle_fragment(now, fragment),
             Message::EndOfStream(eos) => self.handle_end_of_stream(now, eos),
+            Message::Feedback(_) | Message::KeyframeRequest(_) => self.stats.ignored += 1,
         }
         self.collect_output();
         self.check_end(now);
@@ -222,6 +302,8 @@ impl Subscriber {
             rebases,
             other_layer,
             unknown_track,
+            inconsistent: inconsistent_frames,
+            switch_dropped,
             buffered_frames,
         } = self.playout.stats();
         let own = &self.stats;
@@ -232,7 +314,12 @@ impl Subscriber {
             frames_late,
             frames_skipped,
             duplicates: fragment_duplicates + frame_duplicates,
-            invalid: own.invalid + inconsistent + too_large + invalid_fragments + unknown_track,
+            invalid: own.invalid
+                + inconsistent
+                + too_large
+                + invalid_fragments
+                + unknown_track
+                + inconsistent_frames,
             expired,
             evicted,
             rebases,
@@ -241,6 +328,7 @@ impl Subscriber {
             pending_frames,
             abandoned,
             other_layer,
+            switch_dropped,
             ..own.clone()
         }
     }
@@ -261,6 +349,58 @@ impl Subscriber {
 
     pub fn config(&self) -> &SubscriberConfig {
         &self.config
+    }
+
+    /// Selects the layer a track plays (see [`Playout::select`]): another temporal layer
+    /// of the spatial layer played is followed at once going down and from its next sync
+    /// frame going up; another spatial layer from its first keyframe, the current one
+    /// playing until then. Frames dropped and gaps left by the switch are not counted as
+    /// lost. The caller subscribes the layers' channels (see [`Subscriber::channels_for`]).
+    /// Returns false for an unknown track or layer.
+    pub fn set_layer(&mut self, now: Instant, track: u32, layer: u32) -> bool {
+        let selected = self.playout.select(now, track, layer);
+        self.collect_output();
+        selected
+    }
+
+    /// The layer a track is set to play.
+    pub fn selected_layer(&self, track: u32) -> Option<LayerPosition> {
+        self.playout.selected_layer(track)
+    }
+
+    /// The highest layer a track decodes now; `None` before its first keyframe.
+    pub fn playing_layer(&self, track: u32) -> Option<LayerPosition> {
+        self.playout.playing_layer(track)
+    }
+
+    /// A track's layer ladder, lightest first.
+    pub fn track_layers(&self, track: u32) -> Option<&[LayerPosition]> {
+        self.playout.track_layers(track)
+    }
+
+    /// Whether a track waits for a keyframe (joining, after a base layer loss, or for the
+    /// spatial layer it switches to): the moment to ask for one.
+    pub fn awaiting_keyframe(&self, track: u32) -> bool {
+        self.playout.awaiting_keyframe(track)
+    }
+
+    /// Per layer that frames arrived on, what arrived since the last call. Gaps still
+    /// open after `loss_grace` count as lost.
+    pub fn take_layer_counts(
+        &mut self,
+        now: Instant,
+        loss_grace: Duration,
+    ) -> Vec<((u32, u32), LayerCounts)> {
+        self.monitors
+            .iter_mut()
+            .map(|(&key, monitor)| (key, monitor.take(now, loss_grace)))
+            .collect()
+    }
+
+    /// Forgets a layer's arrival history (it was unsubscribed): when it comes back, its
+    /// first frame starts a new count, so the gap in between is not a loss.
+    pub fn forget_layer(&mut self, track: u32, layer: u32) {
+        self.monitors.remove(&(track, layer));
     }
 
     fn handle_catalog(&mut self, catalog: Catalog) {
@@ -284,6 +424,7 @@ impl Subscriber {
                 }
                 self.reassembler.reset();
                 self.playout.reset();
+                self.monitors.clear();
                 self.pending_end = None;
                 self.ended = false;
                 self.stats.restarts += 1;
@@ -303,6 +444,26 @@ impl Subscriber {
     fn adopt_catalog(&mut self, catalog: Catalog) {
         self.playout
             .set_tracks(catalog.tracks.iter().map(|track| track.id));
+        for track in &catalog.tracks {
+            let layers = track
+                .layers
+                .iter()
+                .map(|layer| LayerPosition {
+                    id: layer.id,
+                    spatial: layer.spatial_id,
+                    temporal: layer.temporal_id,
+                })
+                .collect();
+            self.playout.set_track_layers(track.id, layers);
+        }
+        let known = |(track, layer): &(u32, u32)| {
+            catalog.tracks.iter().any(|t| {
+                t.id == *track
+                    && (t.layers.iter().any(|l| l.id == *layer)
+                        || (t.layers.is_empty() && *layer == 0))
+            })
+        };
+        self.monitors.retain(|key, _| known(key));
         self.events
             .push_back(SubscriberEvent::Catalog(catalog.clone()));
         self.catalog = Some(catalog);
@@ -336,8 +497,20 @@ impl Subscriber {
         }
         // Otherwise incomplete, or dropped and counted by the reassembler.
         if let Ok(Some(frame)) = self.reassembler.push(now, fragment) {
+            self.monitor(now, &frame);
             self.playout.push(now, frame);
         }
+    }
+
+    fn monitor(&mut self, now: Instant, frame: &CompleteFrame) {
+        let late = self
+            .playout
+            .deadline(frame)
+            .is_some_and(|deadline| now > deadline);
+        self.monitors
+            .entry((frame.track, frame.layer))
+            .or_default()
+            .frame(now, frame.sequence, late);
     }
 
     fn handle_end_of_stream(&mut self, now: Instant, eos: EndOfStream) {
@@ -1255,7 +1428,9 @@ mod tests {
                     let first = match message {
                         Message::Catalog(_) => *at == t0,
                         Message::Fragment(f) => f.sequence == 0,
-                        Message::EndOfStream(_) => false,
+                        Message::EndOfStream(_)
+                        | Message::Feedback(_)
+                        | Message::KeyframeRequest(_) => false,
                     };
                     let delay = if first { 0 } else { delays[index % delays.len()] };
                     (*at + MS * delay, message.clone())

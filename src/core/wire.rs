@@ -7,9 +7,17 @@ use std::hash::{Hash, Hasher};
 use prost::Message as _;
 
 pub use crate::proto::{
-    Catalog, EndOfStream, Envelope, Fragment, FrameHeader, Layer, LayerKind, Track, TrackEnd,
-    TrackKind, envelope::Body,
+    Catalog, EndOfStream, Envelope, Feedback, Fragment, FrameHeader, KeyframeRequest, Layer,
+    LayerKind, Track, TrackEnd, TrackKind, envelope::Body,
 };
+
+/// Longest interval a viewer report may cover.
+pub const MAX_FEEDBACK_INTERVAL_MS: u32 = 60_000;
+/// Most frames one viewer report may count in each of its counters: far above any real
+/// frame rate over [`MAX_FEEDBACK_INTERVAL_MS`], low enough that sums cannot overflow.
+pub const MAX_FEEDBACK_FRAMES: u64 = 1_000_000;
+/// Largest latency or buffered time a viewer report may claim.
+pub const MAX_FEEDBACK_MS: u32 = 600_000;
 
 /// Hard limits applied while decoding anything received from the network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +58,10 @@ pub enum Message {
     Catalog(Catalog),
     Fragment(Fragment),
     EndOfStream(EndOfStream),
+    /// A viewer's report (feedback channel).
+    Feedback(Feedback),
+    /// A viewer's request for a keyframe (feedback channel).
+    KeyframeRequest(KeyframeRequest),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -81,6 +93,8 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Message, WireError> {
         Body::Catalog(catalog) => Message::Catalog(catalog),
         Body::Fragment(fragment) => Message::Fragment(fragment),
         Body::EndOfStream(eos) => Message::EndOfStream(eos),
+        Body::Feedback(feedback) => Message::Feedback(feedback),
+        Body::KeyframeRequest(request) => Message::KeyframeRequest(request),
     };
     validate(&message, limits)?;
     Ok(message)
@@ -92,6 +106,8 @@ pub fn encode(message: &Message) -> Vec<u8> {
         Message::Catalog(catalog) => Body::Catalog(catalog.clone()),
         Message::Fragment(fragment) => Body::Fragment(fragment.clone()),
         Message::EndOfStream(eos) => Body::EndOfStream(eos.clone()),
+        Message::Feedback(feedback) => Body::Feedback(*feedback),
+        Message::KeyframeRequest(request) => Body::KeyframeRequest(*request),
     };
     Envelope { body: Some(body) }.encode_to_vec()
 }
@@ -107,7 +123,32 @@ pub fn validate(message: &Message, limits: &Limits) -> Result<(), WireError> {
             }
             Ok(())
         }
+        Message::Feedback(feedback) => validate_feedback(feedback),
+        // Track and layer are checked against the catalog by the publisher.
+        Message::KeyframeRequest(_) => Ok(()),
     }
+}
+
+fn validate_feedback(feedback: &Feedback) -> Result<(), WireError> {
+    if feedback.interval_ms == 0 || feedback.interval_ms > MAX_FEEDBACK_INTERVAL_MS {
+        return Err(invalid(format!(
+            "feedback interval {} ms outside 1..={MAX_FEEDBACK_INTERVAL_MS}",
+            feedback.interval_ms
+        )));
+    }
+    if feedback.latency_ms > MAX_FEEDBACK_MS || feedback.buffered_ms > MAX_FEEDBACK_MS {
+        return Err(invalid("feedback latency or buffer beyond the limit"));
+    }
+    let counts = [
+        feedback.received,
+        feedback.late,
+        feedback.lost,
+        feedback.recovered,
+    ];
+    if counts.iter().any(|&count| count > MAX_FEEDBACK_FRAMES) {
+        return Err(invalid("feedback frame count beyond the limit"));
+    }
+    Ok(())
 }
 
 fn validate_catalog(catalog: &Catalog, limits: &Limits) -> Result<(), WireError> {
@@ -150,6 +191,38 @@ fn validate_catalog(catalog: &Catalog, limits: &Limits) -> Result<(), WireError>
                 return Err(invalid("layer depends on too many layers"));
             }
         }
+        validate_ladder(track)?;
+    }
+    Ok(())
+}
+
+/// Layer ids unique; ordered by id, layers go by spatial layer, then temporal layer, and
+/// the temporal ids of each spatial layer run 0, 1, 2... (the ladder a viewer steps).
+fn validate_ladder(track: &Track) -> Result<(), WireError> {
+    let mut layers: Vec<&Layer> = track.layers.iter().collect();
+    layers.sort_by_key(|layer| layer.id);
+    for pair in layers.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if a.id == b.id {
+            return Err(invalid(format!(
+                "track {} has layer {} twice",
+                track.id, a.id
+            )));
+        }
+        let next_temporal = b.spatial_id == a.spatial_id && b.temporal_id == a.temporal_id + 1;
+        let next_spatial = b.spatial_id > a.spatial_id && b.temporal_id == 0;
+        if !(next_temporal || next_spatial) {
+            return Err(invalid(format!(
+                "track {} layers {} and {} break the ladder order",
+                track.id, a.id, b.id
+            )));
+        }
+    }
+    if layers.first().is_some_and(|first| first.temporal_id != 0) {
+        return Err(invalid(format!(
+            "track {} lowest layer is not a base temporal layer",
+            track.id
+        )));
     }
     Ok(())
 }
@@ -184,6 +257,9 @@ fn validate_fragment(fragment: &Fragment, limits: &Limits) -> Result<(), WireErr
         if (header.frame_size as usize) < fragment.payload.len() {
             return Err(invalid("fragment payload larger than its frame"));
         }
+        if header.temporal_counts.len() > limits.max_layers {
+            return Err(invalid("frame header lists too many temporal layers"));
+        }
     }
     if fragment.payload.len() > limits.max_frame_size as usize {
         return Err(invalid("fragment payload exceeds the frame size limit"));
@@ -198,6 +274,8 @@ pub enum Channel {
     Control,
     /// The fragments of one layer of one track.
     Media { track: u32, layer: u32 },
+    /// Viewer reports and keyframe requests, read by the publisher.
+    Feedback,
 }
 
 const TOPIC_PREFIX: &str = "/p2plive/1/";
@@ -207,6 +285,7 @@ impl Channel {
     pub fn topic(&self, stream: &str) -> String {
         match self {
             Channel::Control => format!("{TOPIC_PREFIX}{stream}/control"),
+            Channel::Feedback => format!("{TOPIC_PREFIX}{stream}/feedback"),
             Channel::Media { track, layer } => {
                 format!("{TOPIC_PREFIX}{stream}/media/{track}/{layer}")
             }
@@ -218,6 +297,9 @@ impl Channel {
         let rest = topic.strip_prefix(TOPIC_PREFIX)?;
         if let Some(stream) = rest.strip_suffix("/control") {
             return Some((stream, Channel::Control));
+        }
+        if let Some(stream) = rest.strip_suffix("/feedback") {
+            return Some((stream, Channel::Feedback));
         }
         let (head, layer) = rest.rsplit_once('/')?;
         let (head, track) = head.rsplit_once('/')?;
@@ -239,6 +321,7 @@ impl Channel {
                 layer: f.layer,
             },
             Message::Catalog(_) | Message::EndOfStream(_) => Channel::Control,
+            Message::Feedback(_) | Message::KeyframeRequest(_) => Channel::Feedback,
         }
     }
 }
@@ -267,6 +350,13 @@ pub fn message_id(bytes: &[u8]) -> Vec<u8> {
         }
         Ok(Message::EndOfStream(e)) => {
             let _ = write!(id, "e/{:x}/{}", e.epoch, e.sequence);
+        }
+        Ok(Message::Feedback(b)) => {
+            let _ = write!(id, "b/{:x}/{:x}/{}", b.epoch, b.viewer_id, b.sequence);
+        }
+        Ok(Message::KeyframeRequest(k)) => {
+            // The sequence is unique per viewer request; at most 56 bytes like reports.
+            let _ = write!(id, "k/{:x}/{:x}/{}", k.epoch, k.viewer_id, k.sequence);
         }
         Err(_) => {
             // SipHash with fixed keys: stable within and across processes of one build.
@@ -396,7 +486,11 @@ mod tests {
 
     #[test]
     fn topics_round_trip() {
-        for channel in [Channel::Control, Channel::Media { track: 3, layer: 2 }] {
+        for channel in [
+            Channel::Control,
+            Channel::Feedback,
+            Channel::Media { track: 3, layer: 2 },
+        ] {
             let topic = channel.topic("my/stream");
             assert_eq!(Channel::parse(&topic), Some(("my/stream", channel)));
         }
@@ -413,11 +507,287 @@ mod tests {
         assert_ne!(message_id(b"junk"), message_id(b"junk2"));
     }
 
+    fn feedback() -> Feedback {
+        Feedback {
+            epoch: 7,
+            viewer_id: 0xfeed,
+            sequence: 3,
+            interval_ms: 1000,
+            track: 0,
+            current_layer: 1,
+            requested_layer: 2,
+            latency_ms: 350,
+            buffered_ms: 300,
+            received: 30,
+            late: 1,
+            lost: 2,
+            recovered: 1,
+        }
+    }
+
+    #[test]
+    fn viewer_messages_round_trip_on_the_feedback_channel() {
+        let limits = Limits::default();
+        let request = KeyframeRequest {
+            epoch: 7,
+            track: 0,
+            layer: 3,
+            viewer_id: 0xfeed,
+            sequence: 9,
+        };
+        for message in [
+            Message::Feedback(feedback()),
+            Message::KeyframeRequest(request),
+        ] {
+            let bytes = encode(&message);
+            assert_eq!(decode(&bytes, &limits).unwrap(), message);
+            assert_eq!(Channel::of(&message), Channel::Feedback);
+            let id = message_id(&bytes);
+            assert!(id.len() <= 72, "{} bytes", id.len());
+        }
+        // Reports of one viewer are distinct, as are two viewers' identical reports.
+        let other = Feedback {
+            sequence: 4,
+            ..feedback()
+        };
+        let another_viewer = Feedback {
+            viewer_id: 1,
+            ..feedback()
+        };
+        let id = |f: Feedback| message_id(&encode(&Message::Feedback(f)));
+        assert_ne!(id(feedback()), id(other));
+        assert_ne!(id(feedback()), id(another_viewer));
+        // The longest possible ids stay within what the node budgets for.
+        let longest = Feedback {
+            epoch: u64::MAX,
+            viewer_id: u64::MAX,
+            sequence: u64::MAX,
+            ..feedback()
+        };
+        assert!(id(longest).len() <= 72);
+    }
+
+    #[test]
+    fn rejects_impossible_feedback() {
+        let limits = Limits::default();
+        for bad in [
+            Feedback {
+                interval_ms: 0,
+                ..feedback()
+            },
+            Feedback {
+                interval_ms: MAX_FEEDBACK_INTERVAL_MS + 1,
+                ..feedback()
+            },
+            Feedback {
+                latency_ms: MAX_FEEDBACK_MS + 1,
+                ..feedback()
+            },
+            Feedback {
+                buffered_ms: MAX_FEEDBACK_MS + 1,
+                ..feedback()
+            },
+            Feedback {
+                lost: MAX_FEEDBACK_FRAMES + 1,
+                ..feedback()
+            },
+            Feedback {
+                received: u64::MAX,
+                ..feedback()
+            },
+        ] {
+            let bytes = encode(&Message::Feedback(bad));
+            assert!(matches!(
+                decode(&bytes, &limits),
+                Err(WireError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn rejects_frames_listing_too_many_temporal_layers() {
+        let limits = Limits::default();
+        let mut ok = fragment(0, 1);
+        ok.header.as_mut().unwrap().temporal_counts = vec![4; limits.max_layers];
+        assert!(decode(&encode(&Message::Fragment(ok.clone())), &limits).is_ok());
+        ok.header.as_mut().unwrap().temporal_counts.push(4);
+        assert!(matches!(
+            decode(&encode(&Message::Fragment(ok)), &limits),
+            Err(WireError::Invalid(_))
+        ));
+    }
+
+    fn layer(id: u32, spatial_id: u32, temporal_id: u32) -> Layer {
+        Layer {
+            id,
+            kind: if temporal_id > 0 {
+                LayerKind::Temporal
+            } else if spatial_id > 0 {
+                LayerKind::Spatial
+            } else {
+                LayerKind::Base
+            } as i32,
+            spatial_id,
+            temporal_id,
+            ..Layer::default()
+        }
+    }
+
+    #[test]
+    fn catalog_layers_must_form_a_ladder() {
+        let limits = Limits::default();
+        let catalog = |layers: Vec<Layer>| {
+            encode(&Message::Catalog(Catalog {
+                tracks: vec![Track {
+                    id: 0,
+                    kind: TrackKind::Video as i32,
+                    caps: "video/x-vp8".into(),
+                    layers,
+                }],
+                ..Default::default()
+            }))
+        };
+        // Two simulcast layers of three temporal layers each, listed in any order.
+        let good = vec![
+            layer(3, 1, 0),
+            layer(0, 0, 0),
+            layer(1, 0, 1),
+            layer(2, 0, 2),
+            layer(4, 1, 1),
+            layer(5, 1, 2),
+        ];
+        assert!(decode(&catalog(good), &limits).is_ok());
+        for bad in [
+            vec![layer(0, 0, 0), layer(0, 0, 1)],
+            // Temporal id gap.
+            vec![layer(0, 0, 0), layer(1, 0, 2)],
+            // A spatial layer not starting at its base.
+            vec![layer(0, 0, 0), layer(1, 1, 1)],
+            // Ids not in ladder order.
+            vec![layer(0, 1, 0), layer(1, 0, 0)],
+            vec![layer(0, 0, 1)],
+            // The same (spatial, temporal) twice.
+            vec![layer(0, 0, 0), layer(1, 0, 0)],
+        ] {
+            assert!(
+                matches!(
+                    decode(&catalog(bad.clone()), &limits),
+                    Err(WireError::Invalid(_))
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn feedback_topic_round_trips() {
+        let topic = Channel::Feedback.topic("a/feedback");
+        assert_eq!(topic, "/p2plive/1/a/feedback/feedback");
+        assert_eq!(
+            Channel::parse(&topic),
+            Some(("a/feedback", Channel::Feedback))
+        );
+        assert_eq!(
+            Channel::parse("/p2plive/1/a/feedback/control"),
+            Some(("a/feedback", Channel::Control))
+        );
+    }
+
+    fn arbitrary_message() -> impl proptest::strategy::Strategy<Value = Message> {
+        use proptest::prelude::*;
+        let feedback = (
+            any::<u64>(),
+            any::<u64>(),
+            0u32..70_000,
+            0u32..700_000,
+            0u64..2_000_000,
+            0u64..2_000_000,
+        )
+            .prop_map(
+                |(viewer_id, sequence, interval_ms, latency_ms, received, lost)| {
+                    Message::Feedback(Feedback {
+                        viewer_id,
+                        sequence,
+                        interval_ms,
+                        latency_ms,
+                        received,
+                        lost,
+                        ..Feedback::default()
+                    })
+                },
+            );
+        let request =
+            (any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(track, layer, sequence)| {
+                Message::KeyframeRequest(KeyframeRequest {
+                    track,
+                    layer,
+                    sequence,
+                    ..KeyframeRequest::default()
+                })
+            });
+        let fragment = (
+            0u32..4,
+            0u32..4,
+            proptest::collection::vec(any::<u64>(), 0..20),
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..16),
+        )
+            .prop_map(|(index, count, temporal_counts, temporal_sync, payload)| {
+                Message::Fragment(Fragment {
+                    index,
+                    count,
+                    header: (index == 0).then(|| FrameHeader {
+                        frame_size: 16,
+                        temporal_sync,
+                        temporal_counts,
+                        ..FrameHeader::default()
+                    }),
+                    payload: payload.into(),
+                    ..Fragment::default()
+                })
+            });
+        let catalog =
+            proptest::collection::vec((0u32..5, 0u32..3, 0u32..4), 0..8).prop_map(|layers| {
+                Message::Catalog(Catalog {
+                    tracks: vec![Track {
+                        id: 0,
+                        kind: TrackKind::Video as i32,
+                        caps: "video/x-vp8".into(),
+                        layers: layers
+                            .into_iter()
+                            .map(|(id, spatial, temporal)| layer(id, spatial, temporal))
+                            .collect(),
+                    }],
+                    ..Catalog::default()
+                })
+            });
+        proptest::prop_oneof![feedback, request, fragment, catalog]
+    }
+
     proptest::proptest! {
         #[test]
         fn decode_is_total(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = decode(&bytes, &Limits::default());
             let _ = message_id(&bytes);
+        }
+
+        /// Structured messages, valid or not: decoding agrees with validation and what
+        /// decodes re-encodes to the same message.
+        #[test]
+        fn decode_agrees_with_validate(message in arbitrary_message()) {
+            let limits = Limits::default();
+            let bytes = encode(&message);
+            match decode(&bytes, &limits) {
+                Ok(decoded) => {
+                    proptest::prop_assert_eq!(&decoded, &message);
+                    proptest::prop_assert!(validate(&message, &limits).is_ok());
+                    proptest::prop_assert!(message_id(&bytes).len() <= 72);
+                }
+                Err(WireError::Invalid(_)) => {
+                    proptest::prop_assert!(validate(&message, &limits).is_err());
+                }
+                Err(other) => proptest::prop_assert!(false, "{other:?}"),
+            }
         }
     }
 }

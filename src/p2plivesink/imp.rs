@@ -843,5 +843,6 @@ fn layers_for(caps: &gst::CapsRef, kind: TrackKind) -> Vec<Layer> {
         framerate_den: framerate.denom().max(0) as u32,
         bitrate: 0,
         depends_on: vec![],
+        ..Layer::default()
     }]
 }
