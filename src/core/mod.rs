@@ -5,16 +5,18 @@ pub mod wire;
 
 pub use wire::{Channel, Limits, Message, WireError};
 
+pub mod abr;
 pub mod playout;
 pub mod publisher;
 pub mod reassembly;
 pub mod subscriber;
 
-pub use playout::{OutputFrame, Playout, PlayoutConfig, PlayoutStats};
+pub use abr::{Abr, AbrConfig, AbrStats};
+pub use playout::{LayerPosition, OutputFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use publisher::{
     EncodedFrame, PublishError, Publisher, PublisherConfig, PublisherStats, Transmit,
 };
 pub use reassembly::{
     CompleteFrame, Reassembler, ReassemblyConfig, ReassemblyDrop, ReassemblyStats,
 };
-pub use subscriber::{Subscriber, SubscriberConfig, SubscriberEvent, SubscriberStats};
+pub use subscriber::{LayerCounts, Subscriber, SubscriberConfig, SubscriberEvent, SubscriberStats};
