@@ -185,6 +185,7 @@ fn assert_all_from(seen: &[Event], author: PeerId) {
             channel,
             source,
             message,
+            ..
         } = event
         {
             assert_eq!(stream, STREAM);
@@ -272,7 +273,191 @@ async fn viewers_relay_to_viewers_that_cannot_reach_the_publisher() {
         1,
         "C must only be connected to B"
     );
+    // Authored by A, and every first copy came from B.
+    let b_id = b.id();
+    for event in &seen {
+        if let Event::Message {
+            propagation_source, ..
+        } = event
+        {
+            assert_eq!(*propagation_source, b_id, "{event:?}");
+        }
+    }
     assert!(stats(&b).messages_accepted >= 2, "{:?}", stats(&b));
+}
+
+/// A fragment of `size` payload bytes, distinct per `sequence`.
+fn large_fragment(epoch: u64, sequence: u64, size: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..size).map(|i| (i as u64 ^ sequence) as u8).collect();
+    wire::encode(&Message::Fragment(Fragment {
+        epoch,
+        track: 0,
+        layer: 0,
+        sequence,
+        index: 0,
+        count: 1,
+        header: Some(FrameHeader {
+            pts_ns: Some(sequence * 33_333_333),
+            keyframe: true,
+            frame_size: size as u32,
+            ..Default::default()
+        }),
+        payload: payload.into(),
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counters_count_every_byte_on_the_connections() {
+    init_tracing();
+    const SIZE: usize = 8_000;
+    let a = Peer::start(local_config(&[], false)).await;
+    let mut b = Peer::start(local_config(&[a.tcp_addr()], false)).await;
+    assert_eq!((stats(&b).bytes_in, stats(&b).bytes_out), (0, 0));
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    let mut sequences = std::collections::BTreeSet::new();
+    drive(
+        "20 large fragments",
+        &mut b.events,
+        &b.node,
+        |n| {
+            a.node
+                .publish(STREAM, Channel::Control, catalog(1, n))
+                .unwrap();
+            a.node
+                .publish(STREAM, MEDIA, large_fragment(1, n, SIZE))
+                .unwrap();
+        },
+        |seen| {
+            sequences.extend(seen.iter().filter_map(fragment_sequence).map(|(_, s)| s));
+            sequences.len() >= 20
+        },
+    )
+    .await;
+    let payload = (sequences.len() * SIZE) as u64;
+    let (a_stats, b_stats) = (stats(&a), stats(&b));
+    // Everything B received came over its one connection, from A; both counted it.
+    assert!(b_stats.bytes_in >= payload, "{b_stats:?}");
+    assert!(a_stats.bytes_out >= payload, "{a_stats:?}");
+    // B sent its subscriptions, identify and ping, but no media.
+    assert!(b_stats.bytes_out > 0, "{b_stats:?}");
+    assert!(b_stats.bytes_out < payload / 4, "{b_stats:?}");
+}
+
+/// A keyframe's worth of full-size fragments published at once reach the viewer: the
+/// receiver's buffer then holds one message and part of the next, which libp2p-gossipsub
+/// 0.50 checks against the max transmit size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_full_size_fragments_all_arrive() {
+    init_tracing();
+    const BURST: u64 = 40;
+    let a = Peer::start(local_config(&[], false)).await;
+    let mut b = Peer::start(local_config(&[a.tcp_addr()], false)).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+    let a_id = a.id();
+    drive(
+        "a catalog",
+        &mut b.events,
+        &b.node,
+        |n| {
+            a.node
+                .publish(STREAM, Channel::Control, catalog(1, n))
+                .unwrap()
+        },
+        |seen| seen.iter().any(|e| is_catalog_from(e, a_id)),
+    )
+    .await;
+    // The largest fragment the default publisher configuration produces.
+    let size = gstp2plive::core::PublisherConfig::default().max_fragment_size;
+    let mut published = 0;
+    let mut sequences = std::collections::BTreeSet::new();
+    drive(
+        "every fragment of two bursts",
+        &mut b.events,
+        &b.node,
+        |n| {
+            if n < 2 {
+                for _ in 0..BURST {
+                    a.node
+                        .publish(STREAM, MEDIA, large_fragment(1, published, size))
+                        .unwrap();
+                    published += 1;
+                }
+            }
+        },
+        |seen| {
+            sequences.extend(seen.iter().filter_map(fragment_sequence).map(|(_, s)| s));
+            sequences.len() as u64 >= 2 * BURST
+        },
+    )
+    .await;
+    assert_eq!(stats(&b).messages_rejected, 0, "{:?}", stats(&b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_loss_hook_drops_the_configured_share() {
+    init_tracing();
+    const MESSAGES: u64 = 200;
+    let a = Peer::start(local_config(&[], false)).await;
+    let mut lossy = local_config(&[a.tcp_addr()], false);
+    lossy.inbound_loss = Some(node::InboundLoss {
+        share: 0.5,
+        seed: 42,
+    });
+    let mut b = Peer::start(lossy).await;
+    a.node.announce_stream(STREAM).unwrap();
+    b.node
+        .join_stream(STREAM, Some(a.id()), vec![MEDIA])
+        .unwrap();
+
+    // Catalogs until B is subscribed and locked in, then MESSAGES fragments, each once.
+    let a_id = a.id();
+    drive(
+        "a catalog through the lossy node",
+        &mut b.events,
+        &b.node,
+        |n| {
+            a.node
+                .publish(STREAM, Channel::Control, catalog(1, n))
+                .unwrap()
+        },
+        |seen| seen.iter().any(|e| is_catalog_from(e, a_id)),
+    )
+    .await;
+    let before = stats(&b);
+    for sequence in 0..MESSAGES {
+        a.node
+            .publish(STREAM, MEDIA, fragment(1, sequence))
+            .unwrap();
+    }
+    let settled = |s: &NodeStatsSnapshot| s.messages_accepted + s.messages_dropped_by_hook;
+    wait_until("every fragment accepted or dropped by B", || {
+        settled(&stats(&b)) >= settled(&before) + MESSAGES
+    })
+    .await;
+    let after = stats(&b);
+    let dropped = after.messages_dropped_by_hook - before.messages_dropped_by_hook;
+    let accepted = after.messages_accepted - before.messages_accepted;
+    // A catalog of the last tick or two may still have been on its way.
+    let received = after.messages_received - before.messages_received;
+    assert!((MESSAGES..=MESSAGES + 2).contains(&received), "{after:?}");
+    assert_eq!(dropped + accepted, received, "{after:?}");
+    assert!(
+        (60..=142).contains(&dropped),
+        "{dropped} of {received}: {after:?}"
+    );
+    // Exactly the accepted messages reach the owner.
+    let mut delivered = 0;
+    while let Ok(event) = b.events.try_recv() {
+        delivered += u64::from(matches!(event, Event::Message { .. }));
+    }
+    assert_eq!(delivered, accepted, "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

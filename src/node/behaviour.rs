@@ -7,7 +7,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{StreamProtocol, Swarm, gossipsub, identify, kad, mdns, noise, ping, tcp, yamux};
 
-use super::{NodeConfig, NodeError};
+use super::{GossipsubProfile, NodeConfig, NodeError};
 use crate::core::Channel;
 
 /// Kademlia protocol of p2plive's own DHT (kept apart from the public IPFS DHT).
@@ -26,6 +26,13 @@ const MAX_SUBSCRIPTIONS_PER_RPC: usize = 256;
 /// Upper bound of one encoded message id in an IHAVE/IWANT: a 38-byte ed25519 peer id, the
 /// longest `core::wire::message_id` (72 bytes) and protobuf framing.
 const MAX_ENCODED_MESSAGE_ID: usize = 38 + 72 + 2;
+/// libp2p-gossipsub 0.50 checks its whole receive buffer against the max transmit size, and
+/// that buffer holds the RPC being decoded plus up to one read (8 KiB, asynchronous-codec's
+/// read size) of the next: without this slack, a full-size message followed closely by
+/// another makes the receiver drop the stream, and every message queued behind it.
+const RECEIVE_BUFFER_SLACK: usize = 8 * 1024;
+/// rust-libp2p gossipsub's default max transmit size.
+const LIBP2P_DEFAULT_MAX_TRANSMIT_SIZE: usize = 65_536;
 /// Gossipsub's (default) limit on the control part of one RPC.
 const MAX_CONTROL_MESSAGE_SIZE: usize = 16 * 1024;
 
@@ -53,8 +60,29 @@ pub(crate) struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
+/// The gossipsub configuration of `profile`.
+pub(crate) fn gossipsub_config(
+    profile: GossipsubProfile,
+    max_transmit_size: usize,
+) -> Result<gossipsub::Config, NodeError> {
+    match profile {
+        GossipsubProfile::Media => media_gossipsub_config(max_transmit_size),
+        GossipsubProfile::Libp2pDefaults => gossipsub::ConfigBuilder::default()
+            // What the node relies on: signed messages, validated by the node before relaying.
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validate_messages()
+            // The library's 64 KiB unless more is asked for: its RPCs bundle messages with
+            // gossip whose size the media profile bounds and this one does not.
+            .max_transmit_size(
+                max_transmit_size.max(LIBP2P_DEFAULT_MAX_TRANSMIT_SIZE) + RECEIVE_BUFFER_SLACK,
+            )
+            .build()
+            .map_err(|err| NodeError::Build(format!("gossipsub configuration: {err}"))),
+    }
+}
+
 /// Gossipsub tuned for live media; see the comments on each setting.
-pub(crate) fn gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Config, NodeError> {
+fn media_gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Config, NodeError> {
     // IHAVE and IWANT lists are sent as one RPC each, which the receiver refuses if larger than
     // its max transmit size or its control-size limit: bound the number of ids accordingly.
     let max_ids = (MAX_CONTROL_MESSAGE_SIZE.min(max_transmit_size) - 1024) / MAX_ENCODED_MESSAGE_ID;
@@ -70,7 +98,7 @@ pub(crate) fn gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Co
             id.extend_from_slice(&crate::core::wire::message_id(&message.data));
             gossipsub::MessageId::new(&id)
         })
-        .max_transmit_size(max_transmit_size)
+        .max_transmit_size(max_transmit_size + RECEIVE_BUFFER_SLACK)
         // Publish into the mesh (or fanout) only: the publisher's upload is D copies, not one
         // per subscriber, and viewers relay.
         .flood_publish(false)
@@ -111,7 +139,7 @@ fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, Node
     let peer_id = key.public().to_peer_id();
     let gossipsub = Gossipsub::new_with_subscription_filter(
         gossipsub::MessageAuthenticity::Signed(key.clone()),
-        gossipsub_config(config.max_transmit_size)?,
+        gossipsub_config(config.gossipsub_profile, config.max_transmit_size)?,
         gossipsub::MaxCountSubscriptionFilter {
             filter: P2pliveTopics,
             max_subscribed_topics: MAX_PEER_TOPICS,
@@ -158,7 +186,12 @@ fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, Node
 }
 
 /// Builds the swarm (TCP+noise+yamux and QUIC). Must run inside a tokio runtime context.
-pub(crate) fn build_swarm(config: &NodeConfig) -> Result<Swarm<Behaviour>, NodeError> {
+/// Every byte read or written on the connections' streams (all protocols) is counted in
+/// `bandwidth` (libp2p's bandwidth metrics).
+pub(crate) fn build_swarm(
+    config: &NodeConfig,
+    bandwidth: &mut libp2p::metrics::Registry,
+) -> Result<Swarm<Behaviour>, NodeError> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -168,6 +201,7 @@ pub(crate) fn build_swarm(config: &NodeConfig) -> Result<Swarm<Behaviour>, NodeE
         )
         .map_err(|err| NodeError::Build(format!("tcp transport: {err}")))?
         .with_quic()
+        .with_bandwidth_metrics(bandwidth)
         .with_behaviour(|key| {
             build_behaviour(key, config)
                 .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
@@ -189,8 +223,8 @@ mod tests {
             super::super::config::DEFAULT_MAX_TRANSMIT_SIZE,
             1 << 20,
         ] {
-            let config = gossipsub_config(size).unwrap();
-            assert_eq!(config.max_transmit_size(), size);
+            let config = gossipsub_config(GossipsubProfile::Media, size).unwrap();
+            assert_eq!(config.max_transmit_size(), size + RECEIVE_BUFFER_SLACK);
             // An IHAVE with the most ids we send must fit what a peer with the same
             // configuration accepts.
             assert!(
@@ -198,6 +232,27 @@ mod tests {
                     <= size.min(MAX_CONTROL_MESSAGE_SIZE)
             );
         }
+    }
+
+    #[test]
+    fn libp2p_defaults_profile_keeps_the_library_defaults() {
+        let config = gossipsub_config(GossipsubProfile::Libp2pDefaults, 20_000).unwrap();
+        let defaults = gossipsub::Config::default();
+        assert_eq!(
+            config.max_transmit_size(),
+            defaults.max_transmit_size() + RECEIVE_BUFFER_SLACK
+        );
+        assert_eq!(config.mesh_n(), defaults.mesh_n());
+        assert_eq!(config.mesh_n(), 6);
+        assert!(config.flood_publish());
+        assert_eq!(config.heartbeat_interval(), defaults.heartbeat_interval());
+        assert!(matches!(
+            config.validation_mode(),
+            gossipsub::ValidationMode::Strict
+        ));
+        let media = gossipsub_config(GossipsubProfile::Media, 1 << 16).unwrap();
+        assert!(!media.flood_publish());
+        assert_eq!(media.mesh_n(), 5);
     }
 
     #[test]

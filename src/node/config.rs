@@ -16,6 +16,32 @@ pub const DEFAULT_PUBLISH_CAPACITY: usize = 1024;
 /// Default number of connections the node opens by itself to peers it discovered.
 pub const DEFAULT_MAX_DIALED_PEERS: usize = 12;
 
+/// Which gossipsub parameters the node runs with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GossipsubProfile {
+    /// Tuned for live media (the default): publish into the mesh only (no flood publish),
+    /// mesh degree 5, 250 ms heartbeat, short history, IDONTWANT for fragments. See
+    /// `behaviour::gossipsub_config`.
+    #[default]
+    Media,
+    /// rust-libp2p's defaults (mesh degree 6, flood publish on, 1 s heartbeat), with only what
+    /// the node needs to work: strict signing, validation by the node, the max transmit size.
+    /// The reference point of the mesh benchmark, not meant for deployments.
+    Libp2pDefaults,
+}
+
+/// Test and benchmark hook: the node drops a share of the pubsub messages it receives, as if
+/// every copy of them had been lost on the way. A dropped message is neither delivered nor
+/// relayed, and gossipsub treats later copies as duplicates. Drops are counted in
+/// [`super::NodeStatsSnapshot::messages_dropped_by_hook`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InboundLoss {
+    /// Share of received messages dropped, in `0.0..=1.0`.
+    pub share: f64,
+    /// Seed of the RNG that picks the dropped messages: equal seeds and inputs drop the same.
+    pub seed: u64,
+}
+
 /// Everything [`super::Node::spawn`] needs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -30,7 +56,8 @@ pub struct NodeConfig {
     /// Run the kademlia DHT (stream announcement and discovery). Default true.
     pub kademlia: bool,
     /// Largest gossipsub message (payload plus pubsub framing). Default
-    /// [`DEFAULT_MAX_TRANSMIT_SIZE`].
+    /// [`DEFAULT_MAX_TRANSMIT_SIZE`]. Gossipsub is given 8 KiB more, because libp2p-gossipsub
+    /// 0.50 checks its receive buffer (one RPC plus part of the next) against this limit.
     pub max_transmit_size: usize,
     /// Limits applied when decoding messages received from the network.
     pub limits: Limits,
@@ -42,6 +69,10 @@ pub struct NodeConfig {
     /// How many connections the node opens on its own to peers found through the DHT or mDNS
     /// (bootstrap peers are always dialled). Default [`DEFAULT_MAX_DIALED_PEERS`].
     pub max_dialed_peers: usize,
+    /// Gossipsub parameters. Default [`GossipsubProfile::Media`].
+    pub gossipsub_profile: GossipsubProfile,
+    /// Test and benchmark hook (see [`InboundLoss`]); `None` (the default) drops nothing.
+    pub inbound_loss: Option<InboundLoss>,
 }
 
 impl NodeConfig {
@@ -58,6 +89,8 @@ impl NodeConfig {
             event_capacity: DEFAULT_EVENT_CAPACITY,
             publish_capacity: DEFAULT_PUBLISH_CAPACITY,
             max_dialed_peers: DEFAULT_MAX_DIALED_PEERS,
+            gossipsub_profile: GossipsubProfile::default(),
+            inbound_loss: None,
         }
     }
 
@@ -85,6 +118,14 @@ impl NodeConfig {
         }
         for addr in &self.bootstrap {
             bootstrap_peer(addr)?;
+        }
+        if let Some(loss) = self.inbound_loss
+            && !(0.0..=1.0).contains(&loss.share)
+        {
+            return Err(NodeError::InvalidConfig(format!(
+                "inbound_loss share {} is outside 0..=1",
+                loss.share
+            )));
         }
         Ok(())
     }
@@ -190,5 +231,15 @@ mod tests {
             ..NodeConfig::new(Keypair::generate_ed25519())
         };
         assert!(matches!(zero.validate(), Err(NodeError::InvalidConfig(_))));
+        for share in [-0.1, 1.5, f64::NAN] {
+            let lossy = NodeConfig {
+                inbound_loss: Some(InboundLoss { share, seed: 1 }),
+                ..NodeConfig::new(Keypair::generate_ed25519())
+            };
+            assert!(
+                matches!(lossy.validate(), Err(NodeError::InvalidConfig(_))),
+                "{share}"
+            );
+        }
     }
 }

@@ -52,6 +52,27 @@ pub(crate) enum Command {
     },
 }
 
+/// The [`super::InboundLoss`] hook: a seeded RNG deciding which received messages to drop.
+pub(crate) struct LossHook {
+    share: f64,
+    rng: rand::rngs::StdRng,
+}
+
+impl LossHook {
+    pub(crate) fn new(loss: super::InboundLoss) -> Self {
+        use rand::SeedableRng as _;
+        Self {
+            share: loss.share,
+            rng: rand::rngs::StdRng::seed_from_u64(loss.seed),
+        }
+    }
+
+    fn drops(&mut self) -> bool {
+        use rand::Rng as _;
+        self.share > 0.0 && self.rng.random::<f64>() < self.share
+    }
+}
+
 pub(crate) struct Publish {
     pub stream: String,
     pub channel: Channel,
@@ -178,6 +199,7 @@ pub(crate) struct Parts {
     pub stats: Arc<NodeStats>,
     pub limits: Limits,
     pub max_dialed_peers: usize,
+    pub inbound_loss: Option<LossHook>,
     pub listeners: HashMap<ListenerId, BTreeSet<Multiaddr>>,
     pub bootstrap: Vec<(PeerId, Vec<Multiaddr>)>,
 }
@@ -193,6 +215,7 @@ pub(crate) struct EventLoop {
     stats: Arc<NodeStats>,
     limits: Limits,
     max_dialed_peers: usize,
+    inbound_loss: Option<LossHook>,
     streams: HashMap<String, StreamState>,
     /// Addresses of each configured listener still open.
     listeners: HashMap<ListenerId, BTreeSet<Multiaddr>>,
@@ -225,6 +248,7 @@ impl EventLoop {
             stats: parts.stats,
             limits: parts.limits,
             max_dialed_peers: parts.max_dialed_peers,
+            inbound_loss: parts.inbound_loss,
             streams: HashMap::new(),
             listeners: parts.listeners,
             listening_deadline,
@@ -441,7 +465,7 @@ impl EventLoop {
         {
             let own_id = self.peer_id;
             let verdict = self.validate(&stream, channel, Some(own_id), &payload);
-            self.deliver(&stream, channel, own_id, verdict);
+            self.deliver(&stream, channel, own_id, own_id, verdict);
         }
         let topic = IdentTopic::new(channel.topic(&stream));
         match self.swarm.behaviour_mut().gossipsub.publish(topic, payload) {
@@ -509,6 +533,7 @@ impl EventLoop {
         stream: &str,
         channel: Channel,
         source: PeerId,
+        propagation_source: PeerId,
         verdict: Verdict,
     ) -> MessageAcceptance {
         match verdict {
@@ -524,6 +549,7 @@ impl EventLoop {
                     stream: stream.to_owned(),
                     channel,
                     source,
+                    propagation_source,
                     message,
                 });
                 MessageAcceptance::Accept
@@ -543,6 +569,18 @@ impl EventLoop {
         message: gossipsub::Message,
     ) {
         bump(&self.stats.messages_received);
+        if self.inbound_loss.as_mut().is_some_and(LossHook::drops) {
+            bump(&self.stats.messages_dropped_by_hook);
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    MessageAcceptance::Ignore,
+                );
+            return;
+        }
         let acceptance = match Channel::parse(message.topic.as_str()) {
             Some((stream, channel)) => {
                 let verdict = self.validate(stream, channel, message.source, &message.data);
@@ -555,7 +593,7 @@ impl EventLoop {
                 }
                 // `source` is present in every non-rejected verdict (strict validation).
                 let source = message.source.unwrap_or(propagation_source);
-                self.deliver(stream, channel, source, verdict)
+                self.deliver(stream, channel, source, propagation_source, verdict)
             }
             None => {
                 bump(&self.stats.messages_not_joined);
@@ -851,6 +889,7 @@ mod tests {
             stream: "s".into(),
             channel: Channel::Media { track: 0, layer: 0 },
             source,
+            propagation_source: source,
             message: Message::Fragment(wire::Fragment {
                 sequence,
                 count: 1,
@@ -886,6 +925,20 @@ mod tests {
         sink.message(message(peer, 4));
         assert_eq!(rx.try_recv().unwrap(), message(peer, 4));
         assert_eq!(stats.events_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn loss_hook_drops_the_configured_share_deterministically() {
+        let draw = |share: f64, seed: u64| -> Vec<bool> {
+            let mut hook = LossHook::new(crate::node::InboundLoss { share, seed });
+            (0..10_000).map(|_| hook.drops()).collect()
+        };
+        let dropped = draw(0.2, 7).iter().filter(|d| **d).count();
+        assert!((1_800..=2_200).contains(&dropped), "{dropped} of 10000");
+        assert_eq!(draw(0.2, 7), draw(0.2, 7));
+        assert_ne!(draw(0.2, 7), draw(0.2, 8));
+        assert!(draw(0.0, 1).iter().all(|d| !d));
+        assert!(draw(1.0, 1).iter().all(|d| *d));
     }
 
     #[test]

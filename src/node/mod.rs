@@ -29,7 +29,8 @@ use tokio::sync::{mpsc, watch};
 
 pub use config::{
     DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
-    DEFAULT_PUBLISH_CAPACITY, NodeConfig, default_listen, parse_bootstrap, parse_multiaddrs,
+    DEFAULT_PUBLISH_CAPACITY, GossipsubProfile, InboundLoss, NodeConfig, default_listen,
+    parse_bootstrap, parse_multiaddrs,
 };
 pub use error::NodeError;
 pub use identity::load_or_create_identity;
@@ -54,7 +55,10 @@ pub enum Event {
     Message {
         stream: String,
         channel: Channel,
+        /// The author (the stream's publisher).
         source: PeerId,
+        /// The peer this first copy arrived from (this node's own id for its own publishes).
+        propagation_source: PeerId,
         message: Message,
     },
     /// The publisher of `stream` was locked in on its first valid catalog (trust on first use).
@@ -113,7 +117,8 @@ impl Node {
 
         // Transports create their sockets and tasks in the runtime's context.
         let _guard = runtime.enter();
-        let mut swarm = behaviour::build_swarm(&config)?;
+        let mut bandwidth = libp2p::metrics::Registry::default();
+        let mut swarm = behaviour::build_swarm(&config, &mut bandwidth)?;
 
         let mut listeners = HashMap::new();
         for addr in &config.listen {
@@ -156,7 +161,10 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let (shutdown_tx, shutdown_rx) = watch::channel(None);
         let (stopped_tx, stopped_rx) = watch::channel(false);
-        let stats = Arc::new(NodeStats::default());
+        let stats = Arc::new(NodeStats {
+            bandwidth: std::sync::Mutex::new(bandwidth),
+            ..NodeStats::default()
+        });
 
         tracing::info!(%peer_id, mdns = config.mdns, kademlia = config.kademlia, "p2plive node starting");
         let event_loop = EventLoop::new(event_loop::Parts {
@@ -170,6 +178,7 @@ impl Node {
             stats: stats.clone(),
             limits: config.limits.clone(),
             max_dialed_peers: config.max_dialed_peers,
+            inbound_loss: config.inbound_loss.map(event_loop::LossHook::new),
             listeners,
             bootstrap,
         });

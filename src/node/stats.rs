@@ -21,6 +21,9 @@ pub(crate) struct NodeStats {
     pub publish_no_peers: AtomicU64,
     pub publish_queue_full: AtomicU64,
     pub slow_peer_reports: AtomicU64,
+    pub messages_dropped_by_hook: AtomicU64,
+    /// libp2p's bandwidth metrics of the node's transports (see `behaviour::build_swarm`).
+    pub bandwidth: Mutex<libp2p::metrics::Registry>,
     pub listen_addrs: Mutex<Vec<Multiaddr>>,
     /// Set by `shutdown` (refuses further commands) and when the loop ends.
     pub stopping: AtomicBool,
@@ -65,11 +68,24 @@ pub struct NodeStatsSnapshot {
     pub publish_queue_full: u64,
     /// Times gossipsub reported a peer too slow to take what we send it.
     pub slow_peer_reports: u64,
+    /// Received messages dropped by the [`super::InboundLoss`] test hook.
+    pub messages_dropped_by_hook: u64,
+    /// Bytes read from the node's connections, all protocols (gossipsub, identify, kademlia,
+    /// ping), counted on the multiplexed streams: TCP/IP, noise and yamux (or QUIC) framing
+    /// are not included.
+    pub bytes_in: u64,
+    /// Bytes written to the node's connections, counted like [`Self::bytes_in`].
+    pub bytes_out: u64,
 }
 
 impl NodeStats {
     pub(crate) fn snapshot(&self, peer_id: PeerId) -> NodeStatsSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (bytes_in, bytes_out) = self
+            .bandwidth
+            .lock()
+            .map(|registry| bandwidth_totals(&registry))
+            .unwrap_or_default();
         NodeStatsSnapshot {
             peer_id,
             connected_peers: self.connected_peers.load(Ordering::Relaxed),
@@ -90,6 +106,40 @@ impl NodeStats {
             publish_no_peers: load(&self.publish_no_peers),
             publish_queue_full: load(&self.publish_queue_full),
             slow_peer_reports: load(&self.slow_peer_reports),
+            messages_dropped_by_hook: load(&self.messages_dropped_by_hook),
+            bytes_in,
+            bytes_out,
         }
     }
+}
+
+/// Name of libp2p's bandwidth counter family (`libp2p_metrics::BandwidthTransport`) in the
+/// OpenMetrics text encoding; one counter per protocol stack and direction.
+const BANDWIDTH_COUNTER: &str = "libp2p_bandwidth_bytes_total{";
+
+/// Inbound and outbound bytes summed over every protocol stack of `registry`. libp2p's
+/// counters are only readable through an encoding, so the registry is encoded as text.
+fn bandwidth_totals(registry: &libp2p::metrics::Registry) -> (u64, u64) {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        return (0, 0);
+    }
+    let (mut inbound, mut outbound) = (0, 0);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(BANDWIDTH_COUNTER) else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<u64>() else {
+            continue;
+        };
+        if labels.contains("direction=\"Inbound\"") {
+            inbound += value;
+        } else if labels.contains("direction=\"Outbound\"") {
+            outbound += value;
+        }
+    }
+    (inbound, outbound)
 }
