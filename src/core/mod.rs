@@ -6,12 +6,14 @@ pub mod wire;
 pub use wire::{Channel, Limits, Message, WireError};
 
 pub mod abr;
+pub mod feedback;
 pub mod playout;
 pub mod publisher;
 pub mod reassembly;
 pub mod subscriber;
 
 pub use abr::{Abr, AbrConfig, AbrStats};
+pub use feedback::{Audience, AudienceStats, FeedbackConfig};
 pub use playout::{LayerPosition, OutputFrame, Playout, PlayoutConfig, PlayoutStats};
 pub use publisher::{
     EncodedFrame, PublishError, Publisher, PublisherConfig, PublisherStats, Transmit,

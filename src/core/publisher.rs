@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::feedback::{Audience, AudienceStats, FeedbackConfig};
 use super::wire::{
-    self, Catalog, Channel, EndOfStream, Fragment, FrameHeader, Layer, LayerKind, Limits, Message,
-    Track, TrackEnd, TrackKind,
+    self, Catalog, Channel, EndOfStream, Feedback, Fragment, FrameHeader, KeyframeRequest, Layer,
+    LayerKind, Limits, Message, Track, TrackEnd, TrackKind,
 };
 
 /// Bytes an encoded fragment may need beyond its payload (envelope, ids, frame header).
@@ -29,6 +30,8 @@ pub struct PublisherConfig {
     pub eos_repeats: u32,
     /// Time between end-of-stream repeats.
     pub eos_interval: Duration,
+    /// Viewer reports and keyframe requests (see [`Publisher::handle_feedback`]).
+    pub feedback: FeedbackConfig,
 }
 
 impl Default for PublisherConfig {
@@ -38,6 +41,7 @@ impl Default for PublisherConfig {
             catalog_interval: Duration::from_secs(1),
             eos_repeats: 3,
             eos_interval: Duration::from_millis(100),
+            feedback: FeedbackConfig::default(),
         }
     }
 }
@@ -112,6 +116,7 @@ pub struct Publisher {
     eos_repeats_due: VecDeque<Instant>,
     queue: VecDeque<Transmit>,
     stats: PublisherStats,
+    audience: Audience,
 }
 
 impl Publisher {
@@ -119,7 +124,6 @@ impl Publisher {
         Self {
             topic: topic.to_owned(),
             epoch,
-            config,
             limits: Limits::default(),
             tracks: Vec::new(),
             catalog_version: 0,
@@ -130,6 +134,8 @@ impl Publisher {
             eos_repeats_due: VecDeque::new(),
             queue: VecDeque::new(),
             stats: PublisherStats::default(),
+            audience: Audience::new(config.feedback.clone()),
+            config,
         }
     }
 
@@ -333,6 +339,40 @@ impl Publisher {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.queue.pop_front()
+    }
+
+    /// Takes a viewer report (feedback channel). `viewer` is an opaque key for its author,
+    /// such as the transport's source peer id.
+    pub fn handle_feedback(&mut self, now: Instant, viewer: &[u8], report: Feedback) {
+        self.audience
+            .handle_feedback(now, self.epoch, viewer, report);
+    }
+
+    /// Takes a viewer's keyframe request. Returns whether it forces a keyframe: the
+    /// layer exists and none was forced on it within `keyframe_request_interval`. The
+    /// element then gets it from [`Publisher::poll_keyframe_request`].
+    pub fn handle_keyframe_request(&mut self, now: Instant, request: KeyframeRequest) -> bool {
+        let exists = request.epoch == self.epoch
+            && self.tracks.iter().any(|track| {
+                track.description.id == request.track
+                    && track.next_sequence.contains_key(&request.layer)
+            });
+        if !exists || self.ended {
+            self.audience.count_invalid_request();
+            return false;
+        }
+        self.audience
+            .handle_keyframe_request(now, request.track, request.layer)
+    }
+
+    /// The next `(track, layer)` whose encoder must force a keyframe (that layer's only).
+    pub fn poll_keyframe_request(&mut self) -> Option<(u32, u32)> {
+        self.audience.poll_keyframe_request()
+    }
+
+    /// What viewers report: viewers, layer histogram, latency percentiles, loss.
+    pub fn audience_stats(&mut self, now: Instant) -> AudienceStats {
+        self.audience.stats(now)
     }
 
     /// The current catalog; `sequence` is the one the next republish will carry.
@@ -735,6 +775,97 @@ mod tests {
         // Every queued message is accounted for.
         let stats = publisher.stats();
         assert!(stats.message_bytes > stats.payload_bytes);
+    }
+
+    #[test]
+    fn keyframe_requests_are_checked_and_rate_limited_per_layer() {
+        let t0 = Instant::now();
+        let mut publisher = Publisher::new("demo", 5, PublisherConfig::default());
+        let layers = (0..2)
+            .map(|spatial| Layer {
+                id: spatial,
+                kind: LayerKind::Spatial as i32,
+                spatial_id: spatial,
+                ..Layer::default()
+            })
+            .collect();
+        let video = publisher.add_track(t0, TrackKind::Video, "video/x-vp8".into(), layers);
+        let request = |layer, epoch| KeyframeRequest {
+            epoch,
+            track: video,
+            layer,
+            ..KeyframeRequest::default()
+        };
+        assert!(!publisher.handle_keyframe_request(t0, request(2, 5)));
+        assert!(!publisher.handle_keyframe_request(t0, request(0, 4)));
+        assert!(publisher.handle_keyframe_request(t0, request(0, 5)));
+        assert!(publisher.handle_keyframe_request(t0, request(1, 5)));
+        assert!(!publisher.handle_keyframe_request(t0 + Duration::from_millis(10), request(1, 5)));
+        assert_eq!(publisher.poll_keyframe_request(), Some((video, 0)));
+        assert_eq!(publisher.poll_keyframe_request(), Some((video, 1)));
+        assert_eq!(publisher.poll_keyframe_request(), None);
+        assert!(publisher.handle_keyframe_request(t0 + Duration::from_secs(1), request(1, 5)));
+        let stats = publisher.audience_stats(t0);
+        assert_eq!(stats.keyframe_requests_invalid, 2);
+        assert_eq!(stats.forced_keyframes, 3);
+        assert_eq!(stats.keyframe_requests_limited, 1);
+
+        publisher.handle_feedback(
+            t0,
+            b"peer",
+            Feedback {
+                epoch: 5,
+                interval_ms: 1000,
+                current_layer: 1,
+                latency_ms: 250,
+                ..Feedback::default()
+            },
+        );
+        let stats = publisher.audience_stats(t0);
+        assert_eq!(stats.viewers, 1);
+        assert_eq!(stats.layer_histogram[&1], 1);
+        assert_eq!(stats.latency_p95_ms, Some(250));
+    }
+
+    #[test]
+    fn temporal_layers_carry_their_counts() {
+        let t0 = Instant::now();
+        let mut publisher = Publisher::new("demo", 1, PublisherConfig::default());
+        let layers = (0..3)
+            .map(|temporal| Layer {
+                id: temporal,
+                kind: LayerKind::Temporal as i32,
+                temporal_id: temporal,
+                ..Layer::default()
+            })
+            .collect();
+        let video = publisher.add_track(t0, TrackKind::Video, "video/x-vp8".into(), layers);
+        drain(&mut publisher);
+        for (index, layer) in [0, 2, 1, 2, 0].into_iter().enumerate() {
+            publisher
+                .push_layer_frame(t0, video, layer, frame(4, index == 0), layer == 1)
+                .unwrap();
+        }
+        let headers: Vec<FrameHeader> = drain(&mut publisher)
+            .into_iter()
+            .filter_map(|(_, message)| match message {
+                Message::Fragment(fragment) => fragment.header,
+                _ => None,
+            })
+            .collect();
+        let counts: Vec<Vec<u64>> = headers.iter().map(|h| h.temporal_counts.clone()).collect();
+        assert_eq!(
+            counts,
+            [
+                vec![0, 0, 0],
+                vec![1, 0, 0],
+                vec![1, 0, 1],
+                vec![1, 1, 1],
+                vec![1, 1, 2]
+            ]
+        );
+        let syncs: Vec<bool> = headers.iter().map(|h| h.temporal_sync).collect();
+        assert_eq!(syncs, [false, false, true, false, false]);
     }
 
     #[test]
