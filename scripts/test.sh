@@ -49,6 +49,21 @@ cargo clippy --all-targets -- -D warnings
 section "cargo test --all-targets"
 cargo test --all-targets
 
+# The mesh benchmark, tiny, so that it cannot rot: it must run to the end and write its JSON
+# (no timing is asserted; the figures of a loaded CI machine mean nothing).
+section "cargo bench --bench mesh (smoke: 3 viewers, 2 s per mode)"
+smoke_dir=${CARGO_TARGET_DIR:-$repo/target}/bench-smoke
+rm -rf "$smoke_dir"
+cargo bench --bench mesh -- --viewers 3 --duration 2s --warmup 2s --max-wall 120s \
+    --json "$smoke_dir/out.json"
+for output in out.json out.md out-latency-cdf-n3.svg out-amplification.svg out-publisher-upload.svg; do
+    if [[ ! -s $smoke_dir/$output ]]; then
+        echo "mesh bench smoke run did not write $output" >&2
+        exit 1
+    fi
+done
+grep -q '"mode": "unicast"' "$smoke_dir/out.json"
+
 # meson drives cargo in the dev profile with cargo's own target directory, so it reuses what
 # `cargo test` just built instead of compiling the crate a second time.
 section "meson setup/compile/test/install (buildtype=debug, reusing cargo's target dir)"

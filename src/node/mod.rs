@@ -45,6 +45,9 @@ use stats::NodeStats;
 const COMMAND_CAPACITY: usize = 256;
 
 /// What the node reports to its owner.
+// Nearly every event is a `Message`: boxing it would add an allocation per message and save
+// nothing on the rare small variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Once every configured listener has at least one address (or after 1 s with what there
