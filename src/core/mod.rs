@@ -11,6 +11,7 @@ pub mod playout;
 pub mod publisher;
 pub mod reassembly;
 pub mod subscriber;
+pub mod viewer;
 
 pub use abr::{Abr, AbrConfig, AbrStats};
 pub use feedback::{Audience, AudienceStats, FeedbackConfig};
@@ -22,3 +23,4 @@ pub use reassembly::{
     CompleteFrame, Reassembler, ReassemblyConfig, ReassemblyDrop, ReassemblyStats,
 };
 pub use subscriber::{LayerCounts, Subscriber, SubscriberConfig, SubscriberEvent, SubscriberStats};
+pub use viewer::{ChannelChange, Viewer, ViewerConfig, ViewerStats};
