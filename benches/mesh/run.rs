@@ -162,25 +162,28 @@ async fn start_node(
 ) -> Result<(Node, mpsc::Receiver<Event>, Multiaddr), String> {
     let (node, mut events) = Node::spawn(config, &tokio::runtime::Handle::current())
         .map_err(|err| format!("node: {err}"))?;
-    let addrs = tokio::time::timeout(LISTEN_TIMEOUT, async {
+    let is_tcp = |addr: &Multiaddr| {
+        addr.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+    };
+    // A loaded machine may announce an empty set first (after 1 s); a later announcement
+    // follows once the listener is up.
+    let tcp = tokio::time::timeout(LISTEN_TIMEOUT, async {
         loop {
             match events.recv().await {
-                Some(Event::Listening { addrs }) => break Some(addrs),
+                Some(Event::Listening { addrs }) => {
+                    if let Some(tcp) = addrs.into_iter().find(is_tcp) {
+                        break Some(tcp);
+                    }
+                }
                 Some(_) => continue,
                 None => break None,
             }
         }
     })
     .await
-    .map_err(|_| "node did not report its listen address in time".to_owned())?
+    .map_err(|_| "node did not report a TCP listen address in time".to_owned())?
     .ok_or("node stopped before listening")?;
-    let tcp = addrs
-        .into_iter()
-        .find(|addr| {
-            addr.iter()
-                .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
-        })
-        .ok_or("no TCP listen address")?;
     Ok((node, events, tcp))
 }
 
