@@ -15,7 +15,7 @@ pub mod node;
 mod p2plivesink;
 mod p2plivesrc;
 
-pub use p2plivesink::VideoCodec;
+pub use p2plivesink::{LayerLadder, VideoCodec};
 
 /// Generated wire types (`proto/p2plive.proto`).
 pub mod proto {

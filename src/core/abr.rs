@@ -24,6 +24,8 @@ pub struct AbrConfig {
     pub max_layer: u32,
     /// Plays this layer whatever happens (`auto-layer=false`).
     pub fixed_layer: Option<u32>,
+    /// Where adaptation starts.
+    pub start: AbrStart,
     /// Share of late + lost frames of the played layers that triggers a step down.
     pub downgrade_loss_threshold: f64,
     /// Period over which that share is measured.
@@ -44,6 +46,7 @@ impl Default for AbrConfig {
             min_layer: 0,
             max_layer: u32::MAX,
             fixed_layer: None,
+            start: AbrStart::default(),
             downgrade_loss_threshold: 0.1,
             downgrade_window: Duration::from_secs(2),
             min_window_frames: 10,
@@ -52,6 +55,18 @@ impl Default for AbrConfig {
             max_probe_backoff: Duration::from_secs(160),
         }
     }
+}
+
+/// The layer adaptation starts from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AbrStart {
+    /// The lightest layer.
+    Lowest,
+    /// All temporal layers of the lightest spatial layer: full frame rate at the smallest
+    /// size. Stepping down is quick, so starting there costs a weak viewer little, and
+    /// without simulcast it is full quality from the first frame.
+    #[default]
+    LowestSizeFullRate,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,10 +113,17 @@ impl Abr {
             usable = ladder.to_vec();
         }
         usable.sort();
+        let start = match config.start {
+            AbrStart::Lowest => 0,
+            AbrStart::LowestSizeFullRate => usable
+                .iter()
+                .rposition(|layer| Some(layer.spatial) == usable.first().map(|l| l.spatial))
+                .unwrap_or(0),
+        };
         let rung = config
             .fixed_layer
             .and_then(|fixed| usable.iter().position(|layer| layer.id == fixed))
-            .unwrap_or(0);
+            .unwrap_or(start);
         Self {
             next_probe_at: now + config.upgrade_cooldown,
             config,
@@ -320,8 +342,10 @@ mod tests {
             .collect()
     }
 
+    /// Starting from the lightest layer, to exercise every step up.
     fn config() -> AbrConfig {
         AbrConfig {
+            start: AbrStart::Lowest,
             upgrade_cooldown: Duration::from_secs(4),
             probe_duration: Duration::from_secs(2),
             max_probe_backoff: Duration::from_secs(32),
@@ -453,6 +477,37 @@ mod tests {
         // Still at the bottom: no lower layer to go to, nothing else happens.
         run(&mut abr, now, Duration::from_secs(2), |_| (2, 0));
         assert_eq!(layer_id(&abr), 0);
+    }
+
+    #[test]
+    fn starts_at_full_frame_rate_of_the_smallest_size() {
+        let t0 = Instant::now();
+        let config = AbrConfig {
+            start: AbrStart::LowestSizeFullRate,
+            ..config()
+        };
+        let abr = Abr::new(t0, &ladder(), config.clone());
+        let start = abr.layer().expect("a layer");
+        let lightest_spatial = ladder().iter().map(|l| l.spatial).min().unwrap();
+        let top_temporal = ladder()
+            .iter()
+            .filter(|l| l.spatial == lightest_spatial)
+            .map(|l| l.temporal)
+            .max()
+            .unwrap();
+        assert_eq!((start.spatial, start.temporal), (lightest_spatial, top_temporal));
+        // Within bounds, the same rule on what is allowed.
+        let bounded = Abr::new(
+            t0,
+            &ladder(),
+            AbrConfig {
+                min_layer: 4,
+                ..config
+            },
+        );
+        let start = bounded.layer().expect("a layer");
+        assert!(start.id >= 4);
+        assert_eq!(start.temporal, top_temporal);
     }
 
     #[test]

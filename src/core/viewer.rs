@@ -554,6 +554,7 @@ mod tests {
     fn joins_low_asks_for_a_keyframe_climbs_reports_and_steps_down_under_loss() {
         let t0 = Instant::now();
         let abr = AbrConfig {
+            start: crate::core::abr::AbrStart::Lowest,
             upgrade_cooldown: Duration::from_secs(4),
             probe_duration: Duration::from_secs(2),
             ..AbrConfig::default()

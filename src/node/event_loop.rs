@@ -510,6 +510,14 @@ impl EventLoop {
         let Some(source) = source else {
             return Verdict::Reject(WireError::Invalid("unsigned message".into()));
         };
+        // Viewer reports and keyframe requests are written by viewers, not the publisher;
+        // the channel check above lets only those two kinds through on this channel.
+        if channel == Channel::Feedback {
+            return Verdict::Accept {
+                message,
+                locked: false,
+            };
+        }
         match state.publisher {
             Some(publisher) if publisher != source => Verdict::Ignore(Ignored::Foreign),
             Some(_) => Verdict::Accept {

@@ -9,10 +9,10 @@ use gst::subclass::prelude::*;
 use libp2p::Multiaddr;
 use tokio::sync::Notify;
 
-use super::VideoCodec;
+use super::{LayerLadder, VideoCodec};
 use crate::RUNTIME;
 use crate::common::{self, NetworkSettings};
-use crate::core::wire::{Layer, LayerKind, TrackKind};
+use crate::core::wire::{Channel, Layer, LayerKind, Message, TrackKind};
 use crate::core::{EncodedFrame, Publisher, PublisherConfig};
 use crate::node::{Event, Node};
 
@@ -34,7 +34,7 @@ const TRANSMIT_OVERHEAD: usize = 4096;
 /// How long a stopping node keeps running so the last fragments and the end-of-stream go out.
 const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
 /// Frame rate assumed for keyframe spacing when the caps do not say.
-const FALLBACK_FRAMERATE: f64 = 30.0;
+const FALLBACK_FRAMERATE: gst::Fraction = gst::Fraction::from_integer(30);
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -44,6 +44,7 @@ struct Settings {
     audio_bitrate_kbps: u32,
     keyframe_interval_ms: u32,
     max_fragment_size: u32,
+    layers: LayerLadder,
 }
 
 impl Default for Settings {
@@ -55,6 +56,7 @@ impl Default for Settings {
             audio_bitrate_kbps: DEFAULT_AUDIO_BITRATE_KBPS,
             keyframe_interval_ms: DEFAULT_KEYFRAME_INTERVAL_MS,
             max_fragment_size: DEFAULT_MAX_FRAGMENT_SIZE,
+            layers: LayerLadder::Auto,
         }
     }
 }
@@ -69,7 +71,12 @@ struct InputPad {
     track: Option<u32>,
     /// Encoded caps announced in the catalog for this track.
     caps: Option<gst::Caps>,
-    eos: bool,
+    /// Outputs (one per spatial layer) that reached end of stream.
+    ended_outputs: std::collections::BTreeSet<u32>,
+    /// The layers raw video is encoded into; None for encoded input (one layer).
+    ladder: Option<Ladder>,
+    /// One encoder per spatial layer (rung), for keyframes forced on request.
+    encoders: Vec<gst::Element>,
 }
 
 /// What the streaming threads and the driver task share while the node runs.
@@ -152,6 +159,13 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .default_value(DEFAULT_KEYFRAME_INTERVAL_MS)
             .mutable_ready()
             .build(),
+        glib::ParamSpecEnum::builder_with_default("layers", LayerLadder::Auto)
+            .nick("Layers")
+            .blurb(
+                "Layers raw video is encoded into; viewers play the layers their network carries",
+            )
+            .mutable_ready()
+            .build(),
         glib::ParamSpecUInt::builder("max-fragment-size")
             .nick("Maximum fragment size")
             .blurb("Largest payload, in bytes, of one network message; frames are split to fit")
@@ -188,6 +202,7 @@ impl ObjectImpl for P2pLiveSink {
             "max-fragment-size" => {
                 settings.max_fragment_size = value.get().expect("type checked upstream")
             }
+            "layers" => settings.layers = value.get().expect("type checked upstream"),
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -214,6 +229,7 @@ impl ObjectImpl for P2pLiveSink {
                     "audio-bitrate" => settings.audio_bitrate_kbps.to_value(),
                     "keyframe-interval" => settings.keyframe_interval_ms.to_value(),
                     "max-fragment-size" => settings.max_fragment_size.to_value(),
+                    "layers" => settings.layers.to_value(),
                     other => unreachable!("unknown property {other}"),
                 }
             }
@@ -343,7 +359,9 @@ impl ElementImpl for P2pLiveSink {
                 elements: vec![input],
                 track: None,
                 caps: None,
-                eos: false,
+                ended_outputs: Default::default(),
+                ladder: None,
+                encoders: Vec::new(),
             },
         );
         Some(ghost.upcast())
@@ -414,12 +432,14 @@ impl P2pLiveSink {
                 ["Failed to start the libp2p node: {err}"]
             )
         })?;
-        node.announce_stream(&settings.net.topic).map_err(|err| {
-            gst::error_msg!(
-                gst::ResourceError::OpenReadWrite,
-                ["Failed to announce the stream: {err}"]
-            )
-        })?;
+        node.announce_stream(&settings.net.topic)
+            .and_then(|()| node.subscribe(&settings.net.topic, Channel::Feedback))
+            .map_err(|err| {
+                gst::error_msg!(
+                    gst::ResourceError::OpenReadWrite,
+                    ["Failed to announce the stream: {err}"]
+                )
+            })?;
         gst::info!(
             CAT,
             imp = self,
@@ -467,21 +487,70 @@ impl P2pLiveSink {
         for input in self.pads.lock().unwrap().values_mut() {
             input.track = None;
             input.caps = None;
-            input.eos = false;
+            input.ended_outputs.clear();
         }
     }
 
-    /// Builds the encode or parse chain for `pad_name` once its input caps are known.
+    /// Builds the encode or parse chain for `pad_name` once its input caps are known: raw
+    /// video fans out to one encoder per spatial layer, anything else is one chain.
     fn build_chain(&self, pad_name: &str, caps: &gst::CapsRef) -> Result<(), String> {
         let settings = self.settings.lock().unwrap().clone();
         let structure = caps.structure(0).ok_or("empty caps")?;
-        let mut chain = chain_for(structure, &settings)?;
+        let input = {
+            let pads = self.pads.lock().unwrap();
+            let input = pads.get(pad_name).ok_or("pad was released")?;
+            input.elements.last().expect("input capsfilter").clone()
+        };
+        let mut added = Vec::new();
+        let mut encoders = Vec::new();
+        let ladder = if structure.name() == "video/x-raw" {
+            let ladder = Ladder::plan(structure, &settings)?;
+            let convert = make("videoconvert", "gstreamer1.0-plugins-base")?;
+            self.add_run(&input, std::slice::from_ref(&convert), &mut added)?;
+            let fanout = if ladder.rungs.len() > 1 {
+                let tee = make("tee", "gstreamer1.0-plugins-base")?;
+                self.add_run(&convert, std::slice::from_ref(&tee), &mut added)?;
+                tee
+            } else {
+                convert
+            };
+            for (spatial, rung) in ladder.rungs.iter().enumerate() {
+                let mut run = Vec::new();
+                if ladder.rungs.len() > 1 {
+                    // Each encoder in its own thread, and a slow one cannot hold the others.
+                    let queue = make("queue", "gstreamer1.0-plugins-base")?;
+                    queue.set_property("max-size-buffers", 2u32);
+                    queue.set_property("max-size-bytes", 0u32);
+                    queue.set_property("max-size-time", 0u64);
+                    run.push(queue);
+                    run.push(make("videoscale", "gstreamer1.0-plugins-base")?);
+                    run.push(capsfilter(&format!(
+                        "video/x-raw,width={},height={}",
+                        rung.width, rung.height
+                    ))?);
+                }
+                let encoder = video_encoder(&settings, &ladder, rung)?;
+                run.push(encoder.clone());
+                if settings.video_codec == VideoCodec::H264 {
+                    run.extend(h264_normalizer()?);
+                }
+                run.push(self.make_appsink(pad_name, spatial as u32));
+                self.add_run(&fanout, &run, &mut added)?;
+                encoders.push(encoder);
+            }
+            Some(ladder)
+        } else {
+            let mut run = passthrough_chain(structure, &settings)?;
+            run.push(self.make_appsink(pad_name, 0));
+            self.add_run(&input, &run, &mut added)?;
+            None
+        };
         gst::info!(
             CAT,
             imp = self,
             "{pad_name}: {} -> {}",
             structure.name(),
-            chain
+            added
                 .iter()
                 .map(|e| e
                     .factory()
@@ -490,34 +559,44 @@ impl P2pLiveSink {
                 .collect::<Vec<_>>()
                 .join(" ! ")
         );
-        chain.push(self.make_appsink(pad_name));
-
-        let obj = self.obj();
         let mut pads = self.pads.lock().unwrap();
         let input = pads.get_mut(pad_name).ok_or("pad was released")?;
-        let first = input.elements.last().expect("input capsfilter").clone();
-        for element in &chain {
+        input.elements.extend(added);
+        input.encoders = encoders;
+        input.ladder = ladder;
+        Ok(())
+    }
+
+    /// Adds `run` to the bin, links it in order after `upstream` and starts it.
+    fn add_run(
+        &self,
+        upstream: &gst::Element,
+        run: &[gst::Element],
+        added: &mut Vec<gst::Element>,
+    ) -> Result<(), String> {
+        let obj = self.obj();
+        for element in run {
             obj.add(element).map_err(|e| e.to_string())?;
+            added.push(element.clone());
         }
-        let mut upstream = first;
-        for element in &chain {
-            upstream.link(element).map_err(|e| {
-                format!("cannot link {} to {}: {e}", upstream.name(), element.name())
+        let mut previous = upstream.clone();
+        for element in run {
+            previous.link(element).map_err(|e| {
+                format!("cannot link {} to {}: {e}", previous.name(), element.name())
             })?;
-            upstream = element.clone();
+            previous = element.clone();
         }
-        for element in chain.iter().rev() {
+        for element in run.iter().rev() {
             element
                 .sync_state_with_parent()
                 .map_err(|e| e.to_string())?;
         }
-        input.elements.extend(chain);
         Ok(())
     }
 
-    fn make_appsink(&self, pad_name: &str) -> gst::Element {
+    fn make_appsink(&self, pad_name: &str, spatial: u32) -> gst::Element {
         let appsink = gst_app::AppSink::builder()
-            .name(format!("{pad_name}-out"))
+            .name(format!("{pad_name}-out{spatial}"))
             .sync(false)
             .async_(false)
             .build();
@@ -530,11 +609,11 @@ impl P2pLiveSink {
                 .new_sample(move |appsink| {
                     let sample = appsink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     let element = weak.upgrade().ok_or(gst::FlowError::Flushing)?;
-                    element.imp().handle_sample(&sample_pad, &sample)
+                    element.imp().handle_sample(&sample_pad, spatial, &sample)
                 })
                 .eos(move |_| {
                     if let Some(element) = eos_weak.upgrade() {
-                        element.imp().handle_eos(&eos_pad);
+                        element.imp().handle_eos(&eos_pad, spatial);
                     }
                 })
                 .build(),
@@ -545,6 +624,7 @@ impl P2pLiveSink {
     fn handle_sample(
         &self,
         pad_name: &str,
+        spatial: u32,
         sample: &gst::Sample,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let session = self.session().ok_or(gst::FlowError::Flushing)?;
@@ -559,6 +639,7 @@ impl P2pLiveSink {
         };
         let pts = running_time(buffer.pts());
         let dts = running_time(buffer.dts());
+        let (temporal, temporal_sync) = vp8_temporal_layer(buffer);
         let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
         let frame = EncodedFrame {
             pts: pts.map(Duration::from),
@@ -572,12 +653,19 @@ impl P2pLiveSink {
 
         let now = Instant::now();
         let mut publisher = session.publisher.lock().unwrap();
-        let track = {
+        let (track, layer) = {
             let mut pads = self.pads.lock().unwrap();
             let input = pads.get_mut(pad_name).ok_or(gst::FlowError::Flushing)?;
-            match input.track {
+            let layer = input
+                .ladder
+                .as_ref()
+                .map_or(0, |ladder| ladder.layer_id(spatial, temporal));
+            let track = match input.track {
                 None => {
-                    let layers = layers_for(caps, input.kind);
+                    let layers = match &input.ladder {
+                        Some(ladder) => ladder.catalog_layers(),
+                        None => single_layer(caps, input.kind),
+                    };
                     let id = publisher.add_track(now, input.kind, caps.to_string(), layers);
                     gst::info!(CAT, imp = self, "{pad_name} is track {id}: {caps}");
                     input.track = Some(id);
@@ -585,7 +673,8 @@ impl P2pLiveSink {
                     id
                 }
                 Some(id) => {
-                    if input.caps.as_deref() != Some(caps) {
+                    // Spatial layers differ in size by design; the catalog describes each.
+                    if spatial == 0 && input.caps.as_deref() != Some(caps) {
                         gst::info!(CAT, imp = self, "track {id} caps changed: {caps}");
                         if let Err(err) = publisher.update_track_caps(now, id, caps.to_string()) {
                             gst::warning!(CAT, imp = self, "cannot update caps: {err}");
@@ -594,14 +683,15 @@ impl P2pLiveSink {
                     }
                     id
                 }
-            }
+            };
+            (track, layer)
         };
-        if let Err(err) = publisher.push_frame(now, track, 0, frame) {
+        if let Err(err) = publisher.push_layer_frame(now, track, layer, frame, temporal_sync) {
             session.rejected_frames.fetch_add(1, Ordering::Relaxed);
             gst::warning!(
                 CAT,
                 imp = self,
-                "frame of track {track} not published: {err}"
+                "frame of track {track} layer {layer} not published: {err}"
             );
         }
         session.flush(&mut publisher);
@@ -621,7 +711,7 @@ impl P2pLiveSink {
         now_unix.saturating_sub(age)
     }
 
-    fn handle_eos(&self, pad_name: &str) {
+    fn handle_eos(&self, pad_name: &str, spatial: u32) {
         let Some(session) = self.session() else {
             return;
         };
@@ -629,9 +719,12 @@ impl P2pLiveSink {
         let all_ended = {
             let mut pads = self.pads.lock().unwrap();
             if let Some(input) = pads.get_mut(pad_name) {
-                input.eos = true;
+                input.ended_outputs.insert(spatial);
             }
-            pads.values().all(|p| p.eos)
+            pads.values().all(|input| {
+                let outputs = input.ladder.as_ref().map_or(1, |l| l.rungs.len());
+                input.ended_outputs.len() >= outputs
+            })
         };
         if all_ended {
             gst::info!(
@@ -643,6 +736,37 @@ impl P2pLiveSink {
             session.flush(&mut publisher);
             session.wake.notify_one();
         }
+    }
+
+    /// Forces a keyframe on the encoder of `layer` of `track` only, as viewers asked.
+    fn force_keyframe(&self, track: u32, layer: u32) {
+        let pads = self.pads.lock().unwrap();
+        let Some(input) = pads.values().find(|input| input.track == Some(track)) else {
+            return;
+        };
+        let spatial = input
+            .ladder
+            .as_ref()
+            .map_or(0, |ladder| ladder.spatial_of(layer)) as usize;
+        let Some(encoder) = input.encoders.get(spatial) else {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "track {track} is not encoded here: no keyframe"
+            );
+            return;
+        };
+        let event = gst_video::UpstreamForceKeyUnitEvent::builder()
+            .all_headers(true)
+            .build();
+        let sent = encoder
+            .static_pad("src")
+            .is_some_and(|pad| pad.send_event(event));
+        gst::debug!(
+            CAT,
+            imp = self,
+            "keyframe forced on track {track} layer {layer}: {sent}"
+        );
     }
 
     fn on_listening(&self, addrs: &[Multiaddr]) {
@@ -678,6 +802,32 @@ impl P2pLiveSink {
                     "rejected-frames",
                     session.rejected_frames.load(Ordering::Relaxed),
                 );
+            let audience = session
+                .publisher
+                .lock()
+                .unwrap()
+                .audience_stats(Instant::now());
+            let histogram = |layers: &std::collections::BTreeMap<u32, u64>| {
+                let mut histogram = gst::Structure::builder("layers");
+                for (layer, viewers) in layers {
+                    histogram = histogram.field(format!("layer-{layer}"), *viewers);
+                }
+                histogram.build()
+            };
+            builder = builder
+                .field("viewers", audience.viewers)
+                .field("viewer-layers", histogram(&audience.layer_histogram))
+                .field("requested-layers", histogram(&audience.requested_histogram))
+                .field("viewer-loss", audience.loss_ratio)
+                .field("viewer-reports", audience.reports)
+                .field("keyframe-requests", audience.keyframe_requests)
+                .field("forced-keyframes", audience.forced_keyframes);
+            if let Some(p50) = audience.latency_p50_ms {
+                builder = builder.field("viewer-latency-p50-ms", p50);
+            }
+            if let Some(p95) = audience.latency_p95_ms {
+                builder = builder.field("viewer-latency-p95-ms", p95);
+            }
             builder = common::node_stats_fields(builder, &session.node);
         }
         builder.build()
@@ -715,6 +865,18 @@ async fn drive(
                         element.imp().on_listening(&addrs);
                     }
                 }
+                Some(Event::Message { message, source, .. }) => {
+                    let mut publisher = session.publisher.lock().unwrap();
+                    match message {
+                        Message::Feedback(report) => {
+                            publisher.handle_feedback(Instant::now(), &source.to_bytes(), report)
+                        }
+                        Message::KeyframeRequest(request) => {
+                            publisher.handle_keyframe_request(Instant::now(), request);
+                        }
+                        _ => {}
+                    }
+                }
                 Some(_) => {}
             },
             _ = session.wake.notified() => {}
@@ -725,55 +887,26 @@ async fn drive(
                 }
             }
         }
-        let mut publisher = session.publisher.lock().unwrap();
-        publisher.handle_timeout(Instant::now());
-        session.flush(&mut publisher);
+        let keyframes: Vec<(u32, u32)> = {
+            let mut publisher = session.publisher.lock().unwrap();
+            publisher.handle_timeout(Instant::now());
+            session.flush(&mut publisher);
+            std::iter::from_fn(|| publisher.poll_keyframe_request()).collect()
+        };
+        if let Some(element) = element.upgrade() {
+            for (track, layer) in keyframes {
+                element.imp().force_keyframe(track, layer);
+            }
+        }
     }
 }
 
-/// The elements between the input capsfilter and the appsink for input `structure`.
-fn chain_for(
+/// The chain behind the input capsfilter for anything but raw video.
+fn passthrough_chain(
     structure: &gst::StructureRef,
     settings: &Settings,
 ) -> Result<Vec<gst::Element>, String> {
     Ok(match structure.name().as_str() {
-        "video/x-raw" => {
-            let fps = structure
-                .get::<gst::Fraction>("framerate")
-                .ok()
-                .filter(|f| f.numer() > 0 && f.denom() > 0)
-                .map(|f| f.numer() as f64 / f.denom() as f64)
-                .unwrap_or(FALLBACK_FRAMERATE);
-            let keyframe_distance =
-                ((settings.keyframe_interval_ms as f64 * fps / 1000.0).round() as u32).max(1);
-            let convert = make("videoconvert", "gstreamer1.0-plugins-base")?;
-            match settings.video_codec {
-                VideoCodec::Vp8 => {
-                    let encoder = make("vp8enc", "gstreamer1.0-plugins-good")?;
-                    encoder.set_property("deadline", 1i64);
-                    encoder.set_property(
-                        "target-bitrate",
-                        (settings.video_bitrate_kbps * 1000) as i32,
-                    );
-                    encoder.set_property_from_str("end-usage", "cbr");
-                    encoder.set_property("cpu-used", 8i32);
-                    encoder.set_property("lag-in-frames", 0i32);
-                    encoder.set_property("keyframe-max-dist", keyframe_distance as i32);
-                    encoder.set_property("threads", 2i32);
-                    vec![convert, encoder]
-                }
-                VideoCodec::H264 => {
-                    let encoder = make("x264enc", "gstreamer1.0-plugins-ugly")?;
-                    encoder.set_property_from_str("tune", "zerolatency");
-                    encoder.set_property_from_str("speed-preset", "ultrafast");
-                    encoder.set_property("bitrate", settings.video_bitrate_kbps);
-                    encoder.set_property("key-int-max", keyframe_distance);
-                    let mut chain = vec![convert, encoder];
-                    chain.extend(h264_normalizer()?);
-                    chain
-                }
-            }
-        }
         // Already-encoded video in the form viewers take is published untouched (bit-exact);
         // other H.264 and AV1 forms are converted to it, with parameter sets at every
         // keyframe so a late joiner can decode.
@@ -795,6 +928,235 @@ fn chain_for(
         }
         other => return Err(format!("unsupported input caps {other}")),
     })
+}
+
+/// Number of VP8 temporal layers in the `temporal` ladders, and their pattern: the layer of
+/// each frame in a period of four, what it may reference and update (base frames reference
+/// only base frames, so dropping the upper layers leaves a decodable stream), and which are
+/// sync points (reference only lower layers).
+const TEMPORAL_LAYERS: u32 = 3;
+const TEMPORAL_LAYER_IDS: [i32; 4] = [0, 2, 1, 2];
+const TEMPORAL_RATE_DECIMATORS: [i32; 3] = [4, 2, 1];
+/// Cumulative share of the rung's bitrate up to each temporal layer, in percent.
+const TEMPORAL_BITRATE_PERCENT: [u32; 3] = [40, 60, 100];
+const TEMPORAL_LAYER_FLAGS: &str = "<no-ref-golden+no-ref-alt+no-upd-golden+no-upd-alt,\
+no-ref-golden+no-ref-alt+no-upd-last+no-upd-golden+no-upd-alt+no-upd-entropy,\
+no-ref-golden+no-ref-alt+no-upd-last+no-upd-alt+no-upd-entropy,\
+no-ref-alt+no-upd-last+no-upd-golden+no-upd-alt+no-upd-entropy>";
+const TEMPORAL_SYNC_FLAGS: &str = "<true,true,true,false>";
+/// Heights of the lower simulcast rungs; the input size is always the top one.
+const SIMULCAST_HEIGHTS: [u32; 2] = [360, 720];
+/// No rung is encoded below this bitrate.
+const MIN_RUNG_BITRATE_KBPS: u32 = 150;
+
+/// One spatial layer: an encode at one size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rung {
+    width: u32,
+    height: u32,
+    bitrate_kbps: u32,
+}
+
+/// The layers raw video of one pad is encoded into: spatial rungs (lightest first), each
+/// with the same number of temporal layers. Layer ids count temporal layers within a rung
+/// before the next rung: the order a viewer steps up in.
+#[derive(Debug, Clone, PartialEq)]
+struct Ladder {
+    rungs: Vec<Rung>,
+    temporal_layers: u32,
+    framerate: gst::Fraction,
+    keyframe_distance: u32,
+}
+
+impl Ladder {
+    fn plan(structure: &gst::StructureRef, settings: &Settings) -> Result<Self, String> {
+        let width = structure
+            .get::<i32>("width")
+            .map_err(|_| "raw video without width")?;
+        let height = structure
+            .get::<i32>("height")
+            .map_err(|_| "raw video without height")?;
+        let (width, height) = (width.max(2) as u32, height.max(2) as u32);
+        let (spatial, temporal) = match settings.layers {
+            LayerLadder::Auto => (false, settings.video_codec == VideoCodec::Vp8),
+            LayerLadder::Single => (false, false),
+            LayerLadder::Temporal => (false, true),
+            LayerLadder::Simulcast => (true, false),
+            LayerLadder::SimulcastTemporal => (true, true),
+        };
+        if temporal && settings.video_codec != VideoCodec::Vp8 {
+            return Err("temporal layers need video-codec=vp8".into());
+        }
+        let top_pixels = u64::from(width) * u64::from(height);
+        let rung = |rung_height: u32| {
+            // Same aspect ratio, even dimensions (what encoders want).
+            let rung_width =
+                ((u64::from(width) * u64::from(rung_height) / u64::from(height)) as u32 / 2 * 2)
+                    .max(2);
+            let pixels = u64::from(rung_width) * u64::from(rung_height);
+            let bitrate = (u64::from(settings.video_bitrate_kbps) * pixels / top_pixels) as u32;
+            Rung {
+                width: rung_width,
+                height: rung_height,
+                bitrate_kbps: bitrate
+                    .max(MIN_RUNG_BITRATE_KBPS)
+                    .min(settings.video_bitrate_kbps),
+            }
+        };
+        let mut rungs: Vec<Rung> = if spatial {
+            SIMULCAST_HEIGHTS
+                .iter()
+                .filter(|&&h| h < height)
+                .map(|&h| rung(h))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        rungs.push(Rung {
+            width,
+            height,
+            bitrate_kbps: settings.video_bitrate_kbps,
+        });
+        let framerate = structure
+            .get::<gst::Fraction>("framerate")
+            .ok()
+            .filter(|f| f.numer() > 0 && f.denom() > 0)
+            .unwrap_or(FALLBACK_FRAMERATE);
+        let fps = f64::from(framerate.numer()) / f64::from(framerate.denom());
+        let keyframe_distance =
+            ((f64::from(settings.keyframe_interval_ms) * fps / 1000.0).round() as u32).max(1);
+        Ok(Self {
+            rungs,
+            temporal_layers: if temporal { TEMPORAL_LAYERS } else { 1 },
+            framerate,
+            keyframe_distance,
+        })
+    }
+
+    fn layer_id(&self, spatial: u32, temporal: u32) -> u32 {
+        spatial * self.temporal_layers + temporal.min(self.temporal_layers - 1)
+    }
+
+    fn spatial_of(&self, layer: u32) -> u32 {
+        layer / self.temporal_layers
+    }
+
+    /// The catalog's description of every layer.
+    fn catalog_layers(&self) -> Vec<Layer> {
+        let mut layers = Vec::new();
+        for (spatial, rung) in self.rungs.iter().enumerate() {
+            for temporal in 0..self.temporal_layers {
+                let id = self.layer_id(spatial as u32, temporal);
+                let (kind, decimator) = if self.temporal_layers > 1 {
+                    let decimator = TEMPORAL_RATE_DECIMATORS[temporal as usize] as u32;
+                    match (spatial, temporal) {
+                        (0, 0) => (LayerKind::Base, decimator),
+                        (_, 0) => (LayerKind::Spatial, decimator),
+                        _ => (LayerKind::Temporal, decimator),
+                    }
+                } else if spatial == 0 {
+                    (LayerKind::Base, 1)
+                } else {
+                    (LayerKind::Spatial, 1)
+                };
+                let share = if self.temporal_layers > 1 {
+                    TEMPORAL_BITRATE_PERCENT[temporal as usize]
+                } else {
+                    100
+                };
+                layers.push(Layer {
+                    id,
+                    kind: kind as i32,
+                    width: rung.width,
+                    height: rung.height,
+                    framerate_num: self.framerate.numer().max(0) as u32,
+                    framerate_den: (self.framerate.denom().max(1) as u32) * decimator,
+                    bitrate: u64::from(rung.bitrate_kbps) * 10 * u64::from(share),
+                    depends_on: if temporal > 0 { vec![id - 1] } else { vec![] },
+                    spatial_id: spatial as u32,
+                    temporal_id: temporal,
+                });
+            }
+        }
+        layers
+    }
+}
+
+/// The encoder of one rung of `ladder`.
+fn video_encoder(
+    settings: &Settings,
+    ladder: &Ladder,
+    rung: &Rung,
+) -> Result<gst::Element, String> {
+    match settings.video_codec {
+        VideoCodec::Vp8 => {
+            let encoder = make("vp8enc", "gstreamer1.0-plugins-good")?;
+            encoder.set_property("deadline", 1i64);
+            encoder.set_property("target-bitrate", (rung.bitrate_kbps * 1000) as i32);
+            encoder.set_property_from_str("end-usage", "cbr");
+            encoder.set_property("cpu-used", 8i32);
+            encoder.set_property("lag-in-frames", 0i32);
+            encoder.set_property("keyframe-max-dist", ladder.keyframe_distance as i32);
+            encoder.set_property("threads", 2i32);
+            if ladder.temporal_layers > 1 {
+                let cumulative_bps = TEMPORAL_BITRATE_PERCENT
+                    .iter()
+                    .map(|percent| (rung.bitrate_kbps * 10 * percent) as i32);
+                encoder.set_property_from_str("error-resilient", "default");
+                encoder.set_property("temporal-scalability-number-layers", TEMPORAL_LAYERS as i32);
+                encoder.set_property(
+                    "temporal-scalability-periodicity",
+                    TEMPORAL_LAYER_IDS.len() as i32,
+                );
+                encoder.set_property(
+                    "temporal-scalability-layer-id",
+                    glib::ValueArray::new(TEMPORAL_LAYER_IDS),
+                );
+                encoder.set_property(
+                    "temporal-scalability-rate-decimator",
+                    glib::ValueArray::new(TEMPORAL_RATE_DECIMATORS),
+                );
+                encoder.set_property(
+                    "temporal-scalability-target-bitrate",
+                    glib::ValueArray::new(cumulative_bps),
+                );
+                encoder.set_property_from_str(
+                    "temporal-scalability-layer-flags",
+                    TEMPORAL_LAYER_FLAGS,
+                );
+                encoder.set_property_from_str(
+                    "temporal-scalability-layer-sync-flags",
+                    TEMPORAL_SYNC_FLAGS,
+                );
+            }
+            Ok(encoder)
+        }
+        VideoCodec::H264 => {
+            let encoder = make("x264enc", "gstreamer1.0-plugins-ugly")?;
+            encoder.set_property_from_str("tune", "zerolatency");
+            encoder.set_property_from_str("speed-preset", "ultrafast");
+            encoder.set_property("bitrate", rung.bitrate_kbps);
+            encoder.set_property("key-int-max", ladder.keyframe_distance);
+            Ok(encoder)
+        }
+    }
+}
+
+/// The temporal layer of a VP8 frame and whether it is a sync point, from the `GstVP8Meta`
+/// vp8enc attaches when it encodes temporal layers; (0, false) otherwise.
+fn vp8_temporal_layer(buffer: &gst::BufferRef) -> (u32, bool) {
+    let Ok(meta) = gst::meta::CustomMeta::from_buffer(buffer, "GstVP8Meta") else {
+        return (0, false);
+    };
+    let structure = meta.structure();
+    if !structure
+        .get::<bool>("use-temporal-scaling")
+        .unwrap_or(false)
+    {
+        return (0, false);
+    }
+    let layer = structure.get::<u32>("layer-id").unwrap_or(0);
+    (layer, structure.get::<bool>("layer-sync").unwrap_or(false))
 }
 
 fn has_fields(structure: &gst::StructureRef, stream_format: &str, alignment: &str) -> bool {
@@ -824,7 +1186,7 @@ fn make(factory: &str, package: &str) -> Result<gst::Element, String> {
 }
 
 /// The catalog's description of a track's single layer, from its encoded caps.
-fn layers_for(caps: &gst::CapsRef, kind: TrackKind) -> Vec<Layer> {
+fn single_layer(caps: &gst::CapsRef, kind: TrackKind) -> Vec<Layer> {
     let Some(structure) = caps.structure(0) else {
         return vec![];
     };

@@ -11,8 +11,10 @@ use libp2p::{Multiaddr, PeerId};
 
 use crate::RUNTIME;
 use crate::common::{self, NetworkSettings};
+use crate::core::abr::AbrConfig;
+use crate::core::viewer::{ChannelChange, Viewer, ViewerConfig, ViewerStats};
 use crate::core::wire::{Catalog, Channel, Track, TrackKind};
-use crate::core::{OutputFrame, Subscriber, SubscriberConfig, SubscriberEvent, SubscriberStats};
+use crate::core::{OutputFrame, SubscriberConfig, SubscriberEvent, SubscriberStats};
 use crate::node::{Event, Node};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -28,6 +30,10 @@ const DEFAULT_LATENCY_MS: u32 = 300;
 const DEFAULT_BUFFER_SIZE: u32 = 256;
 const DEFAULT_JITTER_TOLERANCE_MS: u32 = 60;
 const DEFAULT_FRAGMENT_TIMEOUT_MS: u32 = 1000;
+const DEFAULT_AUTO_LAYER: bool = true;
+const DEFAULT_DOWNGRADE_THRESHOLD: f64 = 0.1;
+const DEFAULT_UPGRADE_COOLDOWN_MS: u32 = 10_000;
+const DEFAULT_ACK_INTERVAL_MS: u32 = 1000;
 /// Largest message the node accepts; generous next to any sane `max-fragment-size`.
 const MAX_TRANSMIT_SIZE: usize = 256 * 1024;
 /// Frames queued in an output appsrc at most; the oldest go first when it is full.
@@ -50,6 +56,15 @@ struct Settings {
     buffer_size: u32,
     jitter_tolerance_ms: u32,
     fragment_timeout_ms: u32,
+    auto_layer: bool,
+    /// Layer played when `auto_layer` is off; None: the highest allowed.
+    layer: Option<u32>,
+    min_layer: u32,
+    max_layer: u32,
+    downgrade_threshold: f64,
+    upgrade_cooldown_ms: u32,
+    ack_interval_ms: u32,
+    simulated_loss: f64,
 }
 
 impl Default for Settings {
@@ -62,6 +77,14 @@ impl Default for Settings {
             buffer_size: DEFAULT_BUFFER_SIZE,
             jitter_tolerance_ms: DEFAULT_JITTER_TOLERANCE_MS,
             fragment_timeout_ms: DEFAULT_FRAGMENT_TIMEOUT_MS,
+            auto_layer: DEFAULT_AUTO_LAYER,
+            layer: None,
+            min_layer: 0,
+            max_layer: u32::MAX,
+            downgrade_threshold: DEFAULT_DOWNGRADE_THRESHOLD,
+            upgrade_cooldown_ms: DEFAULT_UPGRADE_COOLDOWN_MS,
+            ack_interval_ms: DEFAULT_ACK_INTERVAL_MS,
+            simulated_loss: 0.0,
         }
     }
 }
@@ -82,6 +105,9 @@ struct Shared {
     addrs: Mutex<Vec<Multiaddr>>,
     publisher: Mutex<Option<PeerId>>,
     subscriber: Mutex<SubscriberStats>,
+    viewer: Mutex<ViewerStats>,
+    /// Layer each layered track plays now, by track.
+    playing_layers: Mutex<BTreeMap<u32, u32>>,
     counters: OutputCounters,
     /// Moving average of capture (publisher wall clock) to render (viewer wall clock), ms.
     latency_ms: Mutex<Option<f64>>,
@@ -94,6 +120,16 @@ struct State {
     node: Node,
     shared: Arc<Shared>,
     driver: tokio::task::JoinHandle<()>,
+    /// The `auto-layer` / `layer` choice, followed by the driver while running.
+    layer_choice: tokio::sync::watch::Sender<LayerChoice>,
+}
+
+/// Whether the video layer adapts by itself, and the layer to play when it does not
+/// (None: the highest allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LayerChoice {
+    auto: bool,
+    layer: Option<u32>,
 }
 
 /// The output of one track: an appsrc, optionally a decodebin, and a ghost pad.
@@ -180,6 +216,78 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .default_value(DEFAULT_FRAGMENT_TIMEOUT_MS)
             .mutable_ready()
             .build(),
+        glib::ParamSpecBoolean::builder("auto-layer")
+            .nick("Automatic layer")
+            .blurb(
+                "Choose the video layer by itself: step down when frames come late or get lost, \
+                 step up after a stable period and a successful probe",
+            )
+            .default_value(DEFAULT_AUTO_LAYER)
+            .mutable_playing()
+            .build(),
+        glib::ParamSpecInt::builder("layer")
+            .nick("Layer")
+            .blurb(
+                "Video layer played when auto-layer=false (0 is the lightest); -1: the highest \
+                 allowed by max-layer",
+            )
+            .minimum(-1)
+            .default_value(-1)
+            .mutable_playing()
+            .build(),
+        glib::ParamSpecUInt::builder("min-layer")
+            .nick("Minimum layer")
+            .blurb("Lowest video layer auto-layer may choose")
+            .default_value(0)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("max-layer")
+            .nick("Maximum layer")
+            .blurb("Highest video layer auto-layer may choose (default: the publisher's highest)")
+            .default_value(u32::MAX)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecDouble::builder("layer-downgrade-threshold")
+            .nick("Layer downgrade threshold")
+            .blurb(
+                "Share of late or lost frames of the played layers, over two seconds, that \
+                 makes auto-layer step down",
+            )
+            .minimum(0.0)
+            .maximum(1.0)
+            .default_value(DEFAULT_DOWNGRADE_THRESHOLD)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("layer-upgrade-cooldown")
+            .nick("Layer upgrade cooldown")
+            .blurb("Milliseconds without trouble before auto-layer probes the next layer up")
+            .minimum(500)
+            .maximum(600_000)
+            .default_value(DEFAULT_UPGRADE_COOLDOWN_MS)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecUInt::builder("ack-interval")
+            .nick("Report interval")
+            .blurb(
+                "Milliseconds between the reports (latency, buffer, losses, layer) this viewer \
+                 sends the publisher",
+            )
+            .minimum(100)
+            .maximum(60_000)
+            .default_value(DEFAULT_ACK_INTERVAL_MS)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecDouble::builder("simulated-loss")
+            .nick("Simulated loss")
+            .blurb(
+                "Testing aid: share of received messages this viewer drops on purpose, as on \
+                 a lossy link (0: none)",
+            )
+            .minimum(0.0)
+            .maximum(1.0)
+            .default_value(0.0)
+            .mutable_ready()
+            .build(),
     ]);
     properties
 });
@@ -219,6 +327,31 @@ impl ObjectImpl for P2pLiveSrc {
             "fragment-timeout" => {
                 settings.fragment_timeout_ms = value.get().expect("type checked upstream")
             }
+            "auto-layer" => {
+                settings.auto_layer = value.get().expect("type checked upstream");
+                drop(settings);
+                self.apply_layer_choice();
+            }
+            "layer" => {
+                let layer: i32 = value.get().expect("type checked upstream");
+                settings.layer = u32::try_from(layer).ok();
+                drop(settings);
+                self.apply_layer_choice();
+            }
+            "min-layer" => settings.min_layer = value.get().expect("type checked upstream"),
+            "max-layer" => settings.max_layer = value.get().expect("type checked upstream"),
+            "layer-downgrade-threshold" => {
+                settings.downgrade_threshold = value.get().expect("type checked upstream")
+            }
+            "layer-upgrade-cooldown" => {
+                settings.upgrade_cooldown_ms = value.get().expect("type checked upstream")
+            }
+            "ack-interval" => {
+                settings.ack_interval_ms = value.get().expect("type checked upstream")
+            }
+            "simulated-loss" => {
+                settings.simulated_loss = value.get().expect("type checked upstream")
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -252,6 +385,17 @@ impl ObjectImpl for P2pLiveSrc {
                     "buffer-size" => settings.buffer_size.to_value(),
                     "jitter-tolerance" => settings.jitter_tolerance_ms.to_value(),
                     "fragment-timeout" => settings.fragment_timeout_ms.to_value(),
+                    "auto-layer" => settings.auto_layer.to_value(),
+                    "layer" => settings
+                        .layer
+                        .map_or(-1, |l| i32::try_from(l).unwrap_or(i32::MAX))
+                        .to_value(),
+                    "min-layer" => settings.min_layer.to_value(),
+                    "max-layer" => settings.max_layer.to_value(),
+                    "layer-downgrade-threshold" => settings.downgrade_threshold.to_value(),
+                    "layer-upgrade-cooldown" => settings.upgrade_cooldown_ms.to_value(),
+                    "ack-interval" => settings.ack_interval_ms.to_value(),
+                    "simulated-loss" => settings.simulated_loss.to_value(),
                     other => unreachable!("unknown property {other}"),
                 }
             }
@@ -370,7 +514,9 @@ impl P2pLiveSrc {
             )
         })?;
         let topic = settings.net.topic.clone();
-        node.join_stream(&topic, publisher, vec![Channel::Control])
+        // Viewers also carry the feedback channel, so reports reach a publisher they are not
+        // connected to.
+        node.join_stream(&topic, publisher, vec![Channel::Control, Channel::Feedback])
             .map_err(|err| {
                 gst::error_msg!(
                     gst::ResourceError::OpenReadWrite,
@@ -386,29 +532,48 @@ impl P2pLiveSrc {
                 .map(|p| format!(" of publisher {p}"))
                 .unwrap_or_default()
         );
-        let subscriber = Subscriber::new(SubscriberConfig {
-            latency: Duration::from_millis(settings.latency_ms.into()),
-            buffer_size: settings.buffer_size as usize,
-            jitter_tolerance: Duration::from_millis(settings.jitter_tolerance_ms.into()),
-            fragment_timeout: Duration::from_millis(settings.fragment_timeout_ms.into()),
-            ..SubscriberConfig::default()
+        let viewer = Viewer::new(ViewerConfig {
+            subscriber: SubscriberConfig {
+                latency: Duration::from_millis(settings.latency_ms.into()),
+                buffer_size: settings.buffer_size as usize,
+                jitter_tolerance: Duration::from_millis(settings.jitter_tolerance_ms.into()),
+                fragment_timeout: Duration::from_millis(settings.fragment_timeout_ms.into()),
+                ..SubscriberConfig::default()
+            },
+            abr: AbrConfig {
+                min_layer: settings.min_layer,
+                max_layer: settings.max_layer,
+                downgrade_loss_threshold: settings.downgrade_threshold,
+                upgrade_cooldown: Duration::from_millis(settings.upgrade_cooldown_ms.into()),
+                ..AbrConfig::default()
+            },
+            viewer_id: rand::random(),
+            ack_interval: Duration::from_millis(settings.ack_interval_ms.into()),
+            ..ViewerConfig::default()
         });
         let shared = Arc::new(Shared::default());
         *shared.publisher.lock().unwrap() = publisher;
+        let (layer_choice, layer_choice_rx) = tokio::sync::watch::channel(LayerChoice {
+            auto: settings.auto_layer,
+            layer: settings.layer,
+        });
         let driver = RUNTIME.spawn(drive(Driver {
             node: node.clone(),
             topic: topic.clone(),
             events,
             element: self.obj().downgrade(),
             shared: shared.clone(),
-            subscriber,
+            viewer,
             outputs: BTreeMap::new(),
             settings,
+            layer_choice: layer_choice_rx,
+            fixed_layers: BTreeMap::new(),
         }));
         *self.state.lock().unwrap() = Some(State {
             node,
             shared,
             driver,
+            layer_choice,
         });
         Ok(())
     }
@@ -431,6 +596,20 @@ impl P2pLiveSrc {
             let _ = obj.remove(&child);
         }
         gst::debug!(CAT, imp = self, "stopped");
+    }
+
+    /// Hands a changed `auto-layer` / `layer` to the running driver.
+    fn apply_layer_choice(&self) {
+        let choice = {
+            let settings = self.settings.lock().unwrap();
+            LayerChoice {
+                auto: settings.auto_layer,
+                layer: settings.layer,
+            }
+        };
+        if let Some(state) = self.state.lock().unwrap().as_ref() {
+            state.layer_choice.send_replace(choice);
+        }
     }
 
     /// Builds the output of `track`: appsrc (live, timestamps in running time, latency
@@ -670,7 +849,17 @@ impl P2pLiveSrc {
                 shared.counters.discarded.load(Ordering::Relaxed),
             )
             .field("refused", shared.counters.refused.load(Ordering::Relaxed))
-            .field("ended", *shared.ended.lock().unwrap());
+            .field("ended", *shared.ended.lock().unwrap())
+            .field("switch-dropped", s.switch_dropped);
+        let viewer = shared.viewer.lock().unwrap().clone();
+        builder = builder
+            .field("reports-sent", viewer.reports_sent)
+            .field("keyframe-requests-sent", viewer.keyframe_requests_sent)
+            .field("layer-changes", viewer.layer_changes);
+        // The layer of the first layered track (the usual single video track).
+        if let Some(layer) = shared.playing_layers.lock().unwrap().values().next() {
+            builder = builder.field("layer", *layer);
+        }
         if let Some(latency) = *shared.latency_ms.lock().unwrap() {
             builder = builder.field("latency-ms", latency);
         }
@@ -707,29 +896,33 @@ struct Driver {
     events: tokio::sync::mpsc::Receiver<Event>,
     element: glib::WeakRef<super::P2pLiveSrc>,
     shared: Arc<Shared>,
-    subscriber: Subscriber,
+    viewer: Viewer,
     outputs: BTreeMap<u32, TrackOutput>,
     settings: Settings,
+    layer_choice: tokio::sync::watch::Receiver<LayerChoice>,
+    /// The fixed layer applied per layered track (None: adapting).
+    fixed_layers: BTreeMap<u32, Option<u32>>,
 }
 
 async fn drive(mut driver: Driver) {
     let mut stats_tick = common::stats_ticker(driver.settings.net.stats_interval_ms);
     loop {
-        let deadline = driver.subscriber.poll_timeout();
+        let deadline = driver.viewer.poll_timeout();
         tokio::select! {
             event = driver.events.recv() => match event {
                 None => break,
                 Some(event) => driver.handle_node_event(event),
             },
             _ = common::sleep_until(deadline) => {}
+            Ok(()) = driver.layer_choice.changed() => driver.apply_layer_choice(),
             _ = common::next_tick(&mut stats_tick) => {
                 if let Some(element) = driver.element.upgrade() {
                     common::post_stats(element.upcast_ref(), element.imp().stats());
                 }
             }
         }
-        driver.subscriber.handle_timeout(Instant::now());
-        if !driver.drain_subscriber() {
+        driver.viewer.handle_timeout(Instant::now());
+        if !driver.drain_viewer() {
             break;
         }
     }
@@ -739,7 +932,7 @@ impl Driver {
     fn handle_node_event(&mut self, event: Event) {
         match event {
             Event::Message { message, .. } => {
-                self.subscriber.handle_message(Instant::now(), message);
+                self.viewer.handle_message(Instant::now(), message);
             }
             Event::Listening { addrs } => {
                 *self.shared.addrs.lock().unwrap() = addrs.clone();
@@ -765,27 +958,35 @@ impl Driver {
     }
 
     /// Acts on everything the core released; false once the element is gone.
-    fn drain_subscriber(&mut self) -> bool {
+    fn drain_viewer(&mut self) -> bool {
         let Some(element) = self.element.upgrade() else {
             return false;
         };
         let imp = element.imp();
         let latency = Duration::from_millis(self.settings.latency_ms.into());
-        while let Some(event) = self.subscriber.poll_event() {
+        while let Some(event) = self.viewer.poll_event() {
             match event {
-                SubscriberEvent::Catalog(catalog) => self.apply_catalog(imp, &catalog),
+                SubscriberEvent::Catalog(catalog) => {
+                    self.apply_catalog(imp, &catalog);
+                    self.apply_layer_choice();
+                }
                 SubscriberEvent::Restarted { epoch } => {
                     gst::info!(CAT, imp = imp, "publisher restarted (epoch {epoch:x})");
                 }
-                SubscriberEvent::Frame(frame) => match self.outputs.get(&frame.track) {
-                    Some(output) => imp.push_frame(&self.shared, output, frame, latency),
-                    None => {
-                        self.shared
-                            .counters
-                            .discarded
-                            .fetch_add(1, Ordering::Relaxed);
+                SubscriberEvent::Frame(frame) => {
+                    if frame.layer_switch {
+                        self.follow_layer_switch(imp, &frame);
                     }
-                },
+                    match self.outputs.get(&frame.track) {
+                        Some(output) => imp.push_frame(&self.shared, output, frame, latency),
+                        None => {
+                            self.shared
+                                .counters
+                                .discarded
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 SubscriberEvent::EndOfStream => {
                     gst::info!(CAT, imp = imp, "publisher ended the stream");
                     *self.shared.ended.lock().unwrap() = true;
@@ -795,8 +996,105 @@ impl Driver {
                 }
             }
         }
-        *self.shared.subscriber.lock().unwrap() = self.subscriber.stats();
+        while let Some(change) = self.viewer.poll_channel_change() {
+            let result = match change {
+                ChannelChange::Subscribe(channel) => self.node.subscribe(&self.topic, channel),
+                ChannelChange::Unsubscribe(channel) => self.node.unsubscribe(&self.topic, channel),
+            };
+            if let Err(err) = result {
+                gst::warning!(CAT, imp = imp, "{change:?} failed: {err}");
+            }
+        }
+        while let Some(transmit) = self.viewer.poll_transmit() {
+            // Reports and keyframe requests are best effort: a full queue drops one.
+            if let Err(err) = self
+                .node
+                .publish(&self.topic, transmit.channel, transmit.payload)
+            {
+                gst::debug!(CAT, imp = imp, "report not sent: {err}");
+            }
+        }
+        if let Some(latency_ms) = *self.shared.latency_ms.lock().unwrap() {
+            self.viewer
+                .set_measured_latency(Duration::from_millis(latency_ms.max(0.0) as u64));
+        }
+        let subscriber = self.viewer.subscriber();
+        *self.shared.subscriber.lock().unwrap() = subscriber.stats();
+        *self.shared.viewer.lock().unwrap() = self.viewer.stats();
+        *self.shared.playing_layers.lock().unwrap() = self
+            .outputs
+            .keys()
+            .filter_map(|&track| Some((track, subscriber.playing_layer(track)?.id)))
+            .collect();
         true
+    }
+
+    /// The first frame of another simulcast layer: its resolution goes into the caps.
+    fn follow_layer_switch(&mut self, imp: &P2pLiveSrc, frame: &OutputFrame) {
+        let Some(output) = self.outputs.get_mut(&frame.track) else {
+            return;
+        };
+        let layer = self.viewer.subscriber().catalog().and_then(|catalog| {
+            catalog
+                .tracks
+                .iter()
+                .find(|t| t.id == frame.track)?
+                .layers
+                .iter()
+                .find(|l| l.id == frame.layer)
+                .cloned()
+        });
+        let Some(layer) = layer else {
+            return;
+        };
+        let Ok(mut caps) = output.caps.parse::<gst::Caps>() else {
+            return;
+        };
+        if layer.width > 0 && layer.height > 0 {
+            let caps = caps.make_mut();
+            caps.set("width", layer.width as i32);
+            caps.set("height", layer.height as i32);
+        }
+        gst::info!(
+            CAT,
+            imp = imp,
+            "track {} now plays layer {} ({}x{})",
+            frame.track,
+            layer.id,
+            layer.width,
+            layer.height
+        );
+        output.appsrc.set_caps(Some(&caps));
+    }
+
+    /// Applies `auto-layer` / `layer` to every layered track: adapting, or a fixed layer
+    /// (the highest one within `max-layer` when `layer` is -1).
+    fn apply_layer_choice(&mut self) {
+        let choice = *self.layer_choice.borrow_and_update();
+        let Some(catalog) = self.viewer.subscriber().catalog().cloned() else {
+            return;
+        };
+        let now = Instant::now();
+        for track in catalog.tracks.iter().filter(|t| t.layers.len() > 1) {
+            let wanted = (!choice.auto).then(|| {
+                let ceiling = choice
+                    .layer
+                    .unwrap_or(u32::MAX)
+                    .min(self.settings.max_layer);
+                track
+                    .layers
+                    .iter()
+                    .map(|l| l.id)
+                    .filter(|&id| id <= ceiling)
+                    .max()
+                    .unwrap_or(0)
+            });
+            if self.fixed_layers.get(&track.id) != Some(&wanted)
+                && self.viewer.set_fixed_layer(now, track.id, wanted)
+            {
+                self.fixed_layers.insert(track.id, wanted);
+            }
+        }
     }
 
     /// Creates outputs for new tracks, subscribes to their media, and follows caps changes.
@@ -830,21 +1128,8 @@ impl Driver {
             let pad_name = format!("{prefix}{index}");
             match imp.add_output(track, &pad_name, &self.settings) {
                 Ok(output) => {
+                    // The viewer says which of its layers to receive (poll_channel_change).
                     self.outputs.insert(track.id, output);
-                    let layers: Vec<u32> = if track.layers.is_empty() {
-                        vec![0]
-                    } else {
-                        track.layers.iter().map(|l| l.id).collect()
-                    };
-                    for layer in layers {
-                        let channel = Channel::Media {
-                            track: track.id,
-                            layer,
-                        };
-                        if let Err(err) = self.node.subscribe(&self.topic, channel) {
-                            gst::warning!(CAT, imp = imp, "cannot subscribe {channel:?}: {err}");
-                        }
-                    }
                 }
                 Err(err) => {
                     gst::element_imp_error!(
