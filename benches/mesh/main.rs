@@ -243,6 +243,7 @@ fn main() {
         .expect("tokio runtime");
 
     let mut results = Vec::new();
+    let mut failures = Vec::new();
     for (index, &viewers) in args.viewers.iter().enumerate() {
         for &mode in &args.mode {
             let config = run::RunConfig::new(&args, mode, viewers, args.bitrate_for(index));
@@ -256,9 +257,14 @@ fn main() {
                     eprintln!("{}", report::one_line(&result));
                     results.push(result);
                 }
+                // Reported in the outputs; the other runs still go ahead.
                 Err(err) => {
-                    eprintln!("mesh: run failed: {err}");
-                    std::process::exit(1);
+                    eprintln!("mesh: {} with {viewers} viewers failed: {err}", mode.name());
+                    failures.push(report::Failure {
+                        mode,
+                        viewers,
+                        error: err,
+                    });
                 }
             }
         }
@@ -266,7 +272,8 @@ fn main() {
     // Nodes are shut down at the end of each run; give their tasks no further time.
     runtime.shutdown_timeout(Duration::from_secs(2));
 
-    let output = report::Output::new(&args, results);
+    let failed = !failures.is_empty();
+    let output = report::Output::new(&args, results, failures);
     let table = report::markdown(&output);
     println!("{table}");
     if let Some(json) = &args.json {
@@ -275,5 +282,8 @@ fn main() {
             std::process::exit(1);
         }
         eprintln!("mesh: wrote {} and its table and plots", json.display());
+    }
+    if failed {
+        std::process::exit(1);
     }
 }

@@ -248,15 +248,24 @@ pub struct Machine {
     pub os: String,
 }
 
+/// A run that could not be completed (setup too slow, a task stuck).
+#[derive(Debug, Serialize)]
+pub struct Failure {
+    pub mode: Mode,
+    pub viewers: usize,
+    pub error: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Output {
     pub params: Params,
     pub machine: Machine,
     pub runs: Vec<RunResult>,
+    pub failed_runs: Vec<Failure>,
 }
 
 impl Output {
-    pub fn new(args: &Args, runs: Vec<RunResult>) -> Output {
+    pub fn new(args: &Args, runs: Vec<RunResult>, failed_runs: Vec<Failure>) -> Output {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|info| {
@@ -298,6 +307,7 @@ impl Output {
                 os,
             },
             runs,
+            failed_runs,
         }
     }
 }
@@ -341,6 +351,14 @@ pub fn markdown(output: &Output) -> String {
             r.join_ms.p99,
             r.cpu_s_per_viewer_per_stream_s,
             r.cores_busy,
+        ));
+    }
+    for f in &output.failed_runs {
+        md.push_str(&format!(
+            "| {} | | {} | failed: {} | | | | | | | | |\n",
+            f.viewers,
+            f.mode.name(),
+            f.error
         ));
     }
     let p = &output.params;

@@ -38,7 +38,7 @@ const MAX_HOPS: usize = 64;
 
 /// Setup time allowed for `viewers` viewers.
 pub fn setup_budget(viewers: usize) -> Duration {
-    LISTEN_TIMEOUT + (JOIN_SPACING + Duration::from_millis(200)) * viewers as u32
+    LISTEN_TIMEOUT + (JOIN_SPACING + Duration::from_millis(500)) * viewers as u32
 }
 
 #[derive(Debug, Clone)]
