@@ -495,7 +495,10 @@ mod tests {
             .map(|l| l.temporal)
             .max()
             .unwrap();
-        assert_eq!((start.spatial, start.temporal), (lightest_spatial, top_temporal));
+        assert_eq!(
+            (start.spatial, start.temporal),
+            (lightest_spatial, top_temporal)
+        );
         // Within bounds, the same rule on what is allowed.
         let bounded = Abr::new(
             t0,

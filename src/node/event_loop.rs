@@ -53,8 +53,10 @@ pub(crate) enum Command {
 }
 
 /// The [`super::InboundLoss`] hook: a seeded RNG deciding which received messages to drop.
+/// The share is shared with the [`super::Node`] handle, which may change it while running.
 pub(crate) struct LossHook {
-    share: f64,
+    /// `f64` bits of the share of messages dropped.
+    share: Arc<std::sync::atomic::AtomicU64>,
     rng: rand::rngs::StdRng,
 }
 
@@ -62,14 +64,20 @@ impl LossHook {
     pub(crate) fn new(loss: super::InboundLoss) -> Self {
         use rand::SeedableRng as _;
         Self {
-            share: loss.share,
+            share: Arc::new(std::sync::atomic::AtomicU64::new(loss.share.to_bits())),
             rng: rand::rngs::StdRng::seed_from_u64(loss.seed),
         }
     }
 
+    /// The share, as the node handle sets it.
+    pub(crate) fn share_handle(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.share.clone()
+    }
+
     fn drops(&mut self) -> bool {
         use rand::Rng as _;
-        self.share > 0.0 && self.rng.random::<f64>() < self.share
+        let share = f64::from_bits(self.share.load(Ordering::Relaxed));
+        share > 0.0 && self.rng.random::<f64>() < share
     }
 }
 
@@ -933,6 +941,20 @@ mod tests {
         sink.message(message(peer, 4));
         assert_eq!(rx.try_recv().unwrap(), message(peer, 4));
         assert_eq!(stats.events_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn loss_hook_follows_a_share_changed_while_running() {
+        let mut hook = LossHook::new(crate::node::InboundLoss {
+            share: 0.0,
+            seed: 3,
+        });
+        let share = hook.share_handle();
+        assert!((0..1000).all(|_| !hook.drops()));
+        share.store(1.0f64.to_bits(), Ordering::Relaxed);
+        assert!((0..1000).all(|_| hook.drops()));
+        share.store(0.0f64.to_bits(), Ordering::Relaxed);
+        assert!((0..1000).all(|_| !hook.drops()));
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Node {
     peer_id: PeerId,
     stats: Arc<NodeStats>,
     max_stream_len: usize,
+    /// `f64` bits of the inbound loss share (test and benchmark hook).
+    inbound_loss: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Node {
@@ -169,6 +171,12 @@ impl Node {
             ..NodeStats::default()
         });
 
+        // Always present, so the share can be changed later; a zero share drops nothing.
+        let loss_hook = event_loop::LossHook::new(config.inbound_loss.unwrap_or(InboundLoss {
+            share: 0.0,
+            seed: rand::random(),
+        }));
+        let inbound_loss = loss_hook.share_handle();
         tracing::info!(%peer_id, mdns = config.mdns, kademlia = config.kademlia, "p2plive node starting");
         let event_loop = EventLoop::new(event_loop::Parts {
             swarm,
@@ -181,7 +189,7 @@ impl Node {
             stats: stats.clone(),
             limits: config.limits.clone(),
             max_dialed_peers: config.max_dialed_peers,
-            inbound_loss: config.inbound_loss.map(event_loop::LossHook::new),
+            inbound_loss: Some(loss_hook),
             listeners,
             bootstrap,
         });
@@ -195,6 +203,7 @@ impl Node {
             peer_id,
             stats,
             max_stream_len: config.limits.max_topic_len,
+            inbound_loss,
         };
         Ok((node, events_rx))
     }
@@ -298,6 +307,17 @@ impl Node {
     /// Whether the event loop is still running.
     pub fn is_running(&self) -> bool {
         !self.stats.stopped.load(Ordering::Relaxed) && !self.publishes.is_closed()
+    }
+
+    /// Test and benchmark hook: from now on drop this share (`0.0..=1.0`, clamped) of the
+    /// messages received, as a lossy link would. 0 stops dropping.
+    pub fn set_inbound_loss(&self, share: f64) {
+        let share = if share.is_nan() {
+            0.0
+        } else {
+            share.clamp(0.0, 1.0)
+        };
+        self.inbound_loss.store(share.to_bits(), Ordering::Relaxed);
     }
 
     /// Current counters.

@@ -286,7 +286,7 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .minimum(0.0)
             .maximum(1.0)
             .default_value(0.0)
-            .mutable_ready()
+            .mutable_playing()
             .build(),
     ]);
     properties
@@ -350,7 +350,10 @@ impl ObjectImpl for P2pLiveSrc {
                 settings.ack_interval_ms = value.get().expect("type checked upstream")
             }
             "simulated-loss" => {
-                settings.simulated_loss = value.get().expect("type checked upstream")
+                settings.simulated_loss = value.get().expect("type checked upstream");
+                if let Some(state) = self.state.lock().unwrap().as_ref() {
+                    state.node.set_inbound_loss(settings.simulated_loss);
+                }
             }
             other => unreachable!("unknown property {other}"),
         }
@@ -513,6 +516,7 @@ impl P2pLiveSrc {
                 ["Failed to start the libp2p node: {err}"]
             )
         })?;
+        node.set_inbound_loss(settings.simulated_loss);
         let topic = settings.net.topic.clone();
         // Viewers also carry the feedback channel, so reports reach a publisher they are not
         // connected to.

@@ -1,0 +1,194 @@
+//! Layered video end to end: real VP8 temporal layers and simulcast, real decoders, real
+//! libp2p nodes on 127.0.0.1, and the viewer's layer adaptation.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use gst::prelude::*;
+
+const JOIN: Duration = Duration::from_secs(20);
+
+fn start_publisher(source: &str, topic: &str, extra: &str) -> (Running, String) {
+    init();
+    let running = Running::start(launch(&format!(
+        "{source} ! p2plivesink name=pub topic={topic} {LOOPBACK} keyframe-interval=500 {extra}"
+    )));
+    let addr = running.listening_addr("pub", JOIN);
+    (running, addr)
+}
+
+fn start_viewer(topic: &str, addr: &str, extra: &str) -> (Running, Log) {
+    let running = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} {LOOPBACK} ack-interval=300 {extra} \
+         ! appsink name=out sync=false"
+    )));
+    let frames = record_appsink(&running.by_name("out"));
+    (running, frames)
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+fn layer_of(viewer: &Running) -> Option<u32> {
+    viewer.stats("view").get::<u32>("layer").ok()
+}
+
+#[test]
+fn temporal_base_layer_viewer_gets_a_quarter_of_the_frames_for_fewer_bytes() {
+    let topic = unique_topic("temporal");
+    let (publisher, addr) = start_publisher(
+        "videotestsrc is-live=true ! video/x-raw,width=320,height=240,framerate=30/1",
+        &topic,
+        "layers=temporal",
+    );
+    let (base, base_frames) = start_viewer(&topic, &addr, "auto-layer=false layer=0");
+    let (full, full_frames) = start_viewer(&topic, &addr, "auto-layer=false");
+    assert!(wait_for(&base_frames, 5, JOIN) && wait_for(&full_frames, 20, JOIN));
+
+    // Count over the same few seconds once both play.
+    let base_start = base_frames.lock().unwrap().len();
+    let full_start = full_frames.lock().unwrap().len();
+    let bytes = |viewer: &Running| viewer.stats("view").get::<u64>("fragment-bytes").unwrap();
+    let (base_bytes_start, full_bytes_start) = (bytes(&base), bytes(&full));
+    std::thread::sleep(Duration::from_secs(4));
+    let base_count = base_frames.lock().unwrap().len() - base_start;
+    let full_count = full_frames.lock().unwrap().len() - full_start;
+    let ratio = base_count as f64 / full_count as f64;
+    assert!(
+        (0.18..=0.32).contains(&ratio),
+        "layer 0 played {base_count} frames, all layers {full_count}"
+    );
+    let (base_bytes, full_bytes) = (
+        bytes(&base) - base_bytes_start,
+        bytes(&full) - full_bytes_start,
+    );
+    assert!(
+        (base_bytes as f64) < 0.8 * full_bytes as f64,
+        "layer 0 downloaded {base_bytes} bytes, all layers {full_bytes}"
+    );
+    // Every frame of the base layer decodes: whole frames, no decoder complaints.
+    for frame in base_frames.lock().unwrap().iter() {
+        let info = gst_video::VideoInfo::from_caps(frame.caps.as_ref().unwrap()).unwrap();
+        assert_eq!(frame.data.len(), info.size());
+    }
+    assert!(base.problems().is_empty(), "{:?}", base.problems());
+    assert_eq!(layer_of(&base), Some(0));
+    assert_eq!(layer_of(&full), Some(2));
+
+    // The publisher hears both viewers and sees them on their layers.
+    let audience = || -> (u64, gst::Structure) {
+        let stats = publisher.stats("pub");
+        (
+            stats.get("viewers").unwrap(),
+            stats.get("viewer-layers").unwrap(),
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (viewers, layers) = audience();
+            viewers == 2
+                && layers.get::<u64>("layer-0").ok() == Some(1)
+                && layers.get::<u64>("layer-2").ok() == Some(1)
+        }),
+        "publisher stats: {}",
+        publisher.stats("pub")
+    );
+}
+
+#[test]
+fn a_lossy_viewer_steps_down_keeps_playing_and_steps_back_up() {
+    let topic = unique_topic("abr");
+    let (_publisher, addr) = start_publisher(
+        "videotestsrc is-live=true ! video/x-raw,width=320,height=240,framerate=30/1",
+        &topic,
+        "layers=temporal",
+    );
+    let quick = "layer-upgrade-cooldown=1000";
+    let (lossy, lossy_frames) = start_viewer(&topic, &addr, quick);
+    let (steady, steady_frames) = start_viewer(&topic, &addr, quick);
+    assert!(wait_for(&lossy_frames, 20, JOIN) && wait_for(&steady_frames, 20, JOIN));
+    assert!(eventually(JOIN, || layer_of(&lossy) == Some(2)
+        && layer_of(&steady) == Some(2)));
+
+    // A third of what reaches one viewer is lost: it steps down and keeps playing.
+    let src: gst::Element = lossy.by_name("view");
+    src.set_property("simulated-loss", 0.35f64);
+    assert!(
+        eventually(Duration::from_secs(15), || layer_of(&lossy)
+            .is_some_and(|l| l < 2)),
+        "no step down: {}",
+        lossy.stats("view")
+    );
+    let during = lossy_frames.lock().unwrap().len();
+    assert!(
+        wait_for(&lossy_frames, during + 10, Duration::from_secs(10)),
+        "keeps playing"
+    );
+    assert_eq!(layer_of(&steady), Some(2), "the other viewer is unaffected");
+
+    // The loss stops: after the cooldown and a successful probe it climbs back.
+    src.set_property("simulated-loss", 0.0f64);
+    assert!(
+        eventually(Duration::from_secs(40), || layer_of(&lossy) == Some(2)),
+        "no step back up: {}",
+        lossy.stats("view")
+    );
+    let stats = lossy.stats("view");
+    assert!(stats.get::<u64>("layer-changes").unwrap() >= 2, "{stats}");
+    assert_eq!(layer_of(&steady), Some(2));
+    assert!(steady.problems().is_empty(), "{:?}", steady.problems());
+}
+
+#[test]
+fn simulcast_switches_renegotiate_caps_without_decoder_errors() {
+    let topic = unique_topic("simulcast");
+    // 640x480 input: rungs 480x360 (layer 0) and 640x480 (layer 1).
+    let (_publisher, addr) = start_publisher(
+        "videotestsrc is-live=true ! video/x-raw,width=640,height=480,framerate=30/1",
+        &topic,
+        "layers=simulcast video-bitrate=800",
+    );
+    let (viewer, frames) = start_viewer(&topic, &addr, "auto-layer=false layer=0");
+    let size = |frame: &Seen| {
+        let info = gst_video::VideoInfo::from_caps(frame.caps.as_ref().unwrap()).unwrap();
+        (info.width(), info.height())
+    };
+    let last_size = || frames.lock().unwrap().last().map(size);
+    assert!(wait_for(&frames, 10, JOIN));
+    assert_eq!(last_size(), Some((480, 360)));
+
+    let src: gst::Element = viewer.by_name("view");
+    src.set_property("layer", 1i32);
+    assert!(
+        eventually(Duration::from_secs(15), || last_size() == Some((640, 480))),
+        "no switch up: {}",
+        viewer.stats("view")
+    );
+    src.set_property("layer", 0i32);
+    assert!(
+        eventually(Duration::from_secs(15), || last_size() == Some((480, 360))),
+        "no switch down: {}",
+        viewer.stats("view")
+    );
+    // Every frame is whole at the size its caps say, and nothing complained.
+    let frames = frames.lock().unwrap();
+    for frame in frames.iter() {
+        let info = gst_video::VideoInfo::from_caps(frame.caps.as_ref().unwrap()).unwrap();
+        assert_eq!(frame.data.len(), info.size());
+    }
+    let sizes: Vec<_> = frames.iter().map(size).collect();
+    let changes = sizes.windows(2).filter(|pair| pair[0] != pair[1]).count();
+    assert_eq!(changes, 2, "one switch up, one down");
+    assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
+}
