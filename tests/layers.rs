@@ -192,3 +192,37 @@ fn simulcast_switches_renegotiate_caps_without_decoder_errors() {
     assert_eq!(changes, 2, "one switch up, one down");
     assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
 }
+
+#[test]
+fn encoded_inputs_become_the_layers_of_one_track() {
+    let topic = unique_topic("inputs");
+    init();
+    // Two encodes of one source; the smaller one arrives on the second pad, and is still
+    // layer 0 (layers go lightest first by size).
+    let publisher = Running::start(launch(&format!(
+        "p2plivesink name=pub topic={topic} {LOOPBACK} simulcast-inputs=true \
+         videotestsrc is-live=true ! video/x-raw,width=320,height=240,framerate=30/1 ! tee name=t \
+         t. ! queue ! vp8enc deadline=1 keyframe-max-dist=15 ! pub.video_0 \
+         t. ! queue ! videoscale ! video/x-raw,width=160,height=120 \
+            ! vp8enc deadline=1 keyframe-max-dist=15 ! pub.video_1"
+    )));
+    let addr = publisher.listening_addr("pub", JOIN);
+    let (viewer, frames) = start_viewer(&topic, &addr, "auto-layer=false layer=0");
+    let size = |frame: &Seen| {
+        let info = gst_video::VideoInfo::from_caps(frame.caps.as_ref().unwrap()).unwrap();
+        (info.width(), info.height())
+    };
+    let last_size = || frames.lock().unwrap().last().map(size);
+    assert!(wait_for(&frames, 10, JOIN));
+    assert_eq!(last_size(), Some((160, 120)));
+    let src: gst::Element = viewer.by_name("view");
+    src.set_property("layer", 1i32);
+    assert!(
+        eventually(Duration::from_secs(15), || last_size() == Some((320, 240))),
+        "no switch: {}",
+        viewer.stats("view")
+    );
+    // One track with two layers, not two tracks.
+    assert!(src.static_pad("video_1").is_none());
+    assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
+}

@@ -45,6 +45,7 @@ struct Settings {
     keyframe_interval_ms: u32,
     max_fragment_size: u32,
     layers: LayerLadder,
+    simulcast_inputs: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +58,7 @@ impl Default for Settings {
             keyframe_interval_ms: DEFAULT_KEYFRAME_INTERVAL_MS,
             max_fragment_size: DEFAULT_MAX_FRAGMENT_SIZE,
             layers: LayerLadder::Auto,
+            simulcast_inputs: false,
         }
     }
 }
@@ -77,6 +79,17 @@ struct InputPad {
     ladder: Option<Ladder>,
     /// One encoder per spatial layer (rung), for keyframes forced on request.
     encoders: Vec<gst::Element>,
+    /// The chain behind the pad is built (its input caps are known).
+    negotiated: bool,
+    /// With `simulcast-inputs`: this encoded pad's layer in the shared track.
+    group_layer: Option<u32>,
+}
+
+impl InputPad {
+    /// Encoded video that `simulcast-inputs` groups into one track.
+    fn groupable(&self, settings: &Settings) -> bool {
+        settings.simulcast_inputs && self.kind == TrackKind::Video && self.ladder.is_none()
+    }
 }
 
 /// What the streaming threads and the driver task share while the node runs.
@@ -166,6 +179,15 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             )
             .mutable_ready()
             .build(),
+        glib::ParamSpecBoolean::builder("simulcast-inputs")
+            .nick("Simulcast inputs")
+            .blurb(
+                "Already-encoded video pads are the resolutions (layers) of one track, lightest \
+                 first by size, instead of separate tracks",
+            )
+            .default_value(false)
+            .mutable_ready()
+            .build(),
         glib::ParamSpecUInt::builder("max-fragment-size")
             .nick("Maximum fragment size")
             .blurb("Largest payload, in bytes, of one network message; frames are split to fit")
@@ -203,6 +225,9 @@ impl ObjectImpl for P2pLiveSink {
                 settings.max_fragment_size = value.get().expect("type checked upstream")
             }
             "layers" => settings.layers = value.get().expect("type checked upstream"),
+            "simulcast-inputs" => {
+                settings.simulcast_inputs = value.get().expect("type checked upstream")
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -230,6 +255,7 @@ impl ObjectImpl for P2pLiveSink {
                     "keyframe-interval" => settings.keyframe_interval_ms.to_value(),
                     "max-fragment-size" => settings.max_fragment_size.to_value(),
                     "layers" => settings.layers.to_value(),
+                    "simulcast-inputs" => settings.simulcast_inputs.to_value(),
                     other => unreachable!("unknown property {other}"),
                 }
             }
@@ -362,6 +388,8 @@ impl ElementImpl for P2pLiveSink {
                 ended_outputs: Default::default(),
                 ladder: None,
                 encoders: Vec::new(),
+                negotiated: false,
+                group_layer: None,
             },
         );
         Some(ghost.upcast())
@@ -488,6 +516,7 @@ impl P2pLiveSink {
             input.track = None;
             input.caps = None;
             input.ended_outputs.clear();
+            input.group_layer = None;
         }
     }
 
@@ -564,6 +593,7 @@ impl P2pLiveSink {
         input.elements.extend(added);
         input.encoders = encoders;
         input.ladder = ladder;
+        input.negotiated = true;
         Ok(())
     }
 
@@ -651,40 +681,54 @@ impl P2pLiveSink {
         };
         drop(map);
 
+        let settings = self.settings.lock().unwrap().clone();
         let now = Instant::now();
         let mut publisher = session.publisher.lock().unwrap();
         let (track, layer) = {
             let mut pads = self.pads.lock().unwrap();
-            let input = pads.get_mut(pad_name).ok_or(gst::FlowError::Flushing)?;
-            let layer = input
-                .ladder
-                .as_ref()
-                .map_or(0, |ladder| ladder.layer_id(spatial, temporal));
-            let track = match input.track {
-                None => {
-                    let layers = match &input.ladder {
-                        Some(ladder) => ladder.catalog_layers(),
-                        None => single_layer(caps, input.kind),
-                    };
-                    let id = publisher.add_track(now, input.kind, caps.to_string(), layers);
-                    gst::info!(CAT, imp = self, "{pad_name} is track {id}: {caps}");
-                    input.track = Some(id);
-                    input.caps = Some(caps.to_owned());
-                    id
-                }
-                Some(id) => {
-                    // Spatial layers differ in size by design; the catalog describes each.
-                    if spatial == 0 && input.caps.as_deref() != Some(caps) {
-                        gst::info!(CAT, imp = self, "track {id} caps changed: {caps}");
-                        if let Err(err) = publisher.update_track_caps(now, id, caps.to_string()) {
-                            gst::warning!(CAT, imp = self, "cannot update caps: {err}");
-                        }
-                        input.caps = Some(caps.to_owned());
+            let input = pads.get(pad_name).ok_or(gst::FlowError::Flushing)?;
+            if input.groupable(&settings) {
+                match self.grouped_layer(&mut pads, pad_name, caps, &mut publisher, now) {
+                    Some(track_layer) => track_layer,
+                    None => {
+                        // The track is announced once every grouped pad has its caps.
+                        gst::debug!(CAT, imp = self, "{pad_name}: waiting for the other layers");
+                        return Ok(gst::FlowSuccess::Ok);
                     }
-                    id
                 }
-            };
-            (track, layer)
+            } else {
+                let input = pads.get_mut(pad_name).ok_or(gst::FlowError::Flushing)?;
+                let layer = input
+                    .ladder
+                    .as_ref()
+                    .map_or(0, |ladder| ladder.layer_id(spatial, temporal));
+                let track = match input.track {
+                    None => {
+                        let layers = match &input.ladder {
+                            Some(ladder) => ladder.catalog_layers(),
+                            None => single_layer(caps, input.kind),
+                        };
+                        let id = publisher.add_track(now, input.kind, caps.to_string(), layers);
+                        gst::info!(CAT, imp = self, "{pad_name} is track {id}: {caps}");
+                        input.track = Some(id);
+                        input.caps = Some(caps.to_owned());
+                        id
+                    }
+                    Some(id) => {
+                        // Spatial layers differ in size by design; the catalog describes each.
+                        if spatial == 0 && input.caps.as_deref() != Some(caps) {
+                            gst::info!(CAT, imp = self, "track {id} caps changed: {caps}");
+                            if let Err(err) = publisher.update_track_caps(now, id, caps.to_string())
+                            {
+                                gst::warning!(CAT, imp = self, "cannot update caps: {err}");
+                            }
+                            input.caps = Some(caps.to_owned());
+                        }
+                        id
+                    }
+                };
+                (track, layer)
+            }
         };
         if let Err(err) = publisher.push_layer_frame(now, track, layer, frame, temporal_sync) {
             session.rejected_frames.fetch_add(1, Ordering::Relaxed);
@@ -696,6 +740,82 @@ impl P2pLiveSink {
         }
         session.flush(&mut publisher);
         Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// The track and layer of a frame of grouped (`simulcast-inputs`) pad `pad_name`.
+    /// The first time every grouped pad has caps, announces their track with one layer per
+    /// pad, lightest first by size; until then None (the frame is not published).
+    fn grouped_layer(
+        &self,
+        pads: &mut BTreeMap<String, InputPad>,
+        pad_name: &str,
+        caps: &gst::CapsRef,
+        publisher: &mut Publisher,
+        now: Instant,
+    ) -> Option<(u32, u32)> {
+        let settings = self.settings.lock().unwrap().clone();
+        let input = pads.get_mut(pad_name)?;
+        if input.caps.is_none() {
+            input.caps = Some(caps.to_owned());
+        }
+        if let (Some(track), Some(layer)) = (input.track, input.group_layer) {
+            return Some((track, layer));
+        }
+        let mut members: Vec<(String, gst::Caps)> = Vec::new();
+        for (name, pad) in pads.iter() {
+            if pad.kind != TrackKind::Video {
+                continue;
+            }
+            if !pad.negotiated {
+                return None;
+            }
+            if pad.groupable(&settings) {
+                members.push((name.clone(), pad.caps.clone()?));
+            }
+        }
+        let pixels = |caps: &gst::Caps| {
+            caps.structure(0).map_or(0, |s| {
+                i64::from(s.get::<i32>("width").unwrap_or(0))
+                    * i64::from(s.get::<i32>("height").unwrap_or(0))
+            })
+        };
+        members.sort_by_key(|(_, caps)| pixels(caps));
+        let layers: Vec<Layer> = members
+            .iter()
+            .enumerate()
+            .map(|(index, (_, caps))| Layer {
+                id: index as u32,
+                kind: if index == 0 {
+                    LayerKind::Base
+                } else {
+                    LayerKind::Spatial
+                } as i32,
+                spatial_id: index as u32,
+                ..single_layer(caps, TrackKind::Video)
+                    .pop()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let track_caps = members.first()?.1.to_string();
+        let track = publisher.add_track(now, TrackKind::Video, track_caps, layers);
+        gst::info!(
+            CAT,
+            imp = self,
+            "track {track}: simulcast of {}",
+            members
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for (index, (name, _)) in members.iter().enumerate() {
+            if let Some(pad) = pads.get_mut(name) {
+                pad.track = Some(track);
+                pad.group_layer = Some(index as u32);
+            }
+        }
+        let input = pads.get(pad_name)?;
+        Some((track, input.group_layer?))
     }
 
     /// Wall-clock time the frame was captured: now, less how long ago its running time was.
@@ -741,27 +861,24 @@ impl P2pLiveSink {
     /// Forces a keyframe on the encoder of `layer` of `track` only, as viewers asked.
     fn force_keyframe(&self, track: u32, layer: u32) {
         let pads = self.pads.lock().unwrap();
-        let Some(input) = pads.values().find(|input| input.track == Some(track)) else {
-            return;
-        };
-        let spatial = input
-            .ladder
-            .as_ref()
-            .map_or(0, |ladder| ladder.spatial_of(layer)) as usize;
-        let Some(encoder) = input.encoders.get(spatial) else {
-            gst::debug!(
-                CAT,
-                imp = self,
-                "track {track} is not encoded here: no keyframe"
-            );
+        let Some(input) = pads.values().find(|input| {
+            input.track == Some(track) && input.group_layer.is_none_or(|l| l == layer)
+        }) else {
             return;
         };
         let event = gst_video::UpstreamForceKeyUnitEvent::builder()
             .all_headers(true)
             .build();
-        let sent = encoder
-            .static_pad("src")
-            .is_some_and(|pad| pad.send_event(event));
+        let sent = match &input.ladder {
+            // Encoded here: the encoder of that layer's resolution.
+            Some(ladder) => input
+                .encoders
+                .get(ladder.spatial_of(layer) as usize)
+                .and_then(|encoder| encoder.static_pad("src"))
+                .is_some_and(|pad| pad.send_event(event)),
+            // Encoded upstream: ask whatever encodes this pad's input.
+            None => input.ghost.push_event(event),
+        };
         gst::debug!(
             CAT,
             imp = self,
