@@ -98,10 +98,8 @@ fn raw_video_is_encoded_and_decoded_at_its_size() {
     );
     let frames = frames.lock().unwrap();
     for frame in frames.iter() {
-        let info = gst_video::VideoInfo::from_caps(frame.caps.as_ref().expect("caps"))
-            .expect("raw video caps");
-        assert_eq!((info.width(), info.height()), (320, 180));
-        assert_eq!(frame.data.len(), info.size(), "a whole decoded frame");
+        assert_eq!(frame.video_size(), (320, 180));
+        assert!(frame.is_whole_video_frame(), "a whole decoded frame");
     }
     let stats = viewer.stats("view");
     assert!(stats.get::<u64>("frames-output").unwrap() >= 30, "{stats}");

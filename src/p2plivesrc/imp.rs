@@ -106,8 +106,9 @@ struct Shared {
     publisher: Mutex<Option<PeerId>>,
     subscriber: Mutex<SubscriberStats>,
     viewer: Mutex<ViewerStats>,
-    /// Layer each layered track plays now, by track.
-    playing_layers: Mutex<BTreeMap<u32, u32>>,
+    /// Per layered track: the layer chosen (ABR or fixed) and the highest one decoded now
+    /// (lower for a moment after a loss in an upper temporal layer).
+    layers: Mutex<BTreeMap<u32, (u32, Option<u32>)>>,
     counters: OutputCounters,
     /// Moving average of capture (publisher wall clock) to render (viewer wall clock), ms.
     latency_ms: Mutex<Option<f64>>,
@@ -860,9 +861,12 @@ impl P2pLiveSrc {
             .field("reports-sent", viewer.reports_sent)
             .field("keyframe-requests-sent", viewer.keyframe_requests_sent)
             .field("layer-changes", viewer.layer_changes);
-        // The layer of the first layered track (the usual single video track).
-        if let Some(layer) = shared.playing_layers.lock().unwrap().values().next() {
-            builder = builder.field("layer", *layer);
+        // The layers of the first layered track (the usual single video track).
+        if let Some((selected, playing)) = shared.layers.lock().unwrap().values().next() {
+            builder = builder.field("layer", *selected);
+            if let Some(playing) = playing {
+                builder = builder.field("playing-layer", *playing);
+            }
         }
         if let Some(latency) = *shared.latency_ms.lock().unwrap() {
             builder = builder.field("latency-ms", latency);
@@ -1025,10 +1029,16 @@ impl Driver {
         let subscriber = self.viewer.subscriber();
         *self.shared.subscriber.lock().unwrap() = subscriber.stats();
         *self.shared.viewer.lock().unwrap() = self.viewer.stats();
-        *self.shared.playing_layers.lock().unwrap() = self
+        *self.shared.layers.lock().unwrap() = self
             .outputs
             .keys()
-            .filter_map(|&track| Some((track, subscriber.playing_layer(track)?.id)))
+            .filter_map(|&track| {
+                let selected = subscriber.selected_layer(track)?.id;
+                Some((
+                    track,
+                    (selected, subscriber.playing_layer(track).map(|l| l.id)),
+                ))
+            })
             .collect();
         true
     }

@@ -138,6 +138,19 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Width and height from the caps of a raw video buffer.
+    pub fn video_size(&self) -> (u32, u32) {
+        let info = gst_video::VideoInfo::from_caps(self.caps.as_ref().expect("caps"))
+            .expect("raw video caps");
+        (info.width(), info.height())
+    }
+
+    /// Whether the buffer holds exactly one whole frame of its raw video caps.
+    pub fn is_whole_video_frame(&self) -> bool {
+        gst_video::VideoInfo::from_caps(self.caps.as_ref().expect("caps"))
+            .is_ok_and(|info| info.size() == self.data.len())
+    }
+
     fn of(buffer: &gst::BufferRef, caps: Option<gst::Caps>) -> Self {
         let stream_time = buffer
             .iter_meta::<gst::ReferenceTimestampMeta>()
