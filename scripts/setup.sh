@@ -25,6 +25,9 @@ PACKAGES=(
     gstreamer1.0-plugins-bad
     gstreamer1.0-plugins-ugly
     gstreamer1.0-libav
+    # X11 video sinks for autovideosink when the demo has a display; plugins-good only
+    # recommends it, and recommends are not installed.
+    gstreamer1.0-x
     meson
     ninja-build
     iproute2
@@ -53,8 +56,11 @@ command -v dpkg >/dev/null 2>&1 || die "dpkg not found on a '${os_id}' system"
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
-    # `dpkg -s` also succeeds for removed-but-not-purged packages, so check the status line.
-    if ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed$'; then
+    # The package's dpkg status (what `dpkg -s` shows as Status:), read whole rather than
+    # piped into `grep -q`, which can close the pipe early and, with pipefail, fail spuriously.
+    # A removed-but-not-purged package reads "deinstall ok config-files".
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [[ $status != "install ok installed" ]]; then
         missing+=("$pkg")
     fi
 done

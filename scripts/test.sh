@@ -34,6 +34,9 @@ on_exit() {
     if [[ -n ${meson_tmp:-} ]]; then
         rm -rf "$meson_tmp"
     fi
+    if [[ -n ${results_tmp:-} ]]; then
+        rm -rf "$results_tmp"
+    fi
 }
 trap on_exit EXIT
 
@@ -47,7 +50,8 @@ section "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 section "cargo test --all-targets"
-cargo test --all-targets
+results_tmp=$(mktemp -d)
+cargo test --all-targets 2>&1 | tee "$results_tmp/cargo-test.log"
 
 # The mesh benchmark, tiny, so that it cannot rot: it must run to the end and write its JSON
 # (no timing is asserted; the figures of a loaded CI machine mean nothing).
@@ -71,7 +75,7 @@ meson_tmp=$(mktemp -d)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 meson setup "$meson_tmp/build" "$repo" --buildtype=debug -Dcargo-target-dir="$target_dir"
 meson compile -C "$meson_tmp/build"
-meson test -C "$meson_tmp/build" --print-errorlogs
+meson test -C "$meson_tmp/build" --print-errorlogs | tee "$results_tmp/meson-test.log"
 DESTDIR="$meson_tmp/dest" meson install -C "$meson_tmp/build" --no-rebuild
 installed=$(find "$meson_tmp/dest" -path '*/gstreamer-1.0/libgstp2plive.so' -print -quit)
 if [[ -z $installed ]]; then
@@ -83,3 +87,19 @@ echo "installed ${installed#"$meson_tmp/dest"}"
 end_section
 section_name=""
 printf '\n=== all checks passed in %ds\n' "$((SECONDS - suite_start))"
+
+# One closing line over every test run above: cargo's per-target "test result:" lines plus
+# meson's test summary.
+awk '
+    /^test result: / {
+        for (i = 1; i < NF; i++) {
+            if ($(i + 1) ~ /^passed/) passed += $i
+            if ($(i + 1) ~ /^failed/) failed += $i
+            if ($(i + 1) ~ /^ignored/) skipped += $i
+        }
+    }
+    /^Ok: / { passed += $2 }
+    /^Fail: / { failed += $2 }
+    /^Skipped: / { skipped += $2 }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, skipped }
+' "$results_tmp/cargo-test.log" "$results_tmp/meson-test.log"
