@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::{LayerLadder, VideoCodec};
 use crate::RUNTIME;
 use crate::common::{self, NetworkSettings};
+use crate::core::feedback::FeedbackConfig;
 use crate::core::wire::{Channel, Layer, LayerKind, Message, TrackKind};
 use crate::core::{EncodedFrame, Publisher, PublisherConfig};
 use crate::node::{Event, Node};
@@ -29,6 +30,7 @@ const DEFAULT_VIDEO_BITRATE_KBPS: u32 = 2000;
 const DEFAULT_AUDIO_BITRATE_KBPS: u32 = 64;
 const DEFAULT_KEYFRAME_INTERVAL_MS: u32 = 2000;
 const DEFAULT_MAX_FRAGMENT_SIZE: u32 = 16_000;
+const DEFAULT_KEYFRAME_REQUEST_INTERVAL_MS: u32 = 1000;
 /// Room for the envelope, gossipsub framing and signature around a fragment's payload.
 const TRANSMIT_OVERHEAD: usize = 4096;
 /// How long a stopping node keeps running so the last fragments and the end-of-stream go out.
@@ -46,6 +48,7 @@ struct Settings {
     max_fragment_size: u32,
     layers: LayerLadder,
     simulcast_inputs: bool,
+    keyframe_request_interval_ms: u32,
 }
 
 impl Default for Settings {
@@ -59,6 +62,7 @@ impl Default for Settings {
             max_fragment_size: DEFAULT_MAX_FRAGMENT_SIZE,
             layers: LayerLadder::Auto,
             simulcast_inputs: false,
+            keyframe_request_interval_ms: DEFAULT_KEYFRAME_REQUEST_INTERVAL_MS,
         }
     }
 }
@@ -188,6 +192,17 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .default_value(false)
             .mutable_ready()
             .build(),
+        glib::ParamSpecUInt::builder("keyframe-request-interval")
+            .nick("Keyframe request interval")
+            .blurb(
+                "Milliseconds: viewers' keyframe requests force at most one keyframe per layer \
+                 in this interval, on that layer's encoder only",
+            )
+            .minimum(100)
+            .maximum(60_000)
+            .default_value(DEFAULT_KEYFRAME_REQUEST_INTERVAL_MS)
+            .mutable_ready()
+            .build(),
         glib::ParamSpecUInt::builder("max-fragment-size")
             .nick("Maximum fragment size")
             .blurb("Largest payload, in bytes, of one network message; frames are split to fit")
@@ -228,6 +243,9 @@ impl ObjectImpl for P2pLiveSink {
             "simulcast-inputs" => {
                 settings.simulcast_inputs = value.get().expect("type checked upstream")
             }
+            "keyframe-request-interval" => {
+                settings.keyframe_request_interval_ms = value.get().expect("type checked upstream")
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -256,6 +274,7 @@ impl ObjectImpl for P2pLiveSink {
                     "max-fragment-size" => settings.max_fragment_size.to_value(),
                     "layers" => settings.layers.to_value(),
                     "simulcast-inputs" => settings.simulcast_inputs.to_value(),
+                    "keyframe-request-interval" => settings.keyframe_request_interval_ms.to_value(),
                     other => unreachable!("unknown property {other}"),
                 }
             }
@@ -957,6 +976,12 @@ fn new_publisher(settings: &Settings) -> Publisher {
         rand::random(),
         PublisherConfig {
             max_fragment_size: settings.max_fragment_size as usize,
+            feedback: FeedbackConfig {
+                keyframe_request_interval: Duration::from_millis(
+                    settings.keyframe_request_interval_ms.into(),
+                ),
+                ..FeedbackConfig::default()
+            },
             ..PublisherConfig::default()
         },
     )
