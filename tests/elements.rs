@@ -435,3 +435,54 @@ fn unsupported_input_is_refused_clearly() {
         assert!(error.to_string().contains("link"), "{description}: {error}");
     }
 }
+
+#[test]
+fn all_tracks_are_announced_together_before_no_more_pads() {
+    let topic = unique_topic("together");
+    init();
+    // Audio starts 300 ms after video: announcing each track on its first frame would give
+    // a viewer already watching a catalog with video only, and `no-more-pads` before the
+    // audio pad exists (gst-launch then fails to link it).
+    let publisher = Running(launch(&format!(
+        "p2plivesink name=pub topic={topic} {LOOPBACK} \
+         videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1 ! pub.video_0 \
+         audiotestsrc is-live=true ! queue min-threshold-time=300000000 max-size-time=0 \
+            max-size-buffers=0 max-size-bytes=0 ! pub.audio_0"
+    )));
+    // READY: the node listens, no media flows yet.
+    publisher.0.set_state(gst::State::Ready).unwrap();
+    let addr = publisher.listening_addr("pub", JOIN);
+    let pipeline = launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} decode=false {LOOPBACK} ! fakesink"
+    ));
+    let src = pipeline.by_name("view").expect("p2plivesrc");
+    let (pads_tx, pads_rx) = std::sync::mpsc::channel();
+    src.connect_no_more_pads(move |element| {
+        let mut names: Vec<String> = element
+            .src_pads()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect();
+        names.sort();
+        let _ = pads_tx.send(names);
+    });
+    let viewer = Running::start(pipeline);
+    // The viewer is in the mesh before the first frame is encoded.
+    let deadline = std::time::Instant::now() + JOIN;
+    while viewer
+        .stats("view")
+        .get::<u64>("connected-peers")
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "viewer never connected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    publisher.0.set_state(gst::State::Playing).unwrap();
+    let names = pads_rx.recv_timeout(JOIN).expect("no-more-pads");
+    assert_eq!(names, ["audio_0", "video_0"]);
+}

@@ -115,6 +115,9 @@ pub struct Publisher {
     /// When the remaining end-of-stream repeats are due, earliest first.
     eos_repeats_due: VecDeque<Instant>,
     queue: VecDeque<Transmit>,
+    /// A changed catalog waits here until the next `poll_transmit`, so tracks added together
+    /// go out in one catalog (a viewer then sees them all at once), ahead of their frames.
+    catalog_due: Option<Instant>,
     stats: PublisherStats,
     audience: Audience,
 }
@@ -133,6 +136,7 @@ impl Publisher {
             eos_sequence: 0,
             eos_repeats_due: VecDeque::new(),
             queue: VecDeque::new(),
+            catalog_due: None,
             stats: PublisherStats::default(),
             audience: Audience::new(config.feedback.clone()),
             config,
@@ -338,6 +342,16 @@ impl Publisher {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(changed_at) = self.catalog_due.take() {
+            let before = self.queue.len();
+            self.queue_catalog(changed_at);
+            // Ahead of the frames queued since the change, which need it to be played.
+            if self.queue.len() > before
+                && let Some(catalog) = self.queue.pop_back()
+            {
+                self.queue.push_front(catalog);
+            }
+        }
         self.queue.pop_front()
     }
 
@@ -429,7 +443,7 @@ impl Publisher {
     fn catalog_changed(&mut self, now: Instant) {
         self.catalog_version += 1;
         if !self.ended {
-            self.queue_catalog(now);
+            self.catalog_due.get_or_insert(now);
         }
     }
 
@@ -532,25 +546,36 @@ mod tests {
     }
 
     #[test]
-    fn add_track_queues_a_catalog_with_a_base_layer() {
+    fn tracks_added_together_go_out_in_one_catalog_with_a_base_layer() {
         let t0 = Instant::now();
         let mut publisher = Publisher::new("demo", 9, PublisherConfig::default());
         let video = publisher.add_track(t0, TrackKind::Video, "video/x-vp8".into(), vec![]);
         let audio = publisher.add_track(t0, TrackKind::Audio, "audio/x-opus".into(), vec![]);
         assert_eq!((video, audio), (0, 1));
-        let messages = drain(&mut publisher);
-        assert_eq!(messages.len(), 2);
-        let Message::Catalog(last) = &messages[1].1 else {
-            panic!("expected a catalog, got {:?}", messages[1]);
+        // A frame queued before the catalog went out still comes after it.
+        let frame = EncodedFrame {
+            pts: Some(Duration::ZERO),
+            dts: None,
+            duration: None,
+            keyframe: true,
+            capture_unix_ns: 1,
+            data: bytes::Bytes::from_static(b"frame"),
         };
-        assert_eq!(last.epoch, 9);
-        assert_eq!(last.version, 2);
-        assert_eq!(last.sequence, 1);
-        assert_eq!(last.topic, "demo");
-        assert_eq!(last.tracks.len(), 2);
-        assert_eq!(last.tracks[0].layers.len(), 1);
-        assert_eq!(last.tracks[0].layers[0].id, 0);
-        assert_eq!(publisher.stats().catalogs, 2);
+        publisher.push_frame(t0, video, 0, frame).unwrap();
+        let messages = drain(&mut publisher);
+        assert_eq!(messages.len(), 2, "one catalog, then the frame");
+        let Message::Catalog(catalog) = &messages[0].1 else {
+            panic!("expected a catalog first, got {:?}", messages[0]);
+        };
+        assert!(matches!(messages[1].1, Message::Fragment(_)));
+        assert_eq!(catalog.epoch, 9);
+        assert_eq!(catalog.version, 2);
+        assert_eq!(catalog.sequence, 0);
+        assert_eq!(catalog.topic, "demo");
+        assert_eq!(catalog.tracks.len(), 2);
+        assert_eq!(catalog.tracks[0].layers.len(), 1);
+        assert_eq!(catalog.tracks[0].layers[0].id, 0);
+        assert_eq!(publisher.stats().catalogs, 1);
     }
 
     #[test]

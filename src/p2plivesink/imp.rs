@@ -31,6 +31,10 @@ const DEFAULT_AUDIO_BITRATE_KBPS: u32 = 64;
 const DEFAULT_KEYFRAME_INTERVAL_MS: u32 = 2000;
 const DEFAULT_MAX_FRAGMENT_SIZE: u32 = 16_000;
 const DEFAULT_KEYFRAME_REQUEST_INTERVAL_MS: u32 = 1000;
+/// Tracks are announced together once every requested pad has its caps, so a viewer's first
+/// catalog lists them all; a pad still without caps this long after the first frame is not
+/// waited for.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
 /// Room for the envelope, gossipsub framing and signature around a fragment's payload.
 const TRANSMIT_OVERHEAD: usize = 4096;
 /// How long a stopping node keeps running so the last fragments and the end-of-stream go out.
@@ -135,6 +139,8 @@ pub struct P2pLiveSink {
     state: Mutex<Option<State>>,
     /// Input pads by name; lock order: a session's publisher, then pads.
     pads: Mutex<BTreeMap<String, InputPad>>,
+    /// When the first frame of this epoch arrived (see `ANNOUNCE_WAIT`).
+    first_frame_at: Mutex<Option<Instant>>,
 }
 
 #[glib::object_subclass]
@@ -531,6 +537,7 @@ impl P2pLiveSink {
         let settings = self.settings.lock().unwrap().clone();
         let mut publisher = session.publisher.lock().unwrap();
         *publisher = new_publisher(&settings);
+        *self.first_frame_at.lock().unwrap() = None;
         for input in self.pads.lock().unwrap().values_mut() {
             input.track = None;
             input.caps = None;
@@ -716,36 +723,30 @@ impl P2pLiveSink {
                     }
                 }
             } else {
+                if input.track.is_none() {
+                    if let Some(input) = pads.get_mut(pad_name) {
+                        input.caps.get_or_insert_with(|| caps.to_owned());
+                    }
+                    if !self.all_pads_announceable(&pads, now) {
+                        gst::debug!(CAT, imp = self, "{pad_name}: waiting for the other pads");
+                        return Ok(gst::FlowSuccess::Ok);
+                    }
+                    self.announce_tracks(&mut pads, &mut publisher, now, &settings);
+                }
                 let input = pads.get_mut(pad_name).ok_or(gst::FlowError::Flushing)?;
                 let layer = input
                     .ladder
                     .as_ref()
                     .map_or(0, |ladder| ladder.layer_id(spatial, temporal));
-                let track = match input.track {
-                    None => {
-                        let layers = match &input.ladder {
-                            Some(ladder) => ladder.catalog_layers(),
-                            None => single_layer(caps, input.kind),
-                        };
-                        let id = publisher.add_track(now, input.kind, caps.to_string(), layers);
-                        gst::info!(CAT, imp = self, "{pad_name} is track {id}: {caps}");
-                        input.track = Some(id);
-                        input.caps = Some(caps.to_owned());
-                        id
+                let track = input.track.ok_or(gst::FlowError::Flushing)?;
+                // Spatial layers differ in size by design; the catalog describes each.
+                if spatial == 0 && input.caps.as_deref() != Some(caps) {
+                    gst::info!(CAT, imp = self, "track {track} caps changed: {caps}");
+                    if let Err(err) = publisher.update_track_caps(now, track, caps.to_string()) {
+                        gst::warning!(CAT, imp = self, "cannot update caps: {err}");
                     }
-                    Some(id) => {
-                        // Spatial layers differ in size by design; the catalog describes each.
-                        if spatial == 0 && input.caps.as_deref() != Some(caps) {
-                            gst::info!(CAT, imp = self, "track {id} caps changed: {caps}");
-                            if let Err(err) = publisher.update_track_caps(now, id, caps.to_string())
-                            {
-                                gst::warning!(CAT, imp = self, "cannot update caps: {err}");
-                            }
-                            input.caps = Some(caps.to_owned());
-                        }
-                        id
-                    }
-                };
+                    input.caps = Some(caps.to_owned());
+                }
                 (track, layer)
             }
         };
@@ -759,6 +760,39 @@ impl P2pLiveSink {
         }
         session.flush(&mut publisher);
         Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// Whether tracks may be announced: every pad has had a frame (so its encoded caps are
+    /// known), or `ANNOUNCE_WAIT` has passed since the first frame.
+    fn all_pads_announceable(&self, pads: &BTreeMap<String, InputPad>, now: Instant) -> bool {
+        let first = *self.first_frame_at.lock().unwrap().get_or_insert(now);
+        pads.values().all(|pad| pad.caps.is_some()) || now.duration_since(first) >= ANNOUNCE_WAIT
+    }
+
+    /// Adds a track for every pad with caps that has none yet, all before the publisher's
+    /// next transmit, so viewers get them in one catalog.
+    fn announce_tracks(
+        &self,
+        pads: &mut BTreeMap<String, InputPad>,
+        publisher: &mut Publisher,
+        now: Instant,
+        settings: &Settings,
+    ) {
+        for (name, input) in pads.iter_mut() {
+            if input.track.is_some() || input.groupable(settings) {
+                continue;
+            }
+            let Some(caps) = input.caps.clone() else {
+                continue;
+            };
+            let layers = match &input.ladder {
+                Some(ladder) => ladder.catalog_layers(),
+                None => single_layer(&caps, input.kind),
+            };
+            let id = publisher.add_track(now, input.kind, caps.to_string(), layers);
+            gst::info!(CAT, imp = self, "{name} is track {id}: {caps}");
+            input.track = Some(id);
+        }
     }
 
     /// The track and layer of a frame of grouped (`simulcast-inputs`) pad `pad_name`.
