@@ -174,7 +174,7 @@ fn audio_and_video_stay_in_sync_and_end_together() {
     )));
     let addr = publisher.listening_addr("pub", JOIN);
     let viewer = Running::start(launch(&format!(
-        "p2plivesrc name=view topic={topic} bootstrap={addr} {LOOPBACK} \
+        "p2plivesrc name=view topic={topic} bootstrap={addr} {LOOPBACK} auto-layer=false \
          view.video_0 ! queue ! appsink name=video sync=false \
          view.audio_0 ! queue ! appsink name=audio sync=false"
     )));
@@ -190,7 +190,10 @@ fn audio_and_video_stay_in_sync_and_end_together() {
     let audio = audio.lock().unwrap();
     assert!(video.len() >= 30, "video frames: {}", video.len());
     assert!(audio.len() >= 30, "audio buffers: {}", audio.len());
-    assert!(viewer.stats("view").get::<bool>("ended").unwrap());
+    let stats = viewer.stats("view");
+    assert!(stats.get::<bool>("ended").unwrap());
+    // The video's layer (the top of the default three temporal layers), not the audio's.
+    assert_eq!(stats.get::<u32>("layer").unwrap(), 2, "{stats}");
 
     // Both tracks are placed on one timeline: a video frame and the audio buffer played
     // nearest to it have the same offset between viewer time and publisher stream time.

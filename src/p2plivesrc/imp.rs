@@ -861,7 +861,7 @@ impl P2pLiveSrc {
             .field("reports-sent", viewer.reports_sent)
             .field("keyframe-requests-sent", viewer.keyframe_requests_sent)
             .field("layer-changes", viewer.layer_changes);
-        // The layers of the first layered track (the usual single video track).
+        // The layers of the first video track (the usual single one).
         if let Some((selected, playing)) = shared.layers.lock().unwrap().values().next() {
             builder = builder.field("layer", *selected);
             if let Some(playing) = playing {
@@ -1031,8 +1031,9 @@ impl Driver {
         *self.shared.viewer.lock().unwrap() = self.viewer.stats();
         *self.shared.layers.lock().unwrap() = self
             .outputs
-            .keys()
-            .filter_map(|&track| {
+            .iter()
+            .filter(|(_, output)| output.kind == TrackKind::Video)
+            .filter_map(|(&track, _)| {
                 let selected = subscriber.selected_layer(track)?.id;
                 Some((
                     track,
