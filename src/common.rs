@@ -319,23 +319,36 @@ pub fn node_stats_fields(
 /// (bounded) so a process that exits right after stopping still delivers its last messages.
 pub fn stop_node(node: &crate::node::Node, linger: std::time::Duration) {
     node.shutdown(linger);
-    let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
     let waiting = node.clone();
-    crate::RUNTIME.spawn(async move {
-        waiting.stopped().await;
-        let _ = done_tx.send(());
-    });
-    let _ = done_rx.recv_timeout(linger + std::time::Duration::from_millis(200));
+    wait_on_runtime(
+        async move { waiting.stopped().await },
+        linger + std::time::Duration::from_millis(200),
+    );
 }
 
 /// Aborts a driver task and waits (bounded) until it has stopped, so it cannot touch the
 /// element while the element tears down what the task used.
 pub fn abort_and_wait(task: tokio::task::JoinHandle<()>) {
     task.abort();
+    wait_on_runtime(
+        async move {
+            let _ = task.await;
+        },
+        std::time::Duration::from_secs(1),
+    );
+}
+
+/// Runs `future` on the shared runtime and blocks the calling (state change) thread until it
+/// completes or `timeout` passes. Safe from any thread, a runtime worker included, unlike
+/// `block_on`.
+fn wait_on_runtime(
+    future: impl std::future::Future<Output = ()> + Send + 'static,
+    timeout: std::time::Duration,
+) {
     let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
     crate::RUNTIME.spawn(async move {
-        let _ = task.await;
+        future.await;
         let _ = done_tx.send(());
     });
-    let _ = done_rx.recv_timeout(std::time::Duration::from_secs(1));
+    let _ = done_rx.recv_timeout(timeout);
 }

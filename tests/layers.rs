@@ -238,3 +238,30 @@ fn encoded_inputs_become_the_layers_of_one_track() {
     assert!(src.static_pad("video_1").is_none());
     assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
 }
+
+#[test]
+fn a_joining_viewer_gets_a_keyframe_forced_for_it() {
+    let _serial = one_at_a_time();
+    let topic = unique_topic("keyframe");
+    // Keyframes only every 10 s on their own: a viewer joining after the first one can start
+    // soon only because its request forces one.
+    init();
+    let publisher = Running::start(launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,width=320,height=240,framerate=30/1 \
+         ! p2plivesink name=pub topic={topic} {LOOPBACK} keyframe-interval=10000"
+    )));
+    let addr = publisher.listening_addr("pub", JOIN);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (viewer, frames) = start_viewer(&topic, &addr, "");
+    assert!(
+        wait_for(&frames, 5, Duration::from_secs(6)),
+        "no frames before the next regular keyframe: {}",
+        viewer.stats("view")
+    );
+    let stats = publisher.stats("pub");
+    assert!(
+        stats.get::<u64>("forced-keyframes").unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
+}

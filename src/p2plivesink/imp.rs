@@ -95,8 +95,8 @@ struct InputPad {
 
 impl InputPad {
     /// Encoded video that `simulcast-inputs` groups into one track.
-    fn groupable(&self, settings: &Settings) -> bool {
-        settings.simulcast_inputs && self.kind == TrackKind::Video && self.ladder.is_none()
+    fn groupable(&self, simulcast_inputs: bool) -> bool {
+        simulcast_inputs && self.kind == TrackKind::Video && self.ladder.is_none()
     }
 }
 
@@ -707,13 +707,14 @@ impl P2pLiveSink {
         };
         drop(map);
 
-        let settings = self.settings.lock().unwrap().clone();
+        // Read once per frame; the rest of the settings are not needed here.
+        let simulcast_inputs = self.settings.lock().unwrap().simulcast_inputs;
         let now = Instant::now();
         let mut publisher = session.publisher.lock().unwrap();
         let (track, layer) = {
             let mut pads = self.pads.lock().unwrap();
             let input = pads.get(pad_name).ok_or(gst::FlowError::Flushing)?;
-            if input.groupable(&settings) {
+            if input.groupable(simulcast_inputs) {
                 match self.grouped_layer(&mut pads, pad_name, caps, &mut publisher, now) {
                     Some(track_layer) => track_layer,
                     None => {
@@ -731,7 +732,7 @@ impl P2pLiveSink {
                         gst::debug!(CAT, imp = self, "{pad_name}: waiting for the other pads");
                         return Ok(gst::FlowSuccess::Ok);
                     }
-                    self.announce_tracks(&mut pads, &mut publisher, now, &settings);
+                    self.announce_tracks(&mut pads, &mut publisher, now, simulcast_inputs);
                 }
                 let input = pads.get_mut(pad_name).ok_or(gst::FlowError::Flushing)?;
                 let layer = input
@@ -776,10 +777,10 @@ impl P2pLiveSink {
         pads: &mut BTreeMap<String, InputPad>,
         publisher: &mut Publisher,
         now: Instant,
-        settings: &Settings,
+        simulcast_inputs: bool,
     ) {
         for (name, input) in pads.iter_mut() {
-            if input.track.is_some() || input.groupable(settings) {
+            if input.track.is_some() || input.groupable(simulcast_inputs) {
                 continue;
             }
             let Some(caps) = input.caps.clone() else {
@@ -806,7 +807,6 @@ impl P2pLiveSink {
         publisher: &mut Publisher,
         now: Instant,
     ) -> Option<(u32, u32)> {
-        let settings = self.settings.lock().unwrap().clone();
         let input = pads.get_mut(pad_name)?;
         if input.caps.is_none() {
             input.caps = Some(caps.to_owned());
@@ -822,7 +822,8 @@ impl P2pLiveSink {
             if !pad.negotiated {
                 return None;
             }
-            if pad.groupable(&settings) {
+            // Only grouped pads reach this function, so `simulcast-inputs` is on.
+            if pad.groupable(true) {
                 members.push((name.clone(), pad.caps.clone()?));
             }
         }
