@@ -313,6 +313,7 @@ pub fn node_stats_fields(
         .field("publish-no-peers", stats.publish_no_peers)
         .field("publish-queue-full", stats.publish_queue_full)
         .field("slow-peer-reports", stats.slow_peer_reports)
+        .field("send-queue-drops", stats.send_queue_drops)
 }
 
 /// Stops `node`, letting it send what is queued for up to `linger`, and waits for that

@@ -588,6 +588,7 @@ async fn publish(
                         duration: Some(frame_interval),
                         keyframe,
                         capture_unix_ns: wall_ns(),
+                        publish_delay: Duration::ZERO,
                         data: noise.slice(..size),
                     };
                     match publisher.push_frame(at, 0, layer, encoded) {

@@ -10,6 +10,14 @@
 //! layer, then the next spatial layer, so stepping down drops temporal layers before
 //! spatial ones. After any switch the window starts over: gaps while the new layers
 //! resynchronise are not held against them.
+//!
+//! Only the network's share of trouble counts: frames late because the publisher was slow
+//! to encode them, or because this viewer itself stalled, and gaps left by a stall (see
+//! [`LayerCounts`]), are reported but never make it step down or fail a probe. Stepping
+//! down cannot speed up a starved publisher, which encodes every layer anyway.
+//!
+//! Every change of the played layer, and every failed probe, is recorded with its
+//! [`LayerChangeReason`] ([`Abr::poll_change`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -69,12 +77,59 @@ pub enum AbrStart {
     LowestSizeFullRate,
 }
 
+/// Why the layer controller changed what it plays (or dropped a probe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerChangeReason {
+    /// Stepped down: frames of the played layers were lost on the network.
+    Loss,
+    /// Stepped down: frames of the played layers arrived after their deadline.
+    Lateness,
+    /// The probed layer did not arrive in time (or at all); it is dropped and the played
+    /// layer stays.
+    ProbeFailed,
+    /// Stepped up: the probed layer arrived in time for the whole probe.
+    ProbeSucceeded,
+    /// The application fixed the layer (`auto-layer=false`, `layer`).
+    Manual,
+}
+
+impl LayerChangeReason {
+    /// The name used in stats and bus messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loss => "loss",
+            Self::Lateness => "lateness",
+            Self::ProbeFailed => "probe-failed",
+            Self::ProbeSucceeded => "probe-succeeded",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// One decision of the controller: the layer played before and after (equal for a failed
+/// probe), the layer probed when the reason is a probe's outcome, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerChange {
+    pub at: Instant,
+    pub from: LayerPosition,
+    pub to: LayerPosition,
+    pub probe: Option<LayerPosition>,
+    pub reason: LayerChangeReason,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AbrStats {
     pub steps_down: u64,
+    /// Of `steps_down`: for network loss, for network lateness.
+    pub steps_down_loss: u64,
+    pub steps_down_lateness: u64,
     pub steps_up: u64,
     pub probes: u64,
     pub probes_failed: u64,
+    /// Layer changes the application asked for.
+    pub manual: u64,
+    /// The reason of the latest change.
+    pub last_reason: Option<LayerChangeReason>,
 }
 
 struct Probe {
@@ -98,6 +153,9 @@ pub struct Abr {
     next_probe_at: Instant,
     failed_probes: u32,
     stats: AbrStats,
+    /// Decisions not yet taken by [`Abr::poll_change`]; bounded by the caller's draining
+    /// (at most a few per sample).
+    changes: VecDeque<LayerChange>,
 }
 
 impl Abr {
@@ -134,7 +192,13 @@ impl Abr {
             stable_since: now,
             failed_probes: 0,
             stats: AbrStats::default(),
+            changes: VecDeque::new(),
         }
+    }
+
+    /// The next decision taken, oldest first.
+    pub fn poll_change(&mut self) -> Option<LayerChange> {
+        self.changes.pop_front()
     }
 
     /// The layer to play.
@@ -173,10 +237,24 @@ impl Abr {
     /// Plays `layer` from now on and stops adapting; `None` resumes adapting from it.
     pub fn set_fixed(&mut self, now: Instant, layer: Option<u32>) {
         self.config.fixed_layer = layer;
-        if let Some(rung) = layer.and_then(|id| self.ladder.iter().position(|l| l.id == id)) {
+        if let Some(rung) = layer.and_then(|id| self.ladder.iter().position(|l| l.id == id))
+            && rung != self.rung
+        {
+            self.stats.manual += 1;
+            self.record(now, rung, None, LayerChangeReason::Manual);
             self.switch_to(now, rung);
         }
         self.probe = None;
+    }
+
+    /// Forgets the trouble measured so far: the viewer stalled, so what the window holds
+    /// says nothing about the network.
+    pub fn restart_window(&mut self, now: Instant) {
+        self.window.clear();
+        if let Some(probe) = self.probe.as_mut() {
+            probe.counts = LayerCounts::default();
+            probe.started = now;
+        }
     }
 
     /// Takes the counts of one interval, per layer id (layers not received are absent).
@@ -213,7 +291,7 @@ impl Abr {
         for (_, counts) in &self.window {
             total.add(counts);
         }
-        let expected = total.received + total.lost;
+        let expected = total.received + total.lost_network();
         let troubled = expected >= self.config.min_window_frames.max(1)
             && bad_share(&total) >= self.config.downgrade_loss_threshold;
 
@@ -226,6 +304,14 @@ impl Abr {
             }
             if self.rung > 0 {
                 self.stats.steps_down += 1;
+                let reason = if total.lost_network() >= total.late_network() {
+                    self.stats.steps_down_loss += 1;
+                    LayerChangeReason::Loss
+                } else {
+                    self.stats.steps_down_lateness += 1;
+                    LayerChangeReason::Lateness
+                };
+                self.record(now, self.rung - 1, None, reason);
                 self.switch_to(now, self.rung - 1);
                 return true;
             }
@@ -235,7 +321,7 @@ impl Abr {
         if let Some(probe) = self.probe.as_mut() {
             probe.counts.add(&probe_counts);
             let probed = probe.counts;
-            let probe_expected = probed.received + probed.lost;
+            let probe_expected = probed.received + probed.lost_network();
             if probe_expected > 0 && bad_share(&probed) >= self.config.downgrade_loss_threshold {
                 let rung = probe.rung;
                 self.probe = None;
@@ -250,6 +336,8 @@ impl Abr {
                 } else {
                     self.failed_probes = 0;
                     self.stats.steps_up += 1;
+                    let probed_layer = self.ladder.get(rung).copied();
+                    self.record(now, rung, probed_layer, LayerChangeReason::ProbeSucceeded);
                     self.switch_to(now, rung);
                 }
                 return true;
@@ -271,8 +359,10 @@ impl Abr {
         false
     }
 
-    fn fail_probe(&mut self, now: Instant, _rung: usize) {
+    fn fail_probe(&mut self, now: Instant, rung: usize) {
         self.stats.probes_failed += 1;
+        let probed = self.ladder.get(rung).copied();
+        self.record(now, self.rung, probed, LayerChangeReason::ProbeFailed);
         self.failed_probes = self.failed_probes.saturating_add(1);
         let factor = 1u32 << self.failed_probes.min(16);
         let wait = self.config.upgrade_cooldown.saturating_mul(factor).min(
@@ -283,6 +373,27 @@ impl Abr {
         self.next_probe_at = now + wait;
     }
 
+    /// Notes a decision to move from the current rung to `to`.
+    fn record(
+        &mut self,
+        now: Instant,
+        to: usize,
+        probe: Option<LayerPosition>,
+        reason: LayerChangeReason,
+    ) {
+        let (Some(from), Some(to)) = (self.ladder.get(self.rung), self.ladder.get(to)) else {
+            return;
+        };
+        self.stats.last_reason = Some(reason);
+        self.changes.push_back(LayerChange {
+            at: now,
+            from: *from,
+            to: *to,
+            probe,
+            reason,
+        });
+    }
+
     fn switch_to(&mut self, now: Instant, rung: usize) {
         self.rung = rung.min(self.ladder.len().saturating_sub(1));
         self.window.clear();
@@ -291,14 +402,15 @@ impl Abr {
     }
 }
 
-/// Share of late or lost frames among those expected.
+/// Share of frames late or lost on the network among those expected (gaps a local stall
+/// left are not expected: they are nobody's loss on the path).
 fn bad_share(counts: &LayerCounts) -> f64 {
-    let expected = counts.received + counts.lost;
+    let expected = counts.received + counts.lost_network();
     if expected == 0 {
         return 0.0;
     }
     // Late frames are among the received ones.
-    (counts.late + counts.lost) as f64 / expected as f64
+    (counts.late_network() + counts.lost_network()) as f64 / expected as f64
 }
 
 #[cfg(test)]
@@ -325,7 +437,7 @@ mod tests {
             received,
             late,
             lost,
-            recovered: 0,
+            ..LayerCounts::default()
         }
     }
 

@@ -155,6 +155,10 @@ struct StreamClock {
     /// Bumped whenever the mapping moves, so every track flags its next frame `resync`:
     /// downstream (audio decoders above all) must follow the jump, not smooth it over.
     generation: u64,
+    /// Arrivals up to `.1`, and frames whose local time is before `.0` (they would have
+    /// arrived before it), say nothing about the path: the viewer itself stalled until `.0`
+    /// and is draining its backlog (see [`Playout::ignore_stall`]).
+    ignore: Option<(Instant, Instant)>,
 }
 
 impl StreamClock {
@@ -196,6 +200,14 @@ impl StreamClock {
         let Some(local) = self.local(stream) else {
             return false;
         };
+        if self
+            .ignore
+            .is_some_and(|(resumed, until)| arrival <= until || local <= resumed)
+        {
+            self.late_run = None;
+            self.window = None;
+            return false;
+        }
         let margin = signed_nanos(local, arrival);
         let lateness = -margin - nanos(config.latency);
         let tolerance = nanos(config.jitter_tolerance);
@@ -1073,6 +1085,26 @@ impl Playout {
         self.tracks.get(&track).is_some_and(|track| {
             track.current.mode == Mode::WaitingForKeyframe || track.switching.is_some()
         })
+    }
+
+    /// The viewer stalled (a frozen or starved process) and runs again at `resumed`: the
+    /// backlog it now drains arrives late through no fault of the path. Arrivals until
+    /// `until`, and frames whose local time is before `resumed` (captured while it was
+    /// stalled), neither move the clock later nor earlier. Without this, a backlog drained over more than half a second moved the
+    /// clock later by seconds, and latency took minutes to come back down.
+    pub fn ignore_stall(&mut self, resumed: Instant, until: Instant) {
+        let until = self.clock.ignore.map_or(until, |(_, u)| u.max(until));
+        self.clock.ignore = Some((resumed, until));
+        self.clock.late_run = None;
+        self.clock.window = None;
+    }
+
+    /// Whether `frame`'s local time (its deadline less the latency: when it arrives on a
+    /// usual path) is before `instant`; false before the clock started.
+    pub fn is_local_time_before(&self, frame: &CompleteFrame, instant: Instant) -> bool {
+        timeline_stream_time(&frame.header)
+            .and_then(|stream| self.clock.local(stream))
+            .is_some_and(|local| local <= instant)
     }
 
     /// When a frame must reach the sink; `None` before the clock started.

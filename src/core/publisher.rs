@@ -56,6 +56,10 @@ pub struct EncodedFrame {
     pub keyframe: bool,
     /// Publisher wall clock at capture, Unix epoch nanoseconds.
     pub capture_unix_ns: u64,
+    /// How long the frame took from capture to [`Publisher::push_frame`] (encoding and
+    /// queueing); zero when unknown. Carried to viewers (saturated at `u32::MAX` µs) so they
+    /// can tell lateness caused by a starved publisher from lateness caused by the network.
+    pub publish_delay: Duration,
     pub data: Bytes,
 }
 
@@ -278,6 +282,7 @@ impl Publisher {
             duration_ns: frame.duration.map(duration_ns),
             keyframe: frame.keyframe,
             capture_unix_ns: frame.capture_unix_ns,
+            publish_delay_us: u32::try_from(frame.publish_delay.as_micros()).unwrap_or(u32::MAX),
             // Fits: bounded by max_frame_size above.
             frame_size: size as u32,
             temporal_sync,
@@ -524,6 +529,7 @@ mod tests {
             duration: Some(Duration::from_millis(20)),
             keyframe,
             capture_unix_ns: 1_700_000_000_000_000_000,
+            publish_delay: Duration::ZERO,
             data: (0..size).map(|i| i as u8).collect::<Vec<u8>>().into(),
         }
     }
@@ -559,6 +565,7 @@ mod tests {
             duration: None,
             keyframe: true,
             capture_unix_ns: 1,
+            publish_delay: Duration::ZERO,
             data: bytes::Bytes::from_static(b"frame"),
         };
         publisher.push_frame(t0, video, 0, frame).unwrap();

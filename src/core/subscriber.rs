@@ -18,6 +18,14 @@ const MAX_MISSING_PER_LAYER: usize = 512;
 /// that restarted cannot restart the viewer back into the old stream.
 const RETIRED_EPOCHS: usize = 8;
 
+/// Default [`SubscriberConfig::publisher_timeout`]: five catalog republish periods (the
+/// publisher repeats its catalog every second, so even a silent audio track keeps it alive).
+pub const DEFAULT_PUBLISHER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Period of the sliding minimum of each track's publish delay (see [`LateCause`]); the
+/// minimum is taken over the current and the previous period, so over 10 to 20 s.
+const PUBLISH_DELAY_FLOOR_PERIOD: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscriberConfig {
     /// Delay between a frame's local time and its rendering (reported to GStreamer).
@@ -34,6 +42,10 @@ pub struct SubscriberConfig {
     /// Most payload bytes held in incomplete frames.
     pub max_pending_bytes: usize,
     pub limits: Limits,
+    /// How long nothing valid may arrive from the publisher before it is declared lost
+    /// ([`SubscriberEvent::PublisherLost`]); `None`: never. Counted from the first valid
+    /// message, so a viewer started before its publisher waits quietly.
+    pub publisher_timeout: Option<Duration>,
 }
 
 impl Default for SubscriberConfig {
@@ -48,6 +60,7 @@ impl Default for SubscriberConfig {
             max_pending_frames: reassembly.max_pending_frames,
             max_pending_bytes: reassembly.max_pending_bytes,
             limits: Limits::default(),
+            publisher_timeout: Some(DEFAULT_PUBLISHER_TIMEOUT),
         }
     }
 }
@@ -82,6 +95,34 @@ pub enum SubscriberEvent {
     Frame(OutputFrame),
     /// The publisher ended the stream; sent once per epoch, after its last frame.
     EndOfStream,
+    /// Nothing valid came from the publisher for `publisher_timeout` (it was killed, crashed
+    /// or its network went away without an end of stream). `silent` is how long since the
+    /// last valid message.
+    PublisherLost {
+        silent: Duration,
+    },
+    /// A valid message of the publisher (same or new epoch) arrived after `PublisherLost`;
+    /// `lost_for` is how long it had been silent.
+    PublisherBack {
+        lost_for: Duration,
+    },
+}
+
+/// Why a frame completed after its deadline. The deadline is the frame's local time plus
+/// `latency`, on a clock anchored at the first frame, so it already contains the publisher's
+/// usual capture-to-publish delay; the frame's own delay (`publish_delay_us` in its header)
+/// tells how much of its lateness the publisher added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateCause {
+    /// The network (or relays) delivered it late.
+    Network,
+    /// The publisher's capture-to-publish delay exceeded its recent minimum by at least the
+    /// lateness: a starved encoder or machine at the publisher. Stepping down a layer cannot
+    /// help, since the publisher encodes every layer anyway.
+    Publisher,
+    /// This viewer did not run for a while (a starved or suspended machine, see
+    /// [`Subscriber::note_local_stall`]): a backlog is being drained.
+    Local,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,6 +150,14 @@ pub struct SubscriberStats {
     pub wrong_epoch: u64,
     pub restarts: u64,
     pub rebases: u64,
+    /// Frames completed after their deadline, by cause (see [`LateCause`]).
+    pub late_network: u64,
+    pub late_publisher: u64,
+    pub late_local: u64,
+    /// Times this viewer noticed it had not run for a while ([`Subscriber::note_local_stall`]).
+    pub local_stalls: u64,
+    /// Times the publisher was declared lost ([`SubscriberEvent::PublisherLost`]).
+    pub publisher_lost: u64,
     /// Frames buffered in the playout now.
     pub buffered_frames: u64,
     /// Payload bytes held in incomplete frames now.
@@ -131,10 +180,17 @@ pub struct SubscriberStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LayerCounts {
     pub received: u64,
-    /// Completed after their deadline (local time + latency).
+    /// Completed after their deadline (local time + latency), whatever the cause.
     pub late: u64,
+    /// Of `late`: late because of the publisher ([`LateCause::Publisher`]).
+    pub late_publisher: u64,
+    /// Of `late`: late because this viewer stalled ([`LateCause::Local`]).
+    pub late_local: u64,
     /// Sequences still missing `loss_grace` after a later one arrived.
     pub lost: u64,
+    /// Of `lost`: gaps noticed while this viewer was stalled or draining the backlog after
+    /// a stall (data the publisher's queue to a frozen viewer dropped).
+    pub lost_local: u64,
     /// Sequences that were missing (a later one came first) and then arrived.
     pub recovered: u64,
 }
@@ -143,8 +199,46 @@ impl LayerCounts {
     pub fn add(&mut self, other: &LayerCounts) {
         self.received += other.received;
         self.late += other.late;
+        self.late_publisher += other.late_publisher;
+        self.late_local += other.late_local;
         self.lost += other.lost;
+        self.lost_local += other.lost_local;
         self.recovered += other.recovered;
+    }
+
+    /// Late frames the network is to blame for.
+    pub fn late_network(&self) -> u64 {
+        self.late
+            .saturating_sub(self.late_publisher)
+            .saturating_sub(self.late_local)
+    }
+
+    /// Lost frames the network is to blame for.
+    pub fn lost_network(&self) -> u64 {
+        self.lost.saturating_sub(self.lost_local)
+    }
+}
+
+/// Sliding minimum of a track's publish delay over one to two
+/// [`PUBLISH_DELAY_FLOOR_PERIOD`]s (two buckets: the current period and the previous one).
+#[derive(Debug, Clone, Copy)]
+struct DelayFloor {
+    started: Instant,
+    current: Duration,
+    previous: Option<Duration>,
+}
+
+impl DelayFloor {
+    /// Takes a sample and returns the floor including it.
+    fn observe(&mut self, now: Instant, delay: Duration) -> Duration {
+        if now.saturating_duration_since(self.started) >= PUBLISH_DELAY_FLOOR_PERIOD {
+            self.previous = Some(self.current);
+            self.current = delay;
+            self.started = now;
+        } else {
+            self.current = self.current.min(delay);
+        }
+        self.previous.map_or(self.current, |p| p.min(self.current))
     }
 }
 
@@ -158,9 +252,16 @@ struct LayerMonitor {
 }
 
 impl LayerMonitor {
-    fn frame(&mut self, now: Instant, sequence: u64, late: bool) {
+    fn frame(&mut self, now: Instant, sequence: u64, late: Option<LateCause>) {
         self.counts.received += 1;
-        self.counts.late += u64::from(late);
+        if let Some(cause) = late {
+            self.counts.late += 1;
+            match cause {
+                LateCause::Network => {}
+                LateCause::Publisher => self.counts.late_publisher += 1,
+                LateCause::Local => self.counts.late_local += 1,
+            }
+        }
         match self.highest {
             None => self.highest = Some(sequence),
             Some(highest) if sequence > highest => {
@@ -185,10 +286,25 @@ impl LayerMonitor {
         }
     }
 
-    fn take(&mut self, now: Instant, grace: Duration) -> LayerCounts {
-        let before = self.missing.len();
-        self.missing.retain(|_, noticed| *noticed + grace > now);
-        self.counts.lost += (before - self.missing.len()) as u64;
+    /// The counts since the last call. Gaps older than `grace` are lost; those noticed
+    /// before `local_stall_until` are counted as lost locally.
+    fn take(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        local_stall_until: Option<Instant>,
+    ) -> LayerCounts {
+        let counts = &mut self.counts;
+        self.missing.retain(|_, noticed| {
+            let keep = *noticed + grace > now;
+            if !keep {
+                counts.lost += 1;
+                if local_stall_until.is_some_and(|until| *noticed <= until) {
+                    counts.lost_local += 1;
+                }
+            }
+            keep
+        });
         std::mem::take(&mut self.counts)
     }
 }
@@ -212,6 +328,15 @@ pub struct Subscriber {
     events: VecDeque<SubscriberEvent>,
     /// Per (track, layer) of the catalog that frames arrived on.
     monitors: BTreeMap<(u32, u32), LayerMonitor>,
+    /// Per track: the publish delay floor lateness is judged against.
+    delay_floors: BTreeMap<u32, DelayFloor>,
+    /// The latest local stall: when the viewer ran again, and until when late frames and
+    /// new gaps are its own doing (the stall's backlog).
+    local_stall: Option<(Instant, Instant)>,
+    /// When the last valid message of the publisher arrived.
+    last_heard: Option<Instant>,
+    /// Since when the publisher is declared lost.
+    lost_since: Option<Instant>,
     /// Counters kept here; the reassembler's and playout's are added in `stats`.
     stats: SubscriberStats,
 }
@@ -229,6 +354,10 @@ impl Subscriber {
             ended: false,
             events: VecDeque::new(),
             monitors: BTreeMap::new(),
+            delay_floors: BTreeMap::new(),
+            local_stall: None,
+            last_heard: None,
+            lost_since: None,
             stats: SubscriberStats::default(),
         }
     }
@@ -240,25 +369,42 @@ impl Subscriber {
             self.stats.invalid += 1;
             return;
         }
-        match message {
+        let from_publisher = match message {
             Message::Catalog(catalog) => self.handle_catalog(catalog),
             Message::Fragment(fragment) => self.handle_fragment(now, fragment),
             Message::EndOfStream(eos) => self.handle_end_of_stream(now, eos),
-            Message::Feedback(_) | Message::KeyframeRequest(_) => self.stats.ignored += 1,
+            Message::Feedback(_) | Message::KeyframeRequest(_) => {
+                self.stats.ignored += 1;
+                false
+            }
+        };
+        if from_publisher {
+            self.heard_publisher(now);
         }
         self.collect_output();
         self.check_end(now);
     }
 
-    /// Expires incomplete frames, gives up gaps and ends the stream when due.
+    /// Expires incomplete frames, gives up gaps, ends the stream and declares the publisher
+    /// lost when due.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.reassembler.handle_timeout(now);
         self.playout.handle_timeout(now);
         self.collect_output();
         self.check_end(now);
+        if let Some(due) = self.publisher_lost_at()
+            && now >= due
+        {
+            let silent = now.saturating_duration_since(self.last_heard.unwrap_or(now));
+            self.lost_since = Some(now);
+            self.stats.publisher_lost += 1;
+            self.events
+                .push_back(SubscriberEvent::PublisherLost { silent });
+        }
     }
 
-    /// The earliest of: reassembly expiry, gap give-up, end-of-stream deadline.
+    /// The earliest of: reassembly expiry, gap give-up, end-of-stream deadline, publisher
+    /// timeout.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let end = self
             .pending_end
@@ -269,10 +415,50 @@ impl Subscriber {
             self.reassembler.poll_timeout(),
             self.playout.poll_timeout(),
             end,
+            self.publisher_lost_at(),
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Whether the publisher is declared lost now.
+    pub fn is_publisher_lost(&self) -> bool {
+        self.lost_since.is_some()
+    }
+
+    /// Tells the subscriber that this viewer has just run again after not running for a
+    /// while (its timers fired late: a starved or suspended machine). Frames captured before
+    /// `now` (local time before it), late frames arriving until `now + drain`, and gaps noticed until then
+    /// are this viewer's own doing, not the network's ([`LateCause::Local`]), and the
+    /// playout clock ignores them: a backlog delivered at once after a freeze must neither
+    /// move the clock later nor look like a bad network.
+    pub fn note_local_stall(&mut self, now: Instant, drain: Duration) {
+        let until = now + drain;
+        self.stats.local_stalls += 1;
+        self.local_stall = Some((now, until));
+        // Silence while this viewer was not listening says nothing about the publisher.
+        if let Some(heard) = self.last_heard.as_mut() {
+            *heard = (*heard).max(now);
+        }
+        self.playout.ignore_stall(now, until);
+    }
+
+    /// When the publisher will be declared lost, if nothing valid comes before.
+    fn publisher_lost_at(&self) -> Option<Instant> {
+        if self.lost_since.is_some() || self.ended {
+            return None;
+        }
+        Some(self.last_heard? + self.config.publisher_timeout?)
+    }
+
+    fn heard_publisher(&mut self, now: Instant) {
+        self.last_heard = Some(now);
+        if let Some(since) = self.lost_since.take() {
+            let lost_for = now.saturating_duration_since(since);
+            self.events
+                .push_back(SubscriberEvent::PublisherBack { lost_for });
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<SubscriberEvent> {
@@ -391,9 +577,10 @@ impl Subscriber {
         now: Instant,
         loss_grace: Duration,
     ) -> Vec<((u32, u32), LayerCounts)> {
+        let stall = self.local_stall.map(|(_, until)| until);
         self.monitors
             .iter_mut()
-            .map(|(&key, monitor)| (key, monitor.take(now, loss_grace)))
+            .map(|(&key, monitor)| (key, monitor.take(now, loss_grace, stall)))
             .collect()
     }
 
@@ -403,7 +590,8 @@ impl Subscriber {
         self.monitors.remove(&(track, layer));
     }
 
-    fn handle_catalog(&mut self, catalog: Catalog) {
+    /// Returns whether the catalog is the publisher's current one (a sign of life).
+    fn handle_catalog(&mut self, catalog: Catalog) -> bool {
         match self.epoch {
             Some(epoch) if epoch == catalog.epoch => {
                 let newer = self
@@ -416,6 +604,7 @@ impl Subscriber {
             }
             Some(_) if self.retired_epochs.contains(&catalog.epoch) => {
                 self.stats.wrong_epoch += 1;
+                return false;
             }
             Some(epoch) => {
                 self.retired_epochs.push_back(epoch);
@@ -425,6 +614,7 @@ impl Subscriber {
                 self.reassembler.reset();
                 self.playout.reset();
                 self.monitors.clear();
+                self.delay_floors.clear();
                 self.pending_end = None;
                 self.ended = false;
                 self.stats.restarts += 1;
@@ -439,6 +629,7 @@ impl Subscriber {
                 self.adopt_catalog(catalog);
             }
         }
+        true
     }
 
     fn adopt_catalog(&mut self, catalog: Catalog) {
@@ -469,16 +660,17 @@ impl Subscriber {
         self.catalog = Some(catalog);
     }
 
-    fn handle_fragment(&mut self, now: Instant, fragment: Fragment) {
+    /// Returns whether the fragment belongs to the current epoch (a sign of life).
+    fn handle_fragment(&mut self, now: Instant, fragment: Fragment) -> bool {
         self.stats.fragments += 1;
         self.stats.fragment_bytes += fragment.payload.len() as u64;
         let (Some(epoch), Some(catalog)) = (self.epoch, &self.catalog) else {
             self.stats.before_catalog += 1;
-            return;
+            return false;
         };
         if fragment.epoch != epoch {
             self.stats.wrong_epoch += 1;
-            return;
+            return false;
         }
         let known = catalog
             .tracks
@@ -493,43 +685,76 @@ impl Subscriber {
             });
         if !known {
             self.stats.invalid += 1;
-            return;
+            return false;
         }
         // Otherwise incomplete, or dropped and counted by the reassembler.
         if let Ok(Some(frame)) = self.reassembler.push(now, fragment) {
             self.monitor(now, &frame);
             self.playout.push(now, frame);
         }
+        true
     }
 
     fn monitor(&mut self, now: Instant, frame: &CompleteFrame) {
-        let late = self
+        let publish_delay = Duration::from_micros(frame.header.publish_delay_us.into());
+        let floor = self
+            .delay_floors
+            .entry(frame.track)
+            .or_insert(DelayFloor {
+                started: now,
+                current: publish_delay,
+                previous: None,
+            })
+            .observe(now, publish_delay);
+        let lateness = self
             .playout
             .deadline(frame)
-            .is_some_and(|deadline| now > deadline);
+            .and_then(|deadline| now.checked_duration_since(deadline))
+            .filter(|lateness| !lateness.is_zero());
+        let cause = lateness.map(|lateness| {
+            let backlog = self.local_stall.is_some_and(|(resumed, until)| {
+                now <= until || self.playout.is_local_time_before(frame, resumed)
+            });
+            if backlog {
+                LateCause::Local
+            } else if publish_delay.saturating_sub(floor) >= lateness {
+                // On time but for what the publisher added.
+                LateCause::Publisher
+            } else {
+                LateCause::Network
+            }
+        });
+        match cause {
+            Some(LateCause::Network) => self.stats.late_network += 1,
+            Some(LateCause::Publisher) => self.stats.late_publisher += 1,
+            Some(LateCause::Local) => self.stats.late_local += 1,
+            None => {}
+        }
         self.monitors
             .entry((frame.track, frame.layer))
             .or_default()
-            .frame(now, frame.sequence, late);
+            .frame(now, frame.sequence, cause);
     }
 
-    fn handle_end_of_stream(&mut self, now: Instant, eos: EndOfStream) {
+    /// Returns whether the announcement belongs to the current epoch (a sign of life).
+    fn handle_end_of_stream(&mut self, now: Instant, eos: EndOfStream) -> bool {
         let Some(epoch) = self.epoch else {
             self.stats.before_catalog += 1;
-            return;
+            return false;
         };
         if eos.epoch != epoch {
             self.stats.wrong_epoch += 1;
-            return;
+            return false;
         }
         // Repeats of the announcement are expected and carry nothing new.
         if self.pending_end.is_some() {
-            return;
+            return true;
         }
         self.pending_end = Some(PendingEnd {
             tracks: eos.tracks,
             deadline: now + self.config.latency + self.config.jitter_tolerance,
         });
+        true
     }
 
     fn check_end(&mut self, now: Instant) {
@@ -654,6 +879,7 @@ mod tests {
                         duration: Some(MS * 20),
                         keyframe: true,
                         capture_unix_ns: tick,
+                        publish_delay: Duration::ZERO,
                         data: payload(AUDIO, tick, 1 + tick as usize % 60),
                     },
                 );
@@ -669,6 +895,7 @@ mod tests {
                         duration: Some(MS * 40),
                         keyframe: sequence.is_multiple_of(shape.gop),
                         capture_unix_ns: sequence,
+                        publish_delay: Duration::ZERO,
                         data: payload(VIDEO, sequence, (shape.video_size)(sequence)),
                     },
                 );
@@ -983,7 +1210,11 @@ mod tests {
             ..StreamShape::default()
         };
         let published = publish(t0, &shape);
-        let mut subscriber = Subscriber::new(SubscriberConfig::default());
+        let mut subscriber = Subscriber::new(SubscriberConfig {
+            // Long silences here are part of the scenario, not a lost publisher.
+            publisher_timeout: None,
+            ..SubscriberConfig::default()
+        });
         let (catalog, first_fragment) = (&published.messages[0], &published.messages[1]);
         subscriber.handle_message(t0, catalog.1.clone());
         subscriber.handle_message(t0, first_fragment.1.clone());
@@ -1151,7 +1382,11 @@ mod tests {
     fn catalog_changes_are_announced_once() {
         let t0 = Instant::now();
         let mut published = publish(t0, &StreamShape::default());
-        let mut subscriber = Subscriber::new(SubscriberConfig::default());
+        let mut subscriber = Subscriber::new(SubscriberConfig {
+            // Long silences here are part of the scenario, not a lost publisher.
+            publisher_timeout: None,
+            ..SubscriberConfig::default()
+        });
         deliver(&mut subscriber, published.messages.clone());
         assert_eq!(subscriber.catalog().unwrap().version, 2);
 

@@ -6,13 +6,22 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::abr::{Abr, AbrConfig};
+use super::abr::{Abr, AbrConfig, LayerChange};
 use super::publisher::Transmit;
 use super::subscriber::{LayerCounts, Subscriber, SubscriberConfig, SubscriberEvent};
 use super::wire::{self, Catalog, Channel, Feedback, KeyframeRequest, Message, TrackKind};
 
 /// Shortest sample and report periods, so a zero setting cannot turn into a busy loop.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The sample timer firing this much later than it was due means the viewer itself did not
+/// run (a starved machine, a suspended process): well above scheduling jitter on a busy
+/// machine (tens of ms), well below a stall that piles up a backlog.
+pub const LOCAL_STALL_THRESHOLD: Duration = Duration::from_millis(200);
+
+/// Shortest time after a local stall during which late frames and new gaps are put down to
+/// the stall's backlog rather than the network (besides frames already due during it).
+const MIN_STALL_DRAIN: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ViewerConfig {
@@ -54,6 +63,10 @@ pub struct ViewerStats {
     pub reports_sent: u64,
     pub keyframe_requests_sent: u64,
     pub layer_changes: u64,
+    /// Times this viewer noticed it had not run for at least [`LOCAL_STALL_THRESHOLD`],
+    /// and how long that was in all (ms).
+    pub local_stalls: u64,
+    pub local_stall_ms: u64,
 }
 
 /// See the module documentation.
@@ -66,6 +79,8 @@ pub struct Viewer {
     changes: VecDeque<ChannelChange>,
     events: VecDeque<SubscriberEvent>,
     transmits: VecDeque<Transmit>,
+    /// Controller decisions per track, for the element to report.
+    layer_decisions: VecDeque<(u32, LayerChange)>,
     next_sample_at: Option<Instant>,
     next_report_at: Option<Instant>,
     /// Counts since the last report.
@@ -90,6 +105,7 @@ impl Viewer {
             changes: VecDeque::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
+            layer_decisions: VecDeque::new(),
             next_sample_at: None,
             next_report_at: None,
             report_counts: LayerCounts::default(),
@@ -104,11 +120,13 @@ impl Viewer {
     }
 
     pub fn handle_message(&mut self, now: Instant, message: Message) {
+        self.check_stall(now);
         self.subscriber.handle_message(now, message);
         self.after(now);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.check_stall(now);
         self.subscriber.handle_timeout(now);
         if self.next_sample_at.is_some_and(|due| due <= now) {
             self.sample(now);
@@ -144,6 +162,45 @@ impl Viewer {
         self.transmits.pop_front()
     }
 
+    /// The layer controllers' decisions (track, decision), oldest first: every change of
+    /// the played layer and every failed probe, with its reason.
+    pub fn poll_layer_change(&mut self) -> Option<(u32, LayerChange)> {
+        self.layer_decisions.pop_front()
+    }
+
+    /// Notices that the sample timer fired late by [`LOCAL_STALL_THRESHOLD`] or more: this
+    /// viewer did not run. The backlog it now drains is not held against the network (see
+    /// [`Subscriber::note_local_stall`]) and the controllers start their windows over.
+    fn check_stall(&mut self, now: Instant) {
+        let Some(due) = self.next_sample_at else {
+            return;
+        };
+        let overdue = now.saturating_duration_since(due);
+        if overdue < LOCAL_STALL_THRESHOLD {
+            return;
+        }
+        let config = &self.config.subscriber;
+        let drain = (config.latency + config.jitter_tolerance).max(MIN_STALL_DRAIN);
+        self.subscriber.note_local_stall(now, drain);
+        for abr in self.abrs.values_mut() {
+            abr.restart_window(now);
+        }
+        // What was counted up to now is the stall's: the next sample starts afresh.
+        let grace = config.latency + config.jitter_tolerance;
+        let _ = self.subscriber.take_layer_counts(now, grace);
+        self.next_sample_at = Some(now + self.config.sample_interval.max(MIN_INTERVAL));
+        self.stats.local_stalls += 1;
+        self.stats.local_stall_ms += u64::try_from(overdue.as_millis()).unwrap_or(u64::MAX);
+    }
+
+    fn collect_layer_decisions(&mut self) {
+        for (&track, abr) in self.abrs.iter_mut() {
+            while let Some(change) = abr.poll_change() {
+                self.layer_decisions.push_back((track, change));
+            }
+        }
+    }
+
     /// The capture-to-render latency the element measures (wall clocks), for reports.
     pub fn set_measured_latency(&mut self, latency: Duration) {
         self.latency = Some(latency);
@@ -165,6 +222,7 @@ impl Viewer {
             return false;
         }
         abr.set_fixed(now, layer);
+        self.collect_layer_decisions();
         self.apply_layers(now);
         true
     }
@@ -193,7 +251,9 @@ impl Viewer {
                     let latency = self.config.subscriber.latency;
                     self.buffered_until = frame.pts.checked_add(latency);
                 }
-                SubscriberEvent::EndOfStream => {}
+                SubscriberEvent::EndOfStream
+                | SubscriberEvent::PublisherLost { .. }
+                | SubscriberEvent::PublisherBack { .. } => {}
             }
             self.events.push_back(event);
         }
@@ -305,6 +365,7 @@ impl Viewer {
                 .collect();
             abr.on_sample(now, &samples);
         }
+        self.collect_layer_decisions();
         for (_, layer_counts) in &counts {
             self.report_counts.add(layer_counts);
         }
@@ -422,6 +483,22 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
     const PATTERN: [u32; 4] = [0, 2, 1, 2];
 
+    /// A slow stretch: frames `from..to` reach the viewer `extra` later than usual, because
+    /// the publisher took that long to publish them (`publisher`) or the network did.
+    struct Slow {
+        from: u64,
+        to: u64,
+        extra: Duration,
+        publisher: bool,
+    }
+
+    /// The viewer does not run from `.0` to `.1` (SIGSTOP): what was sent in the last
+    /// `FROZEN_BACKLOG` of it (the rest overflowed the sender's bounded queue) is delivered
+    /// in order over `BACKLOG_DRAIN` once it runs again, as a TCP backlog would.
+    type Freeze = (Instant, Instant);
+    const FROZEN_BACKLOG: Duration = Duration::from_secs(2);
+    const BACKLOG_DRAIN: Duration = Duration::from_millis(600);
+
     struct Net {
         publisher: Publisher,
         viewer: Viewer,
@@ -429,9 +506,18 @@ mod tests {
         force_keyframe: bool,
         frame_index: u64,
         outputs: Vec<(Instant, u32)>,
+        /// When each frame came out, and its publisher frame index.
+        output_indices: Vec<(Instant, u64)>,
         changes: Vec<(Instant, ChannelChange)>,
         reports: u64,
         requests: u64,
+        /// Messages on their way, by delivery time (and send order).
+        in_flight: BTreeMap<(Instant, u64), Message>,
+        sent: u64,
+        slow: Option<Slow>,
+        freeze: Option<Freeze>,
+        /// Publisher lost / back events as they came out.
+        liveness: Vec<(Instant, SubscriberEvent)>,
     }
 
     impl Net {
@@ -464,9 +550,68 @@ mod tests {
                 force_keyframe: false,
                 frame_index: 0,
                 outputs: Vec::new(),
+                output_indices: Vec::new(),
                 changes: Vec::new(),
                 reports: 0,
                 requests: 0,
+                in_flight: BTreeMap::new(),
+                sent: 0,
+                slow: None,
+                freeze: None,
+                liveness: Vec::new(),
+            }
+        }
+
+        /// Runs the viewer's timers and deliveries up to `to`, in time order; nothing runs
+        /// during a freeze.
+        fn advance(&mut self, to: Instant) {
+            loop {
+                let delivery = self.in_flight.keys().next().map(|&(at, _)| at);
+                let mut timeout = self.viewer.poll_timeout();
+                if let (Some(due), Some((start, end))) = (timeout, self.freeze)
+                    && due >= start
+                    && due < end
+                {
+                    timeout = Some(end);
+                }
+                let next = match (delivery, timeout) {
+                    (Some(d), Some(t)) => d.min(t),
+                    (d, t) => match d.or(t) {
+                        Some(next) => next,
+                        None => return,
+                    },
+                };
+                if next > to {
+                    return;
+                }
+                if delivery == Some(next) {
+                    let (_, message) = self.in_flight.pop_first().expect("checked");
+                    self.viewer.handle_message(next, message);
+                } else {
+                    self.viewer.handle_timeout(next);
+                }
+                self.pump(next);
+            }
+        }
+
+        /// When a message sent at `tick` for frame `index` reaches the viewer; `None` if it
+        /// overflowed the queue of a frozen viewer.
+        fn delivery(&self, tick: Instant, index: u64) -> Option<Instant> {
+            let extra = self
+                .slow
+                .as_ref()
+                .filter(|slow| (slow.from..slow.to).contains(&index))
+                .map_or(Duration::ZERO, |slow| slow.extra);
+            let at = tick + MS * 20 + extra;
+            match self.freeze {
+                Some((start, end)) if at >= start && at < end => {
+                    let kept_from = end - FROZEN_BACKLOG;
+                    (at >= kept_from).then(|| {
+                        let into = (at - kept_from).as_secs_f64() / FROZEN_BACKLOG.as_secs_f64();
+                        end + BACKLOG_DRAIN.mul_f64(into)
+                    })
+                }
+                _ => Some(at),
             }
         }
 
@@ -477,10 +622,7 @@ mod tests {
                 if tick >= until {
                     break;
                 }
-                while let Some(due) = self.viewer.poll_timeout().filter(|&due| due <= tick) {
-                    self.viewer.handle_timeout(due);
-                    self.pump(due);
-                }
+                self.advance(tick);
                 if self.publisher.poll_timeout().is_some_and(|due| due <= tick) {
                     self.publisher.handle_timeout(tick);
                 }
@@ -490,12 +632,18 @@ mod tests {
                 if keyframe {
                     self.force_keyframe = false;
                 }
+                let publish_delay = self
+                    .slow
+                    .as_ref()
+                    .filter(|slow| slow.publisher && (slow.from..slow.to).contains(&index))
+                    .map_or(Duration::ZERO, |slow| slow.extra);
                 let frame = EncodedFrame {
                     pts: Some(MS * 40 * index as u32),
                     dts: None,
                     duration: Some(MS * 40),
                     keyframe,
                     capture_unix_ns: index,
+                    publish_delay,
                     data: Bytes::from(vec![layer as u8; 300]),
                 };
                 let sync = layer > 0 && index % 16 < 4;
@@ -505,9 +653,12 @@ mod tests {
                 self.frame_index += 1;
                 while let Some(transmit) = self.publisher.poll_transmit() {
                     let message = decode(&transmit.payload, &Limits::default()).unwrap();
-                    if self.subscribed.contains(&transmit.channel) && !drop(&message) {
-                        self.viewer.handle_message(tick + MS * 20, message);
-                        self.pump(tick + MS * 20);
+                    if self.subscribed.contains(&transmit.channel)
+                        && !drop(&message)
+                        && let Some(at) = self.delivery(tick, index)
+                    {
+                        self.sent += 1;
+                        self.in_flight.insert((at, self.sent), message);
                     }
                 }
             }
@@ -539,8 +690,16 @@ mod tests {
                 self.force_keyframe = true;
             }
             while let Some(event) = self.viewer.poll_event() {
-                if let SubscriberEvent::Frame(frame) = event {
-                    self.outputs.push((now, frame.layer));
+                match event {
+                    SubscriberEvent::Frame(frame) => {
+                        self.outputs.push((now, frame.layer));
+                        self.output_indices.push((now, frame.capture_unix_ns));
+                    }
+                    SubscriberEvent::PublisherLost { .. }
+                    | SubscriberEvent::PublisherBack { .. } => {
+                        self.liveness.push((now, event));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -608,6 +767,10 @@ mod tests {
             .find(|(_, c)| *c == ChannelChange::Unsubscribe(Channel::Media { track: 0, layer: 2 }))
             .expect("layer 2 unsubscribed");
         assert!(unsubscribed.0 <= loss_start + Duration::from_secs(2));
+        assert_eq!(
+            net.viewer.abr(0).unwrap().stats().last_reason,
+            Some(crate::core::abr::LayerChangeReason::Loss)
+        );
 
         // Reports every second, aggregated by the publisher.
         assert!((21..=24).contains(&net.reports), "{} reports", net.reports);
@@ -622,5 +785,161 @@ mod tests {
         assert!(audience.reports >= 21);
         let stats = net.viewer.subscriber().stats();
         assert!(stats.frames_lost > 0);
+    }
+
+    fn decisions(net: &mut Net) -> Vec<LayerChange> {
+        std::iter::from_fn(|| net.viewer.poll_layer_change())
+            .map(|(_, change)| change)
+            .collect()
+    }
+
+    #[test]
+    fn a_frozen_viewer_resumes_at_the_live_edge_without_stepping_down() {
+        let t0 = Instant::now();
+        let mut net = Net::new(t0, AbrConfig::default());
+        net.run(t0 + Duration::from_secs(10), t0, &mut |_| false);
+        assert_eq!(net.layer(), 2, "full frame rate before the freeze");
+        let before = decisions(&mut net);
+        assert!(before.is_empty(), "{before:?}");
+
+        // Frozen for 40 s (SIGSTOP), then resumed with a 2 s backlog drained over 600 ms.
+        let resumed = t0 + Duration::from_secs(50);
+        net.freeze = Some((t0 + Duration::from_secs(10), resumed));
+        net.run(t0 + Duration::from_secs(70), t0, &mut |_| false);
+
+        // The live edge: a frame published at or after the resume plays within latency +
+        // one GOP (keyframes every 100 frames of 40 ms).
+        let live_index = (resumed - t0).as_millis() as u64 / 40;
+        let (played_at, _) = *net
+            .output_indices
+            .iter()
+            .find(|(_, index)| *index >= live_index)
+            .expect("plays again after the freeze");
+        let bound = resumed + Duration::from_millis(300) + MS * 40 * 100;
+        assert!(
+            played_at <= bound,
+            "live again {:?} after the resume",
+            played_at - resumed
+        );
+        // And keeps playing every frame from there.
+        let after: Vec<u64> = net
+            .output_indices
+            .iter()
+            .filter(|(at, _)| *at > played_at)
+            .map(|(_, index)| *index)
+            .collect();
+        assert!(after.len() > 300, "{} frames after the resume", after.len());
+
+        // The stall is this viewer's: no step down, no clock move, no false alarm.
+        assert_eq!(net.layer(), 2);
+        let after_freeze = decisions(&mut net);
+        assert!(
+            after_freeze
+                .iter()
+                .all(|c| c.reason == crate::core::abr::LayerChangeReason::ProbeSucceeded),
+            "{after_freeze:?}"
+        );
+        let stats = net.viewer.subscriber().stats();
+        assert_eq!(stats.rebases, 0);
+        assert!(stats.late_local > 0, "the backlog was late: {stats:?}");
+        assert_eq!(stats.late_network, 0);
+        assert_eq!(net.viewer.stats().local_stalls, 1);
+        assert!(net.viewer.stats().local_stall_ms >= 39_000);
+        assert!(net.liveness.is_empty(), "{:?}", net.liveness);
+    }
+
+    #[test]
+    fn lateness_the_publisher_adds_is_told_apart_and_does_not_step_down() {
+        use crate::core::abr::LayerChangeReason;
+        for publisher in [true, false] {
+            let t0 = Instant::now();
+            let mut net = Net::new(t0, AbrConfig::default());
+            net.run(t0 + Duration::from_secs(10), t0, &mut |_| false);
+            assert_eq!(net.layer(), 2);
+            // Two seconds of frames 500 ms later than usual (latency is 300 ms).
+            net.slow = Some(Slow {
+                from: 250,
+                to: 300,
+                extra: Duration::from_millis(500),
+                publisher,
+            });
+            net.run(t0 + Duration::from_secs(14), t0, &mut |_| false);
+            let stats = net.viewer.subscriber().stats();
+            let changes = decisions(&mut net);
+            if publisher {
+                assert!(stats.late_publisher > 0, "{stats:?}");
+                assert_eq!(stats.late_network, 0, "{stats:?}");
+                assert_eq!(
+                    net.layer(),
+                    2,
+                    "a starved publisher is no reason to step down"
+                );
+                assert!(changes.is_empty(), "{changes:?}");
+            } else {
+                assert!(stats.late_network > 0, "{stats:?}");
+                assert_eq!(stats.late_publisher, 0, "{stats:?}");
+                assert!(net.layer() < 2);
+                assert_eq!(changes[0].reason, LayerChangeReason::Lateness);
+                assert_eq!((changes[0].from.id, changes[0].to.id), (2, 1));
+                assert_eq!(
+                    net.viewer.abr(0).unwrap().stats().last_reason,
+                    Some(changes.last().unwrap().reason)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_publisher_is_declared_lost_and_back_when_it_returns() {
+        let t0 = Instant::now();
+        let mut net = Net::new(t0, AbrConfig::default());
+        net.run(t0 + Duration::from_secs(5), t0, &mut |_| false);
+        assert!(net.liveness.is_empty());
+        // Gone without an end of stream for 8 s: nothing it sends arrives.
+        let gone = t0 + Duration::from_secs(5);
+        net.run(t0 + Duration::from_secs(13), t0, &mut |_| true);
+        let [(lost_at, SubscriberEvent::PublisherLost { silent })] = net.liveness[..] else {
+            panic!("{:?}", net.liveness);
+        };
+        let timeout = crate::core::subscriber::DEFAULT_PUBLISHER_TIMEOUT;
+        assert!(
+            lost_at >= gone + timeout - MS * 100 && lost_at <= gone + timeout + MS * 100,
+            "lost {:?} after the last message",
+            lost_at - gone
+        );
+        assert!(silent >= timeout);
+        assert!(net.viewer.subscriber().is_publisher_lost());
+        assert_eq!(net.viewer.subscriber().stats().publisher_lost, 1);
+
+        // It comes back as a new process (new epoch): back, and playing again.
+        let mut publisher = Publisher::new("demo", 10, PublisherConfig::default());
+        let layers = (0..3)
+            .map(|temporal| Layer {
+                id: temporal,
+                kind: if temporal == 0 {
+                    LayerKind::Base
+                } else {
+                    LayerKind::Temporal
+                } as i32,
+                temporal_id: temporal,
+                framerate_num: 25 >> (2 - temporal),
+                framerate_den: 1,
+                ..Layer::default()
+            })
+            .collect();
+        let back = t0 + Duration::from_secs(13);
+        publisher.add_track(back, TrackKind::Video, "video/x-vp8".into(), layers);
+        net.publisher = publisher;
+        let output_before = net.output_indices.len();
+        net.run(t0 + Duration::from_secs(20), t0, &mut |_| false);
+        assert_eq!(net.liveness.len(), 2, "{:?}", net.liveness);
+        let (back_at, SubscriberEvent::PublisherBack { lost_for }) = net.liveness[1] else {
+            panic!("{:?}", net.liveness);
+        };
+        assert!(back_at >= back && back_at <= back + Duration::from_secs(2));
+        assert!(lost_for >= Duration::from_secs(2));
+        assert!(!net.viewer.subscriber().is_publisher_lost());
+        assert_eq!(net.viewer.subscriber().stats().restarts, 1);
+        assert!(net.output_indices.len() > output_before + 50);
     }
 }

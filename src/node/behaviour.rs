@@ -35,6 +35,22 @@ const RECEIVE_BUFFER_SLACK: usize = 8 * 1024;
 const LIBP2P_DEFAULT_MAX_TRANSMIT_SIZE: usize = 65_536;
 /// Gossipsub's (default) limit on the control part of one RPC.
 const MAX_CONTROL_MESSAGE_SIZE: usize = 16 * 1024;
+/// Bytes of messages queued for one connection at most. Gossipsub bounds its per-connection
+/// queue by a message count, so the count is this over the largest message: a stalled or
+/// frozen peer costs at most this much memory, and the messages beyond it are dropped for
+/// that peer alone (counted as `send-queue-drops`). 4 MiB is over 10 s of a 3 Mbit/s stream.
+pub const PEER_SEND_QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// Bounds of that count: enough for a keyframe's fragments to every mesh peer even with
+/// large messages, never more than ~2 s of small ones at 1000 messages/s.
+const PEER_SEND_QUEUE_MIN_MESSAGES: usize = 64;
+const PEER_SEND_QUEUE_MAX_MESSAGES: usize = 2048;
+
+/// The per-connection queue length that keeps queued bytes within [`PEER_SEND_QUEUE_BYTES`]
+/// for messages of up to `max_transmit_size` bytes (or close, at the minimum count).
+pub(crate) fn peer_send_queue_len(max_transmit_size: usize) -> usize {
+    (PEER_SEND_QUEUE_BYTES / max_transmit_size.max(1))
+        .clamp(PEER_SEND_QUEUE_MIN_MESSAGES, PEER_SEND_QUEUE_MAX_MESSAGES)
+}
 
 pub(crate) type Gossipsub = gossipsub::Behaviour<
     gossipsub::IdentityTransform,
@@ -125,9 +141,9 @@ fn media_gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Config,
         // every fragment, which saves duplicate transmissions inside the mesh.
         .idontwant_message_size_threshold(1000)
         .idontwant_on_publish(true)
-        // Per-connection queues: 2048 messages is ~2 s at 1000 msg/s; a stale frame is useless,
-        // so forwarded messages expire after 1 s and own publishes after 2 s.
-        .connection_handler_queue_len(2048)
+        // Per-connection queues bounded in bytes (see PEER_SEND_QUEUE_BYTES); a stale frame is
+        // useless, so forwarded messages expire after 1 s and own publishes after 2 s.
+        .connection_handler_queue_len(peer_send_queue_len(max_transmit_size))
         .publish_queue_duration(Duration::from_secs(2))
         .forward_queue_duration(Duration::from_secs(1))
         .prune_backoff(Duration::from_secs(30))

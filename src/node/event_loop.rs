@@ -713,6 +713,10 @@ impl EventLoop {
                 failed_messages,
             }) => {
                 bump(&self.stats.slow_peer_reports);
+                let dropped = failed_messages.priority + failed_messages.non_priority;
+                self.stats
+                    .send_queue_drops
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
                 tracing::debug!(%peer_id, ?failed_messages, "slow peer");
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::GossipsubNotSupported { peer_id }) => {

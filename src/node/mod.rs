@@ -27,6 +27,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, watch};
 
+pub use behaviour::PEER_SEND_QUEUE_BYTES;
 pub use config::{
     DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
     DEFAULT_PUBLISH_CAPACITY, GossipsubProfile, InboundLoss, NodeConfig, default_listen,

@@ -21,6 +21,7 @@ pub(crate) struct NodeStats {
     pub publish_no_peers: AtomicU64,
     pub publish_queue_full: AtomicU64,
     pub slow_peer_reports: AtomicU64,
+    pub send_queue_drops: AtomicU64,
     pub messages_dropped_by_hook: AtomicU64,
     /// libp2p's bandwidth metrics of the node's transports (see `behaviour::build_swarm`).
     pub bandwidth: Mutex<libp2p::metrics::Registry>,
@@ -68,6 +69,9 @@ pub struct NodeStatsSnapshot {
     pub publish_queue_full: u64,
     /// Times gossipsub reported a peer too slow to take what we send it.
     pub slow_peer_reports: u64,
+    /// Messages not queued for a peer because its send queue was full (see
+    /// `PEER_SEND_QUEUE_BYTES`): what a stalled peer missed; nobody else waited for it.
+    pub send_queue_drops: u64,
     /// Received messages dropped by the [`super::InboundLoss`] test hook.
     pub messages_dropped_by_hook: u64,
     /// Bytes read from the node's connections, all protocols (gossipsub, identify, kademlia,
@@ -106,6 +110,7 @@ impl NodeStats {
             publish_no_peers: load(&self.publish_no_peers),
             publish_queue_full: load(&self.publish_queue_full),
             slow_peer_reports: load(&self.slow_peer_reports),
+            send_queue_drops: load(&self.send_queue_drops),
             messages_dropped_by_hook: load(&self.messages_dropped_by_hook),
             bytes_in,
             bytes_out,

@@ -53,6 +53,8 @@ struct Settings {
     layers: LayerLadder,
     simulcast_inputs: bool,
     keyframe_request_interval_ms: u32,
+    /// 0: chosen per encoder by [`encoder_threads`].
+    encoder_threads: u32,
 }
 
 impl Default for Settings {
@@ -67,6 +69,7 @@ impl Default for Settings {
             layers: LayerLadder::Auto,
             simulcast_inputs: false,
             keyframe_request_interval_ms: DEFAULT_KEYFRAME_REQUEST_INTERVAL_MS,
+            encoder_threads: 0,
         }
     }
 }
@@ -198,6 +201,17 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .default_value(false)
             .mutable_ready()
             .build(),
+        glib::ParamSpecUInt::builder("encoder-threads")
+            .nick("Encoder threads")
+            .blurb(
+                "Threads of each video encoder (0: automatic, from the frame size and the \
+                 machine's cores: 1 up to 640x480 or on fewer than 3 cores, as WebRTC's VP8 \
+                 encoder chooses)",
+            )
+            .maximum(64)
+            .default_value(0)
+            .mutable_ready()
+            .build(),
         glib::ParamSpecUInt::builder("keyframe-request-interval")
             .nick("Keyframe request interval")
             .blurb(
@@ -252,6 +266,9 @@ impl ObjectImpl for P2pLiveSink {
             "keyframe-request-interval" => {
                 settings.keyframe_request_interval_ms = value.get().expect("type checked upstream")
             }
+            "encoder-threads" => {
+                settings.encoder_threads = value.get().expect("type checked upstream")
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -281,6 +298,7 @@ impl ObjectImpl for P2pLiveSink {
                     "layers" => settings.layers.to_value(),
                     "simulcast-inputs" => settings.simulcast_inputs.to_value(),
                     "keyframe-request-interval" => settings.keyframe_request_interval_ms.to_value(),
+                    "encoder-threads" => settings.encoder_threads.to_value(),
                     other => unreachable!("unknown property {other}"),
                 }
             }
@@ -697,12 +715,14 @@ impl P2pLiveSink {
         let dts = running_time(buffer.dts());
         let (temporal, temporal_sync) = vp8_temporal_layer(buffer);
         let map = buffer.map_readable().map_err(|_| gst::FlowError::Error)?;
+        let (capture_unix_ns, publish_delay) = self.capture_time(pts.or(dts));
         let frame = EncodedFrame {
             pts: pts.map(Duration::from),
             dts: dts.map(Duration::from),
             duration: buffer.duration().map(Duration::from),
             keyframe: !buffer.flags().contains(gst::BufferFlags::DELTA_UNIT),
-            capture_unix_ns: self.capture_unix_ns(pts.or(dts)),
+            capture_unix_ns,
+            publish_delay,
             data: bytes::Bytes::copy_from_slice(&map),
         };
         drop(map);
@@ -872,8 +892,9 @@ impl P2pLiveSink {
         Some((track, input.group_layer?))
     }
 
-    /// Wall-clock time the frame was captured: now, less how long ago its running time was.
-    fn capture_unix_ns(&self, running_time: Option<gst::ClockTime>) -> u64 {
+    /// Wall-clock time the frame was captured (Unix epoch ns) and its age now (encoding and
+    /// queueing since capture): now, less how long ago its running time was.
+    fn capture_time(&self, running_time: Option<gst::ClockTime>) -> (u64, Duration) {
         let now_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -882,7 +903,7 @@ impl P2pLiveSink {
             (Some(current), Some(frame)) => current.saturating_sub(frame).nseconds(),
             _ => 0,
         };
-        now_unix.saturating_sub(age)
+        (now_unix.saturating_sub(age), Duration::from_nanos(age))
     }
 
     fn handle_eos(&self, pad_name: &str, spatial: u32) {
@@ -1259,12 +1280,45 @@ impl Ladder {
     }
 }
 
+/// Threads for a real-time encoder of `width`×`height` on a machine with `cores` cores: the
+/// rule of WebRTC's VP8 encoder (`LibvpxVp8Encoder::NumberOfThreads`,
+/// modules/video_coding/codecs/vp8/libvpx_vp8_encoder.cc): 8 from 1080p on more than 8
+/// cores, 3 above 1280×960 on 6 or more, 2 above VGA on 3 or more, otherwise 1. Extra
+/// threads pay only when cores are idle; on a busy machine libvpx's worker threads spin
+/// waiting for each other (two 320×240 encoders with 2 threads each on 2 cores: ~63 % CPU
+/// each, ~6 % with 1 thread).
+pub(crate) fn encoder_threads(width: u32, height: u32, cores: usize) -> u32 {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels >= 1920 * 1080 && cores > 8 {
+        8
+    } else if pixels > 1280 * 960 && cores >= 6 {
+        3
+    } else if pixels > 640 * 480 && cores >= 3 {
+        2
+    } else {
+        1
+    }
+}
+
 /// The encoder of one rung of `ladder`.
 fn video_encoder(
     settings: &Settings,
     ladder: &Ladder,
     rung: &Rung,
 ) -> Result<gst::Element, String> {
+    let threads = match settings.encoder_threads {
+        0 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            encoder_threads(rung.width, rung.height, cores)
+        }
+        fixed => fixed,
+    };
+    gst::debug!(
+        CAT,
+        "{}x{} encoder: {threads} thread(s)",
+        rung.width,
+        rung.height
+    );
     match settings.video_codec {
         VideoCodec::Vp8 => {
             let encoder = make("vp8enc", "gstreamer1.0-plugins-good")?;
@@ -1274,7 +1328,7 @@ fn video_encoder(
             encoder.set_property("cpu-used", 8i32);
             encoder.set_property("lag-in-frames", 0i32);
             encoder.set_property("keyframe-max-dist", ladder.keyframe_distance as i32);
-            encoder.set_property("threads", 2i32);
+            encoder.set_property("threads", threads as i32);
             if ladder.temporal_layers > 1 {
                 let cumulative_bps = TEMPORAL_BITRATE_PERCENT
                     .iter()
@@ -1314,6 +1368,7 @@ fn video_encoder(
             encoder.set_property_from_str("speed-preset", "ultrafast");
             encoder.set_property("bitrate", rung.bitrate_kbps);
             encoder.set_property("key-int-max", ladder.keyframe_distance);
+            encoder.set_property("threads", threads);
             Ok(encoder)
         }
     }
@@ -1384,4 +1439,27 @@ fn single_layer(caps: &gst::CapsRef, kind: TrackKind) -> Vec<Layer> {
         depends_on: vec![],
         ..Layer::default()
     }]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encoder_threads;
+
+    #[test]
+    fn small_frames_get_one_encoder_thread_whatever_the_cores() {
+        for cores in [1, 2, 4, 16, 64] {
+            assert_eq!(encoder_threads(320, 240, cores), 1, "{cores} cores");
+            assert_eq!(encoder_threads(640, 480, cores), 1, "{cores} cores");
+        }
+    }
+
+    #[test]
+    fn larger_frames_get_more_threads_only_with_spare_cores() {
+        // A 2-core machine encodes everything with one thread.
+        assert_eq!(encoder_threads(1920, 1080, 2), 1);
+        assert_eq!(encoder_threads(1280, 720, 4), 2);
+        assert_eq!(encoder_threads(1920, 1080, 6), 3);
+        assert_eq!(encoder_threads(1920, 1080, 16), 8);
+        assert_eq!(encoder_threads(1280, 720, 16), 2);
+    }
 }

@@ -9,9 +9,11 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use libp2p::{Multiaddr, PeerId};
 
+use super::PublisherTimeoutAction;
 use crate::RUNTIME;
 use crate::common::{self, NetworkSettings};
-use crate::core::abr::AbrConfig;
+use crate::core::abr::{AbrConfig, LayerChange};
+use crate::core::subscriber::DEFAULT_PUBLISHER_TIMEOUT;
 use crate::core::viewer::{ChannelChange, Viewer, ViewerConfig, ViewerStats};
 use crate::core::wire::{Catalog, Channel, Track, TrackKind};
 use crate::core::{OutputFrame, SubscriberConfig, SubscriberEvent, SubscriberStats};
@@ -34,6 +36,7 @@ const DEFAULT_AUTO_LAYER: bool = true;
 const DEFAULT_DOWNGRADE_THRESHOLD: f64 = 0.1;
 const DEFAULT_UPGRADE_COOLDOWN_MS: u32 = 10_000;
 const DEFAULT_ACK_INTERVAL_MS: u32 = 1000;
+const DEFAULT_PUBLISHER_TIMEOUT_MS: u32 = DEFAULT_PUBLISHER_TIMEOUT.as_millis() as u32;
 /// Largest message the node accepts; generous next to any sane `max-fragment-size`.
 const MAX_TRANSMIT_SIZE: usize = 256 * 1024;
 /// Frames queued in an output appsrc at most; the oldest go first when it is full.
@@ -65,6 +68,9 @@ struct Settings {
     upgrade_cooldown_ms: u32,
     ack_interval_ms: u32,
     simulated_loss: f64,
+    /// 0: never.
+    publisher_timeout_ms: u32,
+    publisher_timeout_action: PublisherTimeoutAction,
 }
 
 impl Default for Settings {
@@ -85,6 +91,8 @@ impl Default for Settings {
             upgrade_cooldown_ms: DEFAULT_UPGRADE_COOLDOWN_MS,
             ack_interval_ms: DEFAULT_ACK_INTERVAL_MS,
             simulated_loss: 0.0,
+            publisher_timeout_ms: DEFAULT_PUBLISHER_TIMEOUT_MS,
+            publisher_timeout_action: PublisherTimeoutAction::default(),
         }
     }
 }
@@ -97,6 +105,33 @@ struct OutputCounters {
     discarded: AtomicU64,
     /// Refused by the output queue (flushing, or already ended).
     refused: AtomicU64,
+    /// QoS events from downstream reporting a buffer rendered late: this machine's decoding
+    /// or rendering is too slow, whatever the network does.
+    render_late: AtomicU64,
+}
+
+/// Whether the publisher is heard from, for `stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum PublisherState {
+    /// Nothing valid has come yet.
+    #[default]
+    Waiting,
+    Live,
+    /// Silent for `publisher-timeout`.
+    Lost,
+    /// It ended the stream.
+    Ended,
+}
+
+impl PublisherState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Live => "live",
+            Self::Lost => "lost",
+            Self::Ended => "ended",
+        }
+    }
 }
 
 /// What the element and its driver task share.
@@ -115,6 +150,9 @@ struct Shared {
     /// Moving average of capture to release by the playout buffer (network and reassembly), ms.
     transit_ms: Mutex<Option<f64>>,
     ended: Mutex<bool>,
+    publisher_state: Mutex<PublisherState>,
+    /// The latest layer decision of the video track (as in `layer`), for `stats`.
+    last_layer_change: Mutex<Option<LayerChange>>,
 }
 
 struct State {
@@ -278,6 +316,29 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .default_value(DEFAULT_ACK_INTERVAL_MS)
             .mutable_ready()
             .build(),
+        glib::ParamSpecUInt::builder("publisher-timeout")
+            .nick("Publisher timeout")
+            .blurb(
+                "ms without anything valid from the publisher (media, its catalog repeated \
+                 every second, end of stream) before it is declared lost: a \
+                 p2plive-publisher-lost message and a WARNING, then publisher-timeout-action \
+                 (0: never)",
+            )
+            .maximum(3_600_000)
+            .default_value(DEFAULT_PUBLISHER_TIMEOUT_MS)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecEnum::builder_with_default(
+            "publisher-timeout-action",
+            PublisherTimeoutAction::default(),
+        )
+        .nick("Publisher timeout action")
+        .blurb(
+            "What to do once the publisher is lost: wait (keep playing, resume and post \
+             p2plive-publisher-back when it returns), eos (end the stream) or error",
+        )
+        .mutable_ready()
+        .build(),
         glib::ParamSpecDouble::builder("simulated-loss")
             .nick("Simulated loss")
             .blurb(
@@ -296,6 +357,14 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
 impl ObjectImpl for P2pLiveSrc {
     fn properties() -> &'static [glib::ParamSpec] {
         &PROPERTIES
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        // A source even before its first pad: a pipeline sends downstream events such as
+        // EOS (gst-launch-1.0 -e) only to its sources, and a bin is one only once it holds
+        // one, which this bin does only after the catalog arrived.
+        self.obj().set_element_flags(gst::ElementFlags::SOURCE);
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
@@ -356,6 +425,12 @@ impl ObjectImpl for P2pLiveSrc {
                     state.node.set_inbound_loss(settings.simulated_loss);
                 }
             }
+            "publisher-timeout" => {
+                settings.publisher_timeout_ms = value.get().expect("type checked upstream")
+            }
+            "publisher-timeout-action" => {
+                settings.publisher_timeout_action = value.get().expect("type checked upstream")
+            }
             other => unreachable!("unknown property {other}"),
         }
     }
@@ -400,6 +475,8 @@ impl ObjectImpl for P2pLiveSrc {
                     "layer-upgrade-cooldown" => settings.upgrade_cooldown_ms.to_value(),
                     "ack-interval" => settings.ack_interval_ms.to_value(),
                     "simulated-loss" => settings.simulated_loss.to_value(),
+                    "publisher-timeout" => settings.publisher_timeout_ms.to_value(),
+                    "publisher-timeout-action" => settings.publisher_timeout_action.to_value(),
                     other => unreachable!("unknown property {other}"),
                 }
             }
@@ -410,6 +487,17 @@ impl ObjectImpl for P2pLiveSrc {
 impl GstObjectImpl for P2pLiveSrc {}
 
 impl ElementImpl for P2pLiveSrc {
+    fn send_event(&self, event: gst::Event) -> bool {
+        if let gst::EventView::Eos(_) = event.view()
+            && self.obj().src_pads().is_empty()
+        {
+            gst::info!(CAT, imp = self, "EOS before any pad: ending the stream");
+            self.post_eos_without_pads(event.seqnum());
+            return true;
+        }
+        self.parent_send_event(event)
+    }
+
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
         static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
             gst::subclass::ElementMetadata::new(
@@ -543,6 +631,8 @@ impl P2pLiveSrc {
                 buffer_size: settings.buffer_size as usize,
                 jitter_tolerance: Duration::from_millis(settings.jitter_tolerance_ms.into()),
                 fragment_timeout: Duration::from_millis(settings.fragment_timeout_ms.into()),
+                publisher_timeout: (settings.publisher_timeout_ms > 0)
+                    .then(|| Duration::from_millis(settings.publisher_timeout_ms.into())),
                 ..SubscriberConfig::default()
             },
             abr: AbrConfig {
@@ -601,6 +691,30 @@ impl P2pLiveSrc {
             let _ = obj.remove(&child);
         }
         gst::debug!(CAT, imp = self, "stopped");
+    }
+
+    /// Ends a stream that never got a pad. No sink can receive an EOS event then, so the
+    /// pipeline would never post its EOS message (it waits for every sink): the message is
+    /// posted on the pipeline's bus directly, for `gst-launch-1.0 -e` and applications
+    /// waiting for EOS.
+    fn post_eos_without_pads(&self, seqnum: gst::Seqnum) {
+        let obj = self.obj();
+        let mut top: gst::Object = obj.clone().upcast();
+        while let Some(parent) = top.parent() {
+            top = parent;
+        }
+        let message = gst::message::Eos::builder()
+            .src(&*obj)
+            .seqnum(seqnum)
+            .build();
+        match top.downcast_ref::<gst::Element>().and_then(|e| e.bus()) {
+            Some(bus) => {
+                let _ = bus.post(message);
+            }
+            None => {
+                let _ = obj.post_message(message);
+            }
+        }
     }
 
     /// Hands a changed `auto-layer` / `layer` to the running driver.
@@ -704,6 +818,23 @@ impl P2pLiveSrc {
                 return;
             }
         };
+        if let Some(shared) = self
+            .state
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| s.shared.clone())
+        {
+            // Sinks send QoS upstream for every buffer they render late (positive jitter).
+            ghost.add_probe(gst::PadProbeType::EVENT_UPSTREAM, move |_, info| {
+                if let Some(gst::EventView::Qos(qos)) = info.event().map(|e| e.view())
+                    && qos.get().2 > 0
+                {
+                    shared.counters.render_late.fetch_add(1, Ordering::Relaxed);
+                }
+                gst::PadProbeReturn::Ok
+            });
+        }
         let _ = ghost.set_active(true);
         if let Err(err) = obj.add_pad(&ghost) {
             gst::error!(CAT, imp = self, "cannot add {pad_name}: {err}");
@@ -855,12 +986,31 @@ impl P2pLiveSrc {
             )
             .field("refused", shared.counters.refused.load(Ordering::Relaxed))
             .field("ended", *shared.ended.lock().unwrap())
-            .field("switch-dropped", s.switch_dropped);
+            .field("switch-dropped", s.switch_dropped)
+            .field(
+                "publisher-state",
+                shared.publisher_state.lock().unwrap().as_str(),
+            )
+            .field("publisher-lost", s.publisher_lost)
+            .field("frames-late-network", s.late_network)
+            .field("frames-late-publisher", s.late_publisher)
+            .field("frames-late-local", s.late_local)
+            .field(
+                "render-late",
+                shared.counters.render_late.load(Ordering::Relaxed),
+            );
         let viewer = shared.viewer.lock().unwrap().clone();
         builder = builder
             .field("reports-sent", viewer.reports_sent)
             .field("keyframe-requests-sent", viewer.keyframe_requests_sent)
-            .field("layer-changes", viewer.layer_changes);
+            .field("layer-changes", viewer.layer_changes)
+            .field("local-stalls", viewer.local_stalls)
+            .field("local-stall-ms", viewer.local_stall_ms);
+        if let Some(change) = *shared.last_layer_change.lock().unwrap() {
+            builder = builder
+                .field("layer-reason", change.reason.as_str())
+                .field("layer-from", change.from.id);
+        }
         // The layers of the first video track (the usual single one).
         if let Some((selected, playing)) = shared.layers.lock().unwrap().values().next() {
             builder = builder.field("layer", *selected);
@@ -884,6 +1034,10 @@ fn update_average(average: &Mutex<Option<f64>>, sample: f64) {
         Some(avg) => avg + LATENCY_AVERAGE_WEIGHT * (sample - avg),
         None => sample,
     });
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn clock_time(duration: Duration) -> gst::ClockTime {
@@ -998,10 +1152,37 @@ impl Driver {
                 SubscriberEvent::EndOfStream => {
                     gst::info!(CAT, imp = imp, "publisher ended the stream");
                     *self.shared.ended.lock().unwrap() = true;
-                    for output in self.outputs.values() {
-                        let _ = output.appsrc.end_of_stream();
-                    }
+                    *self.shared.publisher_state.lock().unwrap() = PublisherState::Ended;
+                    self.end_outputs(imp);
                 }
+                SubscriberEvent::PublisherLost { silent } => self.publisher_lost(imp, silent),
+                SubscriberEvent::PublisherBack { lost_for } => {
+                    gst::info!(
+                        CAT,
+                        imp = imp,
+                        "publisher is back after {} ms",
+                        lost_for.as_millis()
+                    );
+                    *self.shared.publisher_state.lock().unwrap() = PublisherState::Live;
+                    let structure = gst::Structure::builder("p2plive-publisher-back")
+                        .field("publisher", self.publisher_string())
+                        .field("lost-ms", duration_ms(lost_for))
+                        .build();
+                    let _ = imp.obj().post_message(
+                        gst::message::Element::builder(structure)
+                            .src(&*imp.obj())
+                            .build(),
+                    );
+                }
+            }
+        }
+        while let Some((track, change)) = self.viewer.poll_layer_change() {
+            self.report_layer_change(imp, track, change);
+        }
+        {
+            let mut state = self.shared.publisher_state.lock().unwrap();
+            if *state == PublisherState::Waiting && self.viewer.subscriber().epoch().is_some() {
+                *state = PublisherState::Live;
             }
         }
         while let Some(change) = self.viewer.poll_channel_change() {
@@ -1042,6 +1223,104 @@ impl Driver {
             })
             .collect();
         true
+    }
+
+    /// EOS on every output, or on the bus when there is none yet.
+    fn end_outputs(&self, imp: &P2pLiveSrc) {
+        if imp.obj().src_pads().is_empty() {
+            imp.post_eos_without_pads(gst::Seqnum::next());
+        }
+        for output in self.outputs.values() {
+            let _ = output.appsrc.end_of_stream();
+        }
+    }
+
+    fn publisher_string(&self) -> String {
+        self.shared
+            .publisher
+            .lock()
+            .unwrap()
+            .map(|p| p.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Nothing valid from the publisher for `publisher-timeout`: say so, then act as
+    /// `publisher-timeout-action` says.
+    fn publisher_lost(&mut self, imp: &P2pLiveSrc, silent: Duration) {
+        let action = self.settings.publisher_timeout_action;
+        *self.shared.publisher_state.lock().unwrap() = PublisherState::Lost;
+        let nick = match action {
+            PublisherTimeoutAction::Wait => "wait",
+            PublisherTimeoutAction::Eos => "eos",
+            PublisherTimeoutAction::Error => "error",
+        };
+        let structure = gst::Structure::builder("p2plive-publisher-lost")
+            .field("publisher", self.publisher_string())
+            .field("silent-ms", duration_ms(silent))
+            .field("action", nick)
+            .build();
+        let obj = imp.obj();
+        let _ = obj.post_message(gst::message::Element::builder(structure).src(&*obj).build());
+        let text = format!(
+            "Nothing from the publisher for {} ms (killed, crashed or unreachable)",
+            silent.as_millis()
+        );
+        match action {
+            PublisherTimeoutAction::Wait => {
+                gst::element_imp_warning!(
+                    imp,
+                    gst::ResourceError::Read,
+                    ["{text}; waiting for it to return"]
+                );
+            }
+            PublisherTimeoutAction::Eos => {
+                gst::element_imp_warning!(
+                    imp,
+                    gst::ResourceError::Read,
+                    ["{text}; ending the stream"]
+                );
+                *self.shared.ended.lock().unwrap() = true;
+                self.end_outputs(imp);
+            }
+            PublisherTimeoutAction::Error => {
+                gst::element_imp_error!(imp, gst::ResourceError::Read, ["{text}"]);
+            }
+        }
+    }
+
+    /// Posts a `p2plive-layer-changed` message for a controller decision and keeps the
+    /// latest one of the video track for `stats`.
+    fn report_layer_change(&self, imp: &P2pLiveSrc, track: u32, change: LayerChange) {
+        gst::info!(
+            CAT,
+            imp = imp,
+            "track {track}: layer {} -> {} ({})",
+            change.from.id,
+            change.to.id,
+            change.reason.as_str()
+        );
+        let first_video = self
+            .outputs
+            .iter()
+            .find(|(_, output)| output.kind == TrackKind::Video)
+            .map(|(&id, _)| id);
+        if first_video == Some(track) {
+            *self.shared.last_layer_change.lock().unwrap() = Some(change);
+        }
+        let mut builder = gst::Structure::builder("p2plive-layer-changed")
+            .field("track", track)
+            .field("from", change.from.id)
+            .field("to", change.to.id)
+            .field("reason", change.reason.as_str());
+        if let Some(probe) = change.probe {
+            builder = builder.field("probe", probe.id);
+        }
+        let obj = imp.obj();
+        let _ = obj.post_message(
+            gst::message::Element::builder(builder.build())
+                .src(&*obj)
+                .build(),
+        );
     }
 
     /// The first frame of another simulcast layer: its resolution goes into the caps.

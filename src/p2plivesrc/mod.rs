@@ -8,6 +8,29 @@ use gst::prelude::*;
 
 mod imp;
 
+/// What `p2plivesrc` does when nothing valid has come from the publisher for
+/// `publisher-timeout` ms. In every case it first posts a `p2plive-publisher-lost` element
+/// message and a WARNING.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstP2pLivePublisherTimeoutAction")]
+pub enum PublisherTimeoutAction {
+    /// Keep PLAYING and resume by itself when the publisher (same or new epoch) returns,
+    /// posting `p2plive-publisher-back`.
+    #[default]
+    #[enum_value(
+        name = "Wait: keep playing and resume when the publisher returns",
+        nick = "wait"
+    )]
+    Wait = 0,
+    /// End the stream: EOS on every pad (or on the bus when no pad exists yet).
+    #[enum_value(name = "End of stream", nick = "eos")]
+    Eos = 1,
+    /// Post an ERROR: the application stops the pipeline.
+    #[enum_value(name = "Error", nick = "error")]
+    Error = 2,
+}
+
 glib::wrapper! {
     pub struct P2pLiveSrc(ObjectSubclass<imp::P2pLiveSrc>)
         @extends gst::Bin, gst::Element, gst::Object;
