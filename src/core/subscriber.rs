@@ -246,13 +246,26 @@ impl DelayFloor {
 #[derive(Default)]
 struct LayerMonitor {
     highest: Option<u64>,
-    /// Missing sequences and when they were noticed.
-    missing: BTreeMap<u64, Instant>,
+    /// Local time (see [`Playout::is_local_time_before`]) of the highest sequence.
+    highest_local: Option<Instant>,
+    /// Missing sequences, when they were noticed, and whether they went missing while this
+    /// viewer was stalled.
+    missing: BTreeMap<u64, (Instant, bool)>,
     counts: LayerCounts,
 }
 
 impl LayerMonitor {
-    fn frame(&mut self, now: Instant, sequence: u64, late: Option<LateCause>) {
+    /// Takes a completed frame of local time `local`. `resumed` is when this viewer last
+    /// ran again after a stall: a gap after a frame of local time before it went missing
+    /// during the stall (a frozen viewer's sender drops what it cannot queue).
+    fn frame(
+        &mut self,
+        now: Instant,
+        sequence: u64,
+        local: Option<Instant>,
+        late: Option<LateCause>,
+        resumed: Option<Instant>,
+    ) {
         self.counts.received += 1;
         if let Some(cause) = late {
             self.counts.late += 1;
@@ -263,20 +276,33 @@ impl LayerMonitor {
             }
         }
         match self.highest {
-            None => self.highest = Some(sequence),
+            None => {
+                self.highest = Some(sequence);
+                self.highest_local = local;
+            }
             Some(highest) if sequence > highest => {
                 let gap = sequence - highest - 1;
+                let during_stall = resumed.is_some_and(|resumed| {
+                    self.highest_local.is_some_and(|before| before <= resumed)
+                });
                 // Too many to track one by one: the excess is lost at once.
                 let tracked = gap.min(MAX_MISSING_PER_LAYER as u64);
                 self.counts.lost += gap - tracked;
-                for missing in sequence - tracked..sequence {
-                    self.missing.insert(missing, now);
+                if during_stall {
+                    self.counts.lost_local += gap - tracked;
                 }
-                while self.missing.len() > MAX_MISSING_PER_LAYER {
-                    self.missing.pop_first();
+                for missing in sequence - tracked..sequence {
+                    self.missing.insert(missing, (now, during_stall));
+                }
+                while let Some((_, (_, local))) = (self.missing.len() > MAX_MISSING_PER_LAYER)
+                    .then(|| self.missing.pop_first())
+                    .flatten()
+                {
                     self.counts.lost += 1;
+                    self.counts.lost_local += u64::from(local);
                 }
                 self.highest = Some(sequence);
+                self.highest_local = local;
             }
             Some(_) => {
                 if self.missing.remove(&sequence).is_some() {
@@ -295,11 +321,11 @@ impl LayerMonitor {
         local_stall_until: Option<Instant>,
     ) -> LayerCounts {
         let counts = &mut self.counts;
-        self.missing.retain(|_, noticed| {
+        self.missing.retain(|_, (noticed, during_stall)| {
             let keep = *noticed + grace > now;
             if !keep {
                 counts.lost += 1;
-                if local_stall_until.is_some_and(|until| *noticed <= until) {
+                if *during_stall || local_stall_until.is_some_and(|until| *noticed <= until) {
                     counts.lost_local += 1;
                 }
             }
@@ -730,10 +756,20 @@ impl Subscriber {
             Some(LateCause::Local) => self.stats.late_local += 1,
             None => {}
         }
+        let local = self
+            .playout
+            .deadline(frame)
+            .and_then(|deadline| deadline.checked_sub(self.config.latency));
         self.monitors
             .entry((frame.track, frame.layer))
             .or_default()
-            .frame(now, frame.sequence, cause);
+            .frame(
+                now,
+                frame.sequence,
+                local,
+                cause,
+                self.local_stall.map(|(resumed, _)| resumed),
+            );
     }
 
     /// Returns whether the announcement belongs to the current epoch (a sign of life).
