@@ -3,7 +3,9 @@
 //!
 //! Timing: one stream clock is shared by all tracks so they stay in sync. The first frame
 //! released (of any track) anchors it: `base = (now, stream time)`, and a frame's local
-//! time is `base.local + (stream time - base.stream)`. The element stamps output with that
+//! time is `base.local + (stream time - base.stream) × rate`, where `rate` (local seconds per
+//! stream second) follows the publisher's clock as [`super::drift::DriftEstimator`] measures
+//! it, re-anchored at each new estimate so the mapping stays continuous. The element stamps output with that
 //! local time and reports `latency`, so the sink renders at local time + latency: that is
 //! each frame's deadline. Frames are released as soon as they are in order; the sink
 //! waits for their time.
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::drift::{DriftEstimator, DriftUpdate};
 use super::reassembly::CompleteFrame;
 use super::wire::{FrameHeader, TrackEnd};
 
@@ -95,6 +98,9 @@ pub struct PlayoutStats {
     pub duplicates: u64,
     /// Times the clock was moved later because frames came too late.
     pub rebases: u64,
+    /// The publisher's clock against the local one, ppm (negative: it runs slow), as the
+    /// playout follows it; 0 until estimated.
+    pub clock_drift_ppm: i64,
     /// Frames of a layer other than the one played on their track.
     pub other_layer: u64,
     /// Frames of a track the playout does not know.
@@ -146,9 +152,11 @@ struct LateRun {
 }
 
 /// The mapping from stream time to local time, shared by all tracks.
-#[derive(Default)]
 struct StreamClock {
     base: Option<ClockBase>,
+    /// Local nanoseconds per stream nanosecond (1.0 until the drift is estimated).
+    rate: f64,
+    drift: DriftEstimator,
     window: Option<DriftWindow>,
     /// The current run of frames later than the tolerance allows, if any.
     late_run: Option<LateRun>,
@@ -161,16 +169,30 @@ struct StreamClock {
     ignore: Option<(Instant, Instant)>,
 }
 
+impl Default for StreamClock {
+    fn default() -> Self {
+        Self {
+            base: None,
+            rate: 1.0,
+            drift: DriftEstimator::new(),
+            window: None,
+            late_run: None,
+            generation: 0,
+            ignore: None,
+        }
+    }
+}
+
 impl StreamClock {
     fn local(&self, stream: Duration) -> Option<Instant> {
         let base = self.base.as_ref()?;
         Some(if stream >= base.stream {
             base.local
-                .checked_add(stream - base.stream)
+                .checked_add(self.scale(stream - base.stream))
                 .unwrap_or(base.local)
         } else {
             base.local
-                .checked_sub(base.stream - stream)
+                .checked_sub(self.scale(base.stream - stream))
                 .unwrap_or(base.local)
         })
     }
@@ -178,11 +200,30 @@ impl StreamClock {
     /// The stream time that maps to `local`.
     fn stream_at(&self, local: Instant) -> Option<Duration> {
         let base = self.base.as_ref()?;
+        let unscale =
+            |d: Duration| Duration::try_from_secs_f64(d.as_secs_f64() / self.rate).unwrap_or(d);
         Some(if local >= base.local {
-            base.stream.saturating_add(local - base.local)
+            base.stream.saturating_add(unscale(local - base.local))
         } else {
-            base.stream.saturating_sub(base.local - local)
+            base.stream.saturating_sub(unscale(base.local - local))
         })
+    }
+
+    /// A stream-time span in local time.
+    fn scale(&self, span: Duration) -> Duration {
+        if self.rate == 1.0 {
+            return span;
+        }
+        Duration::try_from_secs_f64(span.as_secs_f64() * self.rate).unwrap_or(span)
+    }
+
+    /// Follows a new rate estimate from `stream` on: the mapping keeps its value there, so
+    /// output stays continuous (no resync).
+    fn set_rate(&mut self, rate: f64, stream: Duration) {
+        if let Some(local) = self.local(stream) {
+            self.base = Some(ClockBase { local, stream });
+            self.rate = rate;
+        }
     }
 
     fn start(&mut self, now: Instant, stream: Duration) {
@@ -208,6 +249,25 @@ impl StreamClock {
             self.window = None;
             return false;
         }
+        match self.drift.observe(arrival, stream) {
+            Some(DriftUpdate::Rate(rate)) => self.set_rate(rate, stream),
+            Some(DriftUpdate::PathChange { shift_ns }) if shift_ns > 0.0 => {
+                // The path got slower for good: keep the whole latency as headroom. (A faster
+                // path is followed by the slow step earlier below: never a jump back.)
+                if let Some(base) = self.base.as_mut() {
+                    let shift = Duration::from_nanos(shift_ns as u64);
+                    base.local = base.local.checked_add(shift).unwrap_or(base.local);
+                    self.generation += 1;
+                    self.late_run = None;
+                    self.window = None;
+                    return true;
+                }
+            }
+            _ => {}
+        }
+        let Some(local) = self.local(stream) else {
+            return false;
+        };
         let margin = signed_nanos(local, arrival);
         let lateness = -margin - nanos(config.latency);
         let tolerance = nanos(config.jitter_tolerance);
@@ -232,6 +292,8 @@ impl StreamClock {
             };
             base.local = base.local.checked_add(shift).unwrap_or(base.local);
             self.generation += 1;
+            // A path change: transit before and after it are not on one line.
+            self.drift.restart();
             return true;
         }
         self.late_run = None;
@@ -927,7 +989,10 @@ impl TrackPlayout {
             sequence: frame.sequence,
             pts,
             dts: header.dts_ns.map(|_| timeline_local),
-            duration: header.duration_ns.map(Duration::from_nanos),
+            // In local time, so buffers stay contiguous however fast the publisher's clock runs.
+            duration: header
+                .duration_ns
+                .map(|ns| ctx.clock.scale(Duration::from_nanos(ns))),
             keyframe: header.keyframe,
             discont,
             resync,
@@ -1149,6 +1214,7 @@ impl Playout {
     pub fn stats(&self) -> PlayoutStats {
         PlayoutStats {
             buffered_frames: self.buffered_frames() as u64,
+            clock_drift_ppm: self.clock.drift.drift_ppm().round() as i64,
             ..self.stats.clone()
         }
     }
@@ -1454,9 +1520,10 @@ mod tests {
         let offset = |frame: &OutputFrame| {
             (frame.pts - t0).as_nanos() as i128 - frame.stream_pts.unwrap().as_nanos() as i128
         };
+        // (Following the publisher's clock rate moves it by well under 1 ms per frame, smoothly.)
         let moves = output
             .windows(2)
-            .filter(|pair| offset(&pair[0]) != offset(&pair[1]))
+            .filter(|pair| (offset(&pair[0]) - offset(&pair[1])).abs() > 1_000_000)
             .inspect(|pair| assert!(pair[1].resync, "unflagged jump at {}", pair[1].sequence))
             .count();
         assert!(moves > 1, "the clock moved {moves} times");
@@ -2089,5 +2156,148 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The playout after a [`drifting`] run, its output, each frame's arrival by (track,
+    /// sequence), and the estimated drift (ppm) at every arrival past 60 s.
+    type Drifting = (
+        Playout,
+        Vec<OutputFrame>,
+        std::collections::HashMap<(u32, u64), Instant>,
+        Vec<i64>,
+    );
+
+    /// Audio (50 fps, 20 ms frames) and video (25 fps, a keyframe every 2 s) from a publisher
+    /// whose clock runs at `publisher_rate` stream seconds per real second, over a path of
+    /// 20 ms plus 0–15 ms of queueing, plus `step` (from a real second on, for good).
+    fn drifting(
+        publisher_rate: f64,
+        seconds: u64,
+        step: Option<(f64, Duration)>,
+    ) -> Drifting {
+        let t0 = Instant::now();
+        let mut frames = Vec::new();
+        // Deterministic queueing delay from a small LCG.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut queueing = move || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as f64 / (1u64 << 31) as f64 * 0.015
+        };
+        for (track, period_ms, count) in
+            [(VIDEO, 40u64, seconds * 25), (AUDIO, 20u64, seconds * 50)]
+        {
+            for sequence in 0..count {
+                let stream = MS * (period_ms * sequence) as u32;
+                let mut frame = frame(
+                    track,
+                    sequence,
+                    stream,
+                    track == AUDIO || sequence.is_multiple_of(50),
+                );
+                frame.header.duration_ns = Some(period_ms * 1_000_000);
+                let sent = stream.as_secs_f64() / publisher_rate;
+                let extra = step
+                    .filter(|(from, _)| sent >= *from)
+                    .map_or(0.0, |(_, extra)| extra.as_secs_f64());
+                let arrival = t0 + Duration::from_secs_f64(sent + 0.020 + queueing() + extra);
+                frames.push((arrival, frame));
+            }
+        }
+        frames.sort_by_key(|(at, frame)| (*at, frame.track));
+        let arrivals = frames
+            .iter()
+            .map(|(at, frame)| ((frame.track, frame.sequence), *at))
+            .collect();
+        let mut playout = playout(PlayoutConfig::default());
+        let mut output = Vec::new();
+        let mut estimates = Vec::new();
+        for (at, frame) in frames {
+            while let Some(due) = playout.poll_timeout().filter(|&due| due <= at) {
+                playout.handle_timeout(due);
+            }
+            playout.push(at, frame);
+            output.extend(std::iter::from_fn(|| playout.poll_output()));
+            if at >= t0 + Duration::from_secs(60) {
+                estimates.push(playout.stats().clock_drift_ppm);
+            }
+        }
+        (playout, output, arrivals, estimates)
+    }
+
+    #[test]
+    fn playout_follows_a_drifting_publisher_clock_without_rebasing() {
+        let config = PlayoutConfig::default();
+        for truth_ppm in [-5000i64, 5000, -100, 100] {
+            let rate = 1.0 + truth_ppm as f64 / 1e6;
+            let (playout, output, arrivals, estimates) = drifting(rate, 600, None);
+            assert_eq!(output.len(), 600 * 75, "{truth_ppm} ppm: every frame plays");
+            assert_eq!(playout.stats().rebases, 0, "{truth_ppm} ppm");
+            assert!(
+                output
+                    .iter()
+                    .all(|frame| !frame.resync && !frame.discont || frame.sequence == 0)
+            );
+            // Every frame renders `latency` after its arrival, give or take the tolerance.
+            for frame in &output {
+                let arrival = arrivals[&(frame.track, frame.sequence)];
+                let render = frame.pts + config.latency;
+                let delay = signed_nanos(render, arrival) - nanos(config.latency);
+                assert!(
+                    delay.abs() <= nanos(config.jitter_tolerance),
+                    "{truth_ppm} ppm: track {} frame {} renders {} ms off",
+                    frame.track,
+                    frame.sequence,
+                    delay / 1_000_000
+                );
+            }
+            // The estimate is right from a minute on.
+            let tolerance = (truth_ppm.abs() / 10).max(20);
+            for estimate in &estimates {
+                assert!(
+                    (estimate - truth_ppm).abs() <= tolerance,
+                    "truth {truth_ppm} ppm, estimate {estimate} ppm"
+                );
+            }
+            // Audio stays contiguous: no overlap, no gap over half a frame (10 ms).
+            let audio: Vec<&OutputFrame> =
+                output.iter().filter(|frame| frame.track == AUDIO).collect();
+            for pair in audio.windows(2) {
+                let end = pair[0].pts + pair[0].duration.unwrap();
+                let gap = signed_nanos(pair[1].pts, end);
+                assert!(
+                    (-1_000..=10_000_000).contains(&gap),
+                    "{truth_ppm} ppm: audio {} starts {gap} ns after {} ends",
+                    pair[1].sequence,
+                    pair[0].sequence
+                );
+            }
+            // Audio and video on one mapping: equal stream times map to equal local times.
+            let local_of = |track: u32, stream_ms: u64| {
+                output
+                    .iter()
+                    .find(|f| f.track == track && f.stream_pts == Some(MS * stream_ms as u32))
+                    .map(|f| f.pts)
+                    .unwrap()
+            };
+            for stream_ms in [1_000u64, 300_000, 599_000] {
+                let skew = signed_nanos(local_of(VIDEO, stream_ms), local_of(AUDIO, stream_ms));
+                assert!(
+                    skew.abs() < 1_000_000,
+                    "A/V apart by {skew} ns at {stream_ms} ms"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_lasting_path_change_is_one_rebase_not_a_drift() {
+        let truth_ppm = -100i64;
+        let rate = 1.0 + truth_ppm as f64 / 1e6;
+        let (playout, output, _, estimates) =
+            drifting(rate, 300, Some((120.0, Duration::from_millis(200))));
+        assert_eq!(output.len(), 300 * 75);
+        assert_eq!(playout.stats().rebases, 1);
+        let last = *estimates.last().unwrap();
+        assert!((last - truth_ppm).abs() <= 20, "estimate {last} ppm");
     }
 }

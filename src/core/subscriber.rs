@@ -150,6 +150,8 @@ pub struct SubscriberStats {
     pub wrong_epoch: u64,
     pub restarts: u64,
     pub rebases: u64,
+    /// The publisher's clock against ours as the playout follows it, ppm (negative: slow).
+    pub clock_drift_ppm: i64,
     /// Frames completed after their deadline, by cause (see [`LateCause`]).
     pub late_network: u64,
     pub late_publisher: u64,
@@ -512,6 +514,7 @@ impl Subscriber {
             frames_skipped,
             duplicates: frame_duplicates,
             rebases,
+            clock_drift_ppm,
             other_layer,
             unknown_track,
             inconsistent: inconsistent_frames,
@@ -535,6 +538,7 @@ impl Subscriber {
             expired,
             evicted,
             rebases,
+            clock_drift_ppm,
             buffered_frames,
             pending_bytes,
             pending_frames,

@@ -977,6 +977,7 @@ impl P2pLiveSrc {
             .field("wrong-epoch", s.wrong_epoch)
             .field("restarts", s.restarts)
             .field("rebases", s.rebases)
+            .field("clock-drift-ppm", s.clock_drift_ppm)
             .field("buffered-frames", s.buffered_frames)
             .field("pending-bytes", s.pending_bytes)
             .field("pushed", shared.counters.pushed.load(Ordering::Relaxed))
