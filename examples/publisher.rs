@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use gst::glib;
 use gst::prelude::*;
 
 /// How long to wait for EOS to reach the sink once it was sent.
@@ -54,6 +55,11 @@ struct Args {
     /// Discover peers on the local network with mDNS.
     #[arg(long)]
     mdns: bool,
+    /// Run the pipeline on a clock this many times as fast as the system clock (0.995: 0.5 %
+    /// slow), as a cheap audio device's or another machine's clock would: for trying how
+    /// viewers follow a drifting publisher (their `clock-drift-ppm` and `rebases` stats).
+    #[arg(long, default_value_t = 1.0)]
+    clock_rate: f64,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +84,22 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
 
     let pipeline = build_pipeline(args)?;
+    if args.clock_rate != 1.0 {
+        if !(0.5..=2.0).contains(&args.clock_rate) {
+            return Err(format!("--clock-rate {} is outside 0.5..=2", args.clock_rate).into());
+        }
+        // A clock of its own: calibrating the shared system clock would skew everything.
+        let clock = glib::Object::new::<gst::SystemClock>();
+        let now = clock.internal_time();
+        let denom = 1_000_000u64;
+        let num = (args.clock_rate * denom as f64).round() as u64;
+        clock.set_calibration(now, now, num, denom);
+        pipeline.use_clock(Some(&clock));
+        println!(
+            "publisher: pipeline clock runs at {} of the system clock",
+            args.clock_rate
+        );
+    }
     let bus = pipeline.bus().expect("a pipeline has a bus");
     pipeline.set_state(gst::State::Playing)?;
     println!("publisher: publishing topic '{}'", args.topic);
