@@ -3,12 +3,18 @@
 //!
 //! Method: the lower envelope of the transit times, as in Moon, Skelly and Towsley,
 //! "Estimation and removal of clock skew from network delay measurements" (IEEE INFOCOM
-//! 1999), and as RTP jitter buffers do. Transit (arrival − stream time) is queueing delay plus
+//! 1999), and as RTP jitter buffers do. Transit (arrival − send time, the send time in the
+//! publisher's clock: a frame's stream time plus its publish delay, so the encoder's varying
+//! delay is left out) is queueing delay plus
 //! a term that grows linearly with the skew; queueing only ever adds, so the least transit in
 //! each [`BUCKET`] of arrival time lies close to the line `offset + skew × stream time`. The
 //! line is fitted by least squares over the minima of the last [`WINDOW_BUCKETS`] buckets,
 //! then fitted again without the minima farther from it than three median absolute deviations
-//! (a burst that delayed a whole bucket). A minimum more than [`PATH_CHANGE`] off the line
+//! (a burst that delayed a whole bucket). A fit is adopted only once it is significant: its
+//! skew at least three standard errors from zero, or its standard error under
+//! [`PRECISE_SKEW`] (real minima scatter by milliseconds, so a few seconds of them say little
+//! about a skew of 100 ppm, while a wrong rate would move every frame). A minimum more than
+//! [`PATH_CHANGE`] off an adopted line
 //! means the path changed: the window starts over, keeps the last estimate, and the change
 //! is reported ([`DriftUpdate::PathChange`]) so the playout can move its clock by it.
 //!
@@ -30,8 +36,13 @@ const MIN_SPAN: Duration = Duration::from_secs(2);
 pub const PATH_CHANGE: Duration = Duration::from_millis(50);
 /// Largest skew believed: far beyond any crystal or audio device (0.1–0.5 %).
 pub const MAX_SKEW: f64 = 0.01;
+/// A fit whose skew has a standard error below this is adopted even when the skew is small.
+pub const PRECISE_SKEW: f64 = 10e-6;
+/// Fewest minima before a path change can be told from a noisy line.
+const MIN_POINTS_FOR_PATH_CHANGE: usize = 10;
 
-/// One point of the lower envelope: stream time and the least transit of its bucket, ns.
+/// One point of the lower envelope: send time (publisher clock) and the least transit of its
+/// bucket, ns.
 #[derive(Debug, Clone, Copy)]
 struct Point {
     stream: f64,
@@ -81,12 +92,12 @@ impl DriftEstimator {
         }
     }
 
-    /// Takes a frame of stream time `stream` that arrived at `arrival`. Returns what changed
-    /// when this observation closed a bucket.
-    pub fn observe(&mut self, arrival: Instant, stream: Duration) -> Option<DriftUpdate> {
-        let (ref_local, ref_stream) = *self.reference.get_or_insert((arrival, stream));
+    /// Takes a frame sent at `sent` (publisher clock: stream time plus publish delay) that
+    /// arrived at `arrival`. Returns what changed when this observation closed a bucket.
+    pub fn observe(&mut self, arrival: Instant, sent: Duration) -> Option<DriftUpdate> {
+        let (ref_local, ref_sent) = *self.reference.get_or_insert((arrival, sent));
         let local_ns = signed_ns(arrival, ref_local);
-        let stream_ns = stream.as_nanos() as f64 - ref_stream.as_nanos() as f64;
+        let stream_ns = sent.as_nanos() as f64 - ref_sent.as_nanos() as f64;
         let point = Point {
             stream: stream_ns,
             transit: local_ns - stream_ns,
@@ -132,7 +143,10 @@ impl DriftEstimator {
     }
 
     fn add(&mut self, point: Point) -> Option<DriftUpdate> {
-        if let Some((offset, skew)) = self.line {
+        if let Some((offset, skew)) = self
+            .line
+            .filter(|_| self.points.len() >= MIN_POINTS_FOR_PATH_CHANGE)
+        {
             let residual = point.transit - (offset + skew * point.stream);
             if residual.abs() > PATH_CHANGE.as_nanos() as f64 {
                 self.path_changes += 1;
@@ -164,11 +178,16 @@ impl DriftEstimator {
             .filter(|(_, r)| **r <= 3.0 * mad + 1.0e5)
             .map(|(p, _)| *p)
             .collect();
-        let (offset, skew) = if kept.len() >= MIN_POINTS {
-            fit(&kept).unwrap_or((offset, skew))
+        let used = if kept.len() >= MIN_POINTS {
+            &kept
         } else {
-            (offset, skew)
+            &all
         };
+        let (offset, skew) = fit(used).unwrap_or((offset, skew));
+        let error = standard_error(used, offset, skew);
+        if skew.abs() < 3.0 * error && error > PRECISE_SKEW {
+            return None;
+        }
         let skew = skew.clamp(-MAX_SKEW, MAX_SKEW);
         self.line = Some((offset, skew));
         let rate = 1.0 + skew;
@@ -193,6 +212,24 @@ fn fit(points: &[Point]) -> Option<(f64, f64)> {
         .sum();
     let skew = sxy / sxx;
     Some((mean_y - skew * mean_x, skew))
+}
+
+/// Standard error of the slope of a least squares line through `points`.
+fn standard_error(points: &[Point], offset: f64, skew: f64) -> f64 {
+    let n = points.len() as f64;
+    if n < 3.0 {
+        return f64::INFINITY;
+    }
+    let mean_x = points.iter().map(|p| p.stream).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.stream - mean_x).powi(2)).sum();
+    let ssr: f64 = points
+        .iter()
+        .map(|p| (p.transit - (offset + skew * p.stream)).powi(2))
+        .sum();
+    if sxx <= 0.0 {
+        return f64::INFINITY;
+    }
+    (ssr / (n - 2.0) / sxx).sqrt()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -274,5 +311,28 @@ mod tests {
         }
         assert_eq!(estimator.rate(), None);
         assert_eq!(estimator.drift_ppm(), 0.0);
+    }
+
+    #[test]
+    fn scattered_minima_never_swing_the_rate() {
+        // Queueing exponential with a 10 ms mean and a 200 ms burst one frame in fifty, as on
+        // a loaded machine; the clocks agree. Early fits are noise and must not be adopted.
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut estimator = DriftEstimator::new();
+        for index in 0..(120 * 50) {
+            let stream = Duration::from_millis(20 * index);
+            let mut queueing = -0.010 * (1.0 - rng.random::<f64>()).ln();
+            if index % 50 == 7 {
+                queueing += 0.2;
+            }
+            let arrival = t0 + Duration::from_secs_f64(stream.as_secs_f64() + 0.020 + queueing);
+            if let Some(DriftUpdate::Rate(rate)) = estimator.observe(arrival, stream) {
+                let ppm = (1.0 / rate - 1.0) * 1e6;
+                assert!(ppm.abs() < 300.0, "adopted {ppm:.0} ppm at frame {index}");
+            }
+        }
+        assert!(estimator.drift_ppm().abs() < 50.0, "{}", estimator.drift_ppm());
+        assert_eq!(estimator.path_changes(), 0);
     }
 }

@@ -237,7 +237,15 @@ impl StreamClock {
     /// slower; returns true), or earlier, slowly, when frames have kept arriving well ahead
     /// of time. A burst after a stall holds on-time frames too, so it moves nothing: its
     /// late frames miss their deadline once, and latency does not grow for good.
-    fn observe(&mut self, arrival: Instant, stream: Duration, config: &PlayoutConfig) -> bool {
+    /// `sent` is when the frame was published, on the publisher's clock (its stream time plus
+    /// its publish delay): what the drift estimate is made from.
+    fn observe(
+        &mut self,
+        arrival: Instant,
+        stream: Duration,
+        sent: Duration,
+        config: &PlayoutConfig,
+    ) -> bool {
         let Some(local) = self.local(stream) else {
             return false;
         };
@@ -249,7 +257,7 @@ impl StreamClock {
             self.window = None;
             return false;
         }
-        match self.drift.observe(arrival, stream) {
+        match self.drift.observe(arrival, sent) {
             Some(DriftUpdate::Rate(rate)) => self.set_rate(rate, stream),
             Some(DriftUpdate::PathChange { shift_ns }) if shift_ns > 0.0 => {
                 // The path got slower for good: keep the whole latency as headroom. (A faster
@@ -394,8 +402,11 @@ struct Context<'a> {
 
 impl Context<'_> {
     fn observe(&mut self, arrival: Instant, frame: &CompleteFrame) {
+        let publish_delay = Duration::from_micros(frame.header.publish_delay_us.into());
         if let Some(stream) = timeline_stream_time(&frame.header)
-            && self.clock.observe(arrival, stream, self.config)
+            && self
+                .clock
+                .observe(arrival, stream, stream + publish_delay, self.config)
         {
             self.stats.rebases += 1;
         }
@@ -2170,11 +2181,7 @@ mod tests {
     /// Audio (50 fps, 20 ms frames) and video (25 fps, a keyframe every 2 s) from a publisher
     /// whose clock runs at `publisher_rate` stream seconds per real second, over a path of
     /// 20 ms plus 0–15 ms of queueing, plus `step` (from a real second on, for good).
-    fn drifting(
-        publisher_rate: f64,
-        seconds: u64,
-        step: Option<(f64, Duration)>,
-    ) -> Drifting {
+    fn drifting(publisher_rate: f64, seconds: u64, step: Option<(f64, Duration)>) -> Drifting {
         let t0 = Instant::now();
         let mut frames = Vec::new();
         // Deterministic queueing delay from a small LCG.
