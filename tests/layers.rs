@@ -167,6 +167,31 @@ fn a_lossy_viewer_steps_down_keeps_playing_and_steps_back_up() {
     );
     let stats = lossy.stats("view");
     assert!(stats.get::<u64>("layer-changes").unwrap() >= 2, "{stats}");
+    assert_eq!(
+        stats.get::<&str>("layer-reason").unwrap(),
+        "probe-succeeded"
+    );
+    // Every decision was announced on the bus with its reason.
+    let bus = lossy.0.bus().expect("bus");
+    let reasons: Vec<String> =
+        std::iter::from_fn(|| bus.pop_filtered(&[gst::MessageType::Element]))
+            .filter_map(|message| {
+                let structure = message.structure()?;
+                (structure.name() == "p2plive-layer-changed")
+                    .then(|| structure.get::<String>("reason").ok())
+                    .flatten()
+            })
+            .collect();
+    assert_eq!(
+        reasons.first().map(String::as_str),
+        Some("loss"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons.last().map(String::as_str),
+        Some("probe-succeeded"),
+        "{reasons:?}"
+    );
     assert_eq!(layer_of(&steady), Some(2));
     assert!(steady.problems().is_empty(), "{:?}", steady.problems());
 }

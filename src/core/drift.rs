@@ -14,9 +14,9 @@
 //! skew at least three standard errors from zero, or its standard error under
 //! [`PRECISE_SKEW`] (real minima scatter by milliseconds, so a few seconds of them say little
 //! about a skew of 100 ppm, while a wrong rate would move every frame). A minimum more than
-//! [`PATH_CHANGE`] off an adopted line
-//! means the path changed: the window starts over, keeps the last estimate, and the change
-//! is reported ([`DriftUpdate::PathChange`]) so the playout can move its clock by it.
+//! [`PATH_CHANGE`] off an adopted line is left out; two in a row off the same way mean the
+//! path changed: the window starts over, keeps the last estimate, and the change is reported
+//! ([`DriftUpdate::PathChange`]) so the playout can move its clock by it.
 //!
 //! The estimate is the rate of local time per stream time (1.0: same speed; 1.005: the
 //! publisher's clock runs 0.5 % slow, so its stream seconds take 1.005 local seconds).
@@ -30,11 +30,12 @@ pub const BUCKET: Duration = Duration::from_secs(1);
 /// Buckets fitted: 60 s, so a 1 ms error in a minimum moves the slope by under 20 ppm.
 pub const WINDOW_BUCKETS: usize = 60;
 /// Fewest bucket minima, and shortest span of stream time, before a first estimate.
-const MIN_POINTS: usize = 3;
-const MIN_SPAN: Duration = Duration::from_secs(2);
+const MIN_POINTS: usize = 8;
+const MIN_SPAN: Duration = Duration::from_secs(6);
 /// A bucket minimum this far off the fitted line is a path change, not drift.
 pub const PATH_CHANGE: Duration = Duration::from_millis(50);
-/// Largest skew believed: far beyond any crystal or audio device (0.1–0.5 %).
+/// Largest skew believed: far beyond any crystal or audio device (0.1–0.5 %); a steeper fit
+/// is the envelope of a chaotic path, not drift, and is not adopted.
 pub const MAX_SKEW: f64 = 0.01;
 /// A fit whose skew has a standard error below this is adopted even when the skew is small.
 pub const PRECISE_SKEW: f64 = 10e-6;
@@ -71,6 +72,9 @@ pub struct DriftEstimator {
     rate: Option<f64>,
     /// The fitted line (offset ns, skew), for the path change test.
     line: Option<(f64, f64)>,
+    /// A minimum off the line, and its residual (ns), waiting for the next one to tell a
+    /// lasting path change from a one-bucket spike.
+    suspect: Option<(Point, f64)>,
     path_changes: u64,
 }
 
@@ -88,6 +92,7 @@ impl DriftEstimator {
             points: VecDeque::new(),
             rate: None,
             line: None,
+            suspect: None,
             path_changes: 0,
         }
     }
@@ -140,6 +145,7 @@ impl DriftEstimator {
         self.current = None;
         self.points.clear();
         self.line = None;
+        self.suspect = None;
     }
 
     fn add(&mut self, point: Point) -> Option<DriftUpdate> {
@@ -148,12 +154,27 @@ impl DriftEstimator {
             .filter(|_| self.points.len() >= MIN_POINTS_FOR_PATH_CHANGE)
         {
             let residual = point.transit - (offset + skew * point.stream);
-            if residual.abs() > PATH_CHANGE.as_nanos() as f64 {
-                self.path_changes += 1;
-                self.points.clear();
-                self.points.push_back(point);
-                self.line = None;
-                return Some(DriftUpdate::PathChange { shift_ns: residual });
+            let off = residual.abs() > PATH_CHANGE.as_nanos() as f64;
+            match self.suspect.take() {
+                // Two buckets in a row off the same way: the path changed, by the lesser.
+                Some((first, previous)) if off && previous.signum() == residual.signum() => {
+                    self.path_changes += 1;
+                    self.points.clear();
+                    self.points.extend([first, point]);
+                    self.line = None;
+                    let shift_ns = if residual > 0.0 {
+                        previous.min(residual)
+                    } else {
+                        previous.max(residual)
+                    };
+                    return Some(DriftUpdate::PathChange { shift_ns });
+                }
+                // A spike is left out of the envelope.
+                _ if off => {
+                    self.suspect = Some((point, residual));
+                    return None;
+                }
+                _ => {}
             }
         }
         self.points.push_back(point);
@@ -178,17 +199,17 @@ impl DriftEstimator {
             .filter(|(_, r)| **r <= 3.0 * mad + 1.0e5)
             .map(|(p, _)| *p)
             .collect();
-        let used = if kept.len() >= MIN_POINTS {
-            &kept
+        // Significance is judged on every minimum: leaving out the worst ones would make any
+        // fit look precise.
+        let error = standard_error(&all, offset, skew);
+        let (offset, skew) = if kept.len() >= MIN_POINTS {
+            fit(&kept).unwrap_or((offset, skew))
         } else {
-            &all
+            (offset, skew)
         };
-        let (offset, skew) = fit(used).unwrap_or((offset, skew));
-        let error = standard_error(used, offset, skew);
-        if skew.abs() < 3.0 * error && error > PRECISE_SKEW {
+        if (skew.abs() < 3.0 * error && error > PRECISE_SKEW) || skew.abs() > MAX_SKEW {
             return None;
         }
-        let skew = skew.clamp(-MAX_SKEW, MAX_SKEW);
         self.line = Some((offset, skew));
         let rate = 1.0 + skew;
         self.rate = Some(rate);
@@ -332,7 +353,11 @@ mod tests {
                 assert!(ppm.abs() < 300.0, "adopted {ppm:.0} ppm at frame {index}");
             }
         }
-        assert!(estimator.drift_ppm().abs() < 50.0, "{}", estimator.drift_ppm());
+        assert!(
+            estimator.drift_ppm().abs() < 50.0,
+            "{}",
+            estimator.drift_ppm()
+        );
         assert_eq!(estimator.path_changes(), 0);
     }
 }
