@@ -113,6 +113,8 @@ struct Session {
     addrs: Mutex<Vec<Multiaddr>>,
     publish_failures: AtomicU64,
     rejected_frames: AtomicU64,
+    /// Raw frames dropped before an encoder that could not keep up.
+    encoder_overruns: AtomicU64,
 }
 
 impl Session {
@@ -526,6 +528,7 @@ impl P2pLiveSink {
             addrs: Mutex::new(Vec::new()),
             publish_failures: AtomicU64::new(0),
             rejected_frames: AtomicU64::new(0),
+            encoder_overruns: AtomicU64::new(0),
         });
         let driver = RUNTIME.spawn(drive(
             session.clone(),
@@ -588,14 +591,24 @@ impl P2pLiveSink {
                 convert
             };
             for (spatial, rung) in ladder.rungs.iter().enumerate() {
-                let mut run = Vec::new();
+                // Each encoder in its own thread behind a queue that drops the oldest raw
+                // frame when the encoder falls behind: a slow encoder neither holds the other
+                // rungs nor builds up latency (a live source that does not drop frames by
+                // itself, such as videotestsrc, would otherwise be held back, ever later).
+                let queue = make("queue", "gstreamer1.0-plugins-base")?;
+                queue.set_property("max-size-buffers", 2u32);
+                queue.set_property("max-size-bytes", 0u32);
+                queue.set_property("max-size-time", 0u64);
+                queue.set_property_from_str("leaky", "downstream");
+                let element = self.obj().downgrade();
+                queue.connect("overrun", false, move |_| {
+                    if let Some(session) = element.upgrade().and_then(|e| e.imp().session()) {
+                        session.encoder_overruns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None
+                });
+                let mut run = vec![queue];
                 if ladder.rungs.len() > 1 {
-                    // Each encoder in its own thread, and a slow one cannot hold the others.
-                    let queue = make("queue", "gstreamer1.0-plugins-base")?;
-                    queue.set_property("max-size-buffers", 2u32);
-                    queue.set_property("max-size-bytes", 0u32);
-                    queue.set_property("max-size-time", 0u64);
-                    run.push(queue);
                     run.push(make("videoscale", "gstreamer1.0-plugins-base")?);
                     run.push(capsfilter(&format!(
                         "video/x-raw,width={},height={}",
@@ -993,6 +1006,10 @@ impl P2pLiveSink {
                 .field(
                     "rejected-frames",
                     session.rejected_frames.load(Ordering::Relaxed),
+                )
+                .field(
+                    "encoder-overruns",
+                    session.encoder_overruns.load(Ordering::Relaxed),
                 );
             let audience = session
                 .publisher
