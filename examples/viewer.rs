@@ -12,10 +12,21 @@
 //! `audioconvert ! autoaudiosink|fakesink sync=true`. A pad probe counts buffers and remembers
 //! the video size.
 //!
+//! A second probe, on each sink's pad, measures the A/V offset of what is rendered. p2plivesrc
+//! attaches to every output buffer a `gst::ReferenceTimestampMeta` with caps
+//! `timestamp/x-p2plive-stream` holding the publisher's stream time of that frame; the decoders
+//! (vp8dec, opusdec, ... in decodebin) and the converters copy it to the decoded buffer. A
+//! buffer's delay is its running time (when the sink renders it) minus that stream time. The
+//! offset is video delay minus audio delay, over the latest video and audio buffers when they
+//! render at most 100 ms apart: positive when the video plays later than the audio it was
+//! captured with.
+//!
 //! The viewer also relays to other viewers: it prints `LISTENING <multiaddr>` like the publisher,
-//! so further viewers can bootstrap from it. It prints a progress line every second and, at EOS,
-//! Ctrl-C, SIGTERM or after `--duration` seconds, a summary line
-//! `SUMMARY <name> video_frames=N audio_buffers=N size=WxH eos=true|false` and the element's
+//! so further viewers can bootstrap from it. It prints a progress line every second (ending in
+//! the latest `av_offset_ms=X`) and, at EOS, Ctrl-C, SIGTERM or after `--duration` seconds, a
+//! summary line `SUMMARY <name> video_frames=N audio_buffers=N size=WxH eos=true|false
+//! av_offset_ms=X av_offset_min_ms=X av_offset_max_ms=X av_offset_samples=N` (the offset at the
+//! end and its extremes over the run, in ms; `none` until both tracks played) and the element's
 //! `stats`. It exits 0 even when nothing arrived (the caller decides), non-zero on errors.
 
 use std::io::Write;
@@ -61,12 +72,83 @@ struct Args {
     mdns: bool,
 }
 
+/// Buffers of the two kinds are compared for the A/V offset only if they render at most this
+/// far apart (so a clock rebase, which moves both tracks, shows at most briefly).
+const AV_PAIR_WINDOW: gst::ClockTime = gst::ClockTime::from_mseconds(100);
+
 /// What the pad probes saw, shared with the streaming threads.
 #[derive(Default)]
 struct Counters {
     video_frames: AtomicU64,
     audio_buffers: AtomicU64,
     size: Mutex<Option<(i32, i32)>>,
+    av_offset: Mutex<AvOffset>,
+}
+
+/// The A/V offset of the rendered buffers (see the module documentation).
+#[derive(Default)]
+struct AvOffset {
+    /// (running time, publisher stream time) in ns of the latest buffer of each kind.
+    video: Option<(u64, u64)>,
+    audio: Option<(u64, u64)>,
+    /// Offsets in ns: the latest one and the extremes over the run.
+    last: Option<i64>,
+    min: i64,
+    max: i64,
+    samples: u64,
+}
+
+impl AvOffset {
+    /// Records a rendered buffer and, when a buffer of the other kind rendered close to it,
+    /// the offset between their delays.
+    fn update(&mut self, kind: Kind, running_time: u64, stream_time: u64) {
+        match kind {
+            Kind::Video => self.video = Some((running_time, stream_time)),
+            Kind::Audio => self.audio = Some((running_time, stream_time)),
+        }
+        let (Some((video_rt, video_st)), Some((audio_rt, audio_st))) = (self.video, self.audio)
+        else {
+            return;
+        };
+        if video_rt.abs_diff(audio_rt) > AV_PAIR_WINDOW.nseconds() {
+            return;
+        }
+        let delay = |rt: u64, st: u64| rt as i64 - st as i64;
+        let offset = delay(video_rt, video_st) - delay(audio_rt, audio_st);
+        if self.samples == 0 {
+            (self.min, self.max) = (offset, offset);
+        } else {
+            self.min = self.min.min(offset);
+            self.max = self.max.max(offset);
+        }
+        self.last = Some(offset);
+        self.samples += 1;
+    }
+
+    /// `av_offset_ms=X`, the latest offset.
+    fn progress_string(&self) -> String {
+        format!("av_offset_ms={}", ms_string(self.last))
+    }
+
+    /// The latest offset, its extremes and the number of samples.
+    fn summary_string(&self) -> String {
+        let extreme = |v: i64| ms_string((self.samples > 0).then_some(v));
+        format!(
+            "av_offset_ms={} av_offset_min_ms={} av_offset_max_ms={} av_offset_samples={}",
+            ms_string(self.last),
+            extreme(self.min),
+            extreme(self.max),
+            self.samples
+        )
+    }
+}
+
+/// Nanoseconds as milliseconds with two decimals (never `-0.00`), or `none`.
+fn ms_string(ns: Option<i64>) -> String {
+    ns.map_or_else(
+        || "none".to_owned(),
+        |ns| format!("{:.2}", (ns as f64 / 1e4).round() / 100.0 + 0.0),
+    )
 }
 
 impl Counters {
@@ -176,11 +258,12 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if now >= next_progress {
             let frames = counters.video_frames.load(Ordering::Relaxed);
             println!(
-                "PROGRESS {name} t={}s video_frames={frames} (+{}) audio_buffers={} size={}",
+                "PROGRESS {name} t={}s video_frames={frames} (+{}) audio_buffers={} size={} {}",
                 start.elapsed().as_secs(),
                 frames - last_frames,
                 counters.audio_buffers.load(Ordering::Relaxed),
-                counters.size_string()
+                counters.size_string(),
+                counters.av_offset.lock().unwrap().progress_string()
             );
             let _ = std::io::stdout().flush();
             last_frames = frames;
@@ -234,10 +317,11 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     pipeline.set_state(gst::State::Null)?;
 
     println!(
-        "SUMMARY {name} video_frames={} audio_buffers={} size={} eos={eos}",
+        "SUMMARY {name} video_frames={} audio_buffers={} size={} eos={eos} {}",
         counters.video_frames.load(Ordering::Relaxed),
         counters.audio_buffers.load(Ordering::Relaxed),
-        counters.size_string()
+        counters.size_string(),
+        counters.av_offset.lock().unwrap().summary_string()
     );
     match stats {
         Some(stats) => println!("STATS {name} {stats}"),
@@ -247,8 +331,8 @@ fn run(args: &Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(code)
 }
 
-/// Links a new `video_%u` / `audio_%u` pad of p2plivesrc to a converter and a sink, and counts
-/// the buffers that pass.
+/// Links a new `video_%u` / `audio_%u` pad of p2plivesrc to a converter and a sink, counts
+/// the buffers that pass and measures the A/V offset at the sink.
 fn link_new_pad(
     pipeline: &gst::Pipeline,
     pad: &gst::Pad,
@@ -294,6 +378,7 @@ fn link_new_pad(
     };
     pipeline.add_many([&convert, &sink])?;
     convert.link(&sink)?;
+    add_av_offset_probe(&sink, kind, counters);
     sink.sync_state_with_parent()?;
     convert.sync_state_with_parent()?;
 
@@ -335,6 +420,37 @@ fn link_new_pad(
     )?;
     println!("{}: linked {pad_name} ({kind:?})", pipeline.name());
     Ok(())
+}
+
+/// Feeds the running time and the publisher's stream time of each buffer reaching `sink` into
+/// the A/V offset. Buffers without the stream time meta (or a time segment) are left out.
+fn add_av_offset_probe(sink: &gst::Element, kind: Kind, counters: &Arc<Counters>) {
+    let stream_time_caps = gst::Caps::new_empty_simple("timestamp/x-p2plive-stream");
+    let counters = counters.clone();
+    let pad = sink.static_pad("sink").expect("sinks have a sink pad");
+    pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+        let Some(gst::PadProbeData::Buffer(buffer)) = &info.data else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let stream_time = buffer
+            .iter_meta::<gst::ReferenceTimestampMeta>()
+            .find(|meta| meta.reference().is_subset(&stream_time_caps))
+            .map(|meta| meta.timestamp());
+        let running_time = pad
+            .sticky_event::<gst::event::Segment>(0)
+            .and_then(|event| {
+                let segment = event.segment().downcast_ref::<gst::ClockTime>()?;
+                segment.to_running_time(buffer.pts()?)
+            });
+        if let (Some(stream_time), Some(running_time)) = (stream_time, running_time) {
+            counters.av_offset.lock().unwrap().update(
+                kind,
+                running_time.nseconds(),
+                stream_time.nseconds(),
+            );
+        }
+        gst::PadProbeReturn::Ok
+    });
 }
 
 /// Prints `LISTENING <first address>` once, then every address the node listens on.
