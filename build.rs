@@ -7,5 +7,7 @@ fn main() {
         .compile_fds(descriptors)
         .expect("prost code generation");
     println!("cargo:rerun-if-changed=proto/p2plive.proto");
+    // COMMIT_ID and BUILD_REL_DATE for `gst::plugin_define!`, which only `plugin` builds.
+    #[cfg(feature = "plugin")]
     gst_plugin_version_helper::info();
 }

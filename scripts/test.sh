@@ -68,6 +68,12 @@ for output in out.json out.md out-latency-cdf-n3.svg out-amplification.svg out-p
 done
 grep -q '"mode": "unicast"' "$smoke_dir/out.json"
 
+# The cargo-fuzz targets of the core (fuzz/), so that they cannot rot either: they must
+# build, replay their saved crashes and survive a short fixed-seed run each. Installs
+# cargo-fuzz on a fresh machine; the long runs are `bash scripts/fuzz.sh run`.
+section "fuzz targets (scripts/fuzz.sh: build, regressions, short fixed-seed runs)"
+bash scripts/fuzz.sh
+
 # meson drives cargo in the dev profile with cargo's own target directory, so it reuses what
 # `cargo test` just built instead of compiling the crate a second time.
 section "meson setup/compile/test/install (buildtype=debug, reusing cargo's target dir)"

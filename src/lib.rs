@@ -4,17 +4,27 @@
 //! - [`core`]: sans-IO protocol state machines (framing, fragments, reassembly, playout);
 //! - [`node`]: the libp2p swarm, driven by one tokio task behind a command channel;
 //! - `p2plivesink` / `p2plivesrc`: the GStreamer elements.
+//!
+//! Everything but [`core`] and [`proto`] needs the default `plugin` feature; without it the
+//! crate builds with no system library (the fuzz targets in `fuzz/` link it that way).
 
+#[cfg(feature = "plugin")]
 use std::sync::LazyLock;
 
+#[cfg(feature = "plugin")]
 use gst::glib;
 
+#[cfg(feature = "plugin")]
 mod common;
 pub mod core;
+#[cfg(feature = "plugin")]
 pub mod node;
+#[cfg(feature = "plugin")]
 mod p2plivesink;
+#[cfg(feature = "plugin")]
 mod p2plivesrc;
 
+#[cfg(feature = "plugin")]
 pub use p2plivesink::{LayerLadder, VideoCodec};
 
 /// Generated wire types (`proto/p2plive.proto`).
@@ -23,6 +33,7 @@ pub mod proto {
 }
 
 /// One tokio runtime per process drives every element's libp2p node.
+#[cfg(feature = "plugin")]
 pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -32,12 +43,14 @@ pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| 
         .expect("tokio runtime")
 });
 
+#[cfg(feature = "plugin")]
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
     p2plivesink::register(plugin)?;
     p2plivesrc::register(plugin)?;
     Ok(())
 }
 
+#[cfg(feature = "plugin")]
 gst::plugin_define!(
     p2plive,
     env!("CARGO_PKG_DESCRIPTION"),

@@ -574,7 +574,10 @@ impl GroupPlayout {
                 .values()
                 .filter(|b| b.temporal <= self.level && b.merged(self.level) >= next)
                 .count() as u64;
-            ctx.stats.frames_lost += expected.saturating_sub(arrived);
+            ctx.stats.frames_lost = ctx
+                .stats
+                .frames_lost
+                .saturating_add(expected.saturating_sub(arrived));
         }
         self.cursor = Some(keyframe.counts.clone());
         self.level = self.target;
@@ -652,7 +655,7 @@ impl GroupPlayout {
             let index = layer as usize;
             let missing = buffered.counts[index].saturating_sub(cursor[index]);
             if missing > 0 {
-                ctx.stats.frames_lost += missing;
+                ctx.stats.frames_lost = ctx.stats.frames_lost.saturating_add(missing);
                 lowest_lost.get_or_insert(layer);
                 cursor[index] = buffered.counts[index];
             }
@@ -694,7 +697,10 @@ impl GroupPlayout {
         if let Some(cursor) = self.cursor.as_mut() {
             let played = self.level as usize + 1;
             for (slot, &count) in cursor.iter_mut().zip(&buffered.counts).take(played) {
-                ctx.stats.frames_lost += count.saturating_sub(*slot);
+                ctx.stats.frames_lost = ctx
+                    .stats
+                    .frames_lost
+                    .saturating_add(count.saturating_sub(*slot));
                 *slot = (*slot).max(count);
             }
             let own = &mut cursor[buffered.temporal as usize];
@@ -772,7 +778,8 @@ impl GroupPlayout {
                     && let Some(passed) = cursor.get_mut(temporal as usize)
                     && *passed < end
                 {
-                    ctx.stats.frames_lost += end - *passed;
+                    // `end` comes from the wire: a huge one must not overflow the count.
+                    ctx.stats.frames_lost = ctx.stats.frames_lost.saturating_add(end - *passed);
                     *passed = end;
                 }
             }
@@ -2098,6 +2105,35 @@ mod tests {
         }
         assert_eq!(playout.stats().inconsistent, 3);
         assert!(playout.poll_output().is_none());
+    }
+
+    /// Found by the `playout` fuzz target: an end of stream announcing huge next sequences
+    /// for several layers overflowed the lost-frame count (a panic in debug builds).
+    #[test]
+    fn a_huge_end_of_stream_saturates_the_loss_count() {
+        let t0 = Instant::now();
+        let shape = Layered {
+            spatial: 1,
+            temporal: 3,
+            frames: 1,
+            gop: 8,
+            sync_every: 8,
+        };
+        let mut playout = layered_playout(&shape);
+        assert!(playout.select(t0, VIDEO, 2));
+        for frame in shape.frames() {
+            playout.push(t0, frame);
+        }
+        assert!(playout.poll_output().is_some());
+        let ends: Vec<TrackEnd> = (0..3)
+            .map(|layer| TrackEnd {
+                track: VIDEO,
+                layer,
+                next_sequence: u64::MAX - 10,
+            })
+            .collect();
+        playout.finish(t0, &ends);
+        assert_eq!(playout.stats().frames_lost, u64::MAX);
     }
 
     proptest::proptest! {

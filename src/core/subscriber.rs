@@ -289,9 +289,10 @@ impl LayerMonitor {
                 });
                 // Too many to track one by one: the excess is lost at once.
                 let tracked = gap.min(MAX_MISSING_PER_LAYER as u64);
-                self.counts.lost += gap - tracked;
+                // Sequences come from the wire: a huge jump must not overflow the counts.
+                self.counts.lost = self.counts.lost.saturating_add(gap - tracked);
                 if during_stall {
-                    self.counts.lost_local += gap - tracked;
+                    self.counts.lost_local = self.counts.lost_local.saturating_add(gap - tracked);
                 }
                 for missing in sequence - tracked..sequence {
                     self.missing.insert(missing, (now, during_stall));
