@@ -520,24 +520,30 @@ mod tests {
         liveness: Vec<(Instant, SubscriberEvent)>,
     }
 
+    /// A publisher of epoch `epoch` with one VP8 track of three temporal layers (25 fps).
+    fn temporal_publisher(now: Instant, epoch: u64) -> Publisher {
+        let mut publisher = Publisher::new("demo", epoch, PublisherConfig::default());
+        let layers = (0..3)
+            .map(|temporal| Layer {
+                id: temporal,
+                kind: if temporal == 0 {
+                    LayerKind::Base
+                } else {
+                    LayerKind::Temporal
+                } as i32,
+                temporal_id: temporal,
+                framerate_num: 25 >> (2 - temporal),
+                framerate_den: 1,
+                ..Layer::default()
+            })
+            .collect();
+        publisher.add_track(now, TrackKind::Video, "video/x-vp8".into(), layers);
+        publisher
+    }
+
     impl Net {
         fn new(t0: Instant, abr: AbrConfig) -> Self {
-            let mut publisher = Publisher::new("demo", 9, PublisherConfig::default());
-            let layers = (0..3)
-                .map(|temporal| Layer {
-                    id: temporal,
-                    kind: if temporal == 0 {
-                        LayerKind::Base
-                    } else {
-                        LayerKind::Temporal
-                    } as i32,
-                    temporal_id: temporal,
-                    framerate_num: 25 >> (2 - temporal),
-                    framerate_den: 1,
-                    ..Layer::default()
-                })
-                .collect();
-            publisher.add_track(t0, TrackKind::Video, "video/x-vp8".into(), layers);
+            let publisher = temporal_publisher(t0, 9);
             let viewer = Viewer::new(ViewerConfig {
                 abr,
                 viewer_id: 42,
@@ -912,24 +918,8 @@ mod tests {
         assert_eq!(net.viewer.subscriber().stats().publisher_lost, 1);
 
         // It comes back as a new process (new epoch): back, and playing again.
-        let mut publisher = Publisher::new("demo", 10, PublisherConfig::default());
-        let layers = (0..3)
-            .map(|temporal| Layer {
-                id: temporal,
-                kind: if temporal == 0 {
-                    LayerKind::Base
-                } else {
-                    LayerKind::Temporal
-                } as i32,
-                temporal_id: temporal,
-                framerate_num: 25 >> (2 - temporal),
-                framerate_den: 1,
-                ..Layer::default()
-            })
-            .collect();
         let back = t0 + Duration::from_secs(13);
-        publisher.add_track(back, TrackKind::Video, "video/x-vp8".into(), layers);
-        net.publisher = publisher;
+        net.publisher = temporal_publisher(back, 10);
         let output_before = net.output_indices.len();
         net.run(t0 + Duration::from_secs(20), t0, &mut |_| false);
         assert_eq!(net.liveness.len(), 2, "{:?}", net.liveness);
