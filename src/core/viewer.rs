@@ -411,8 +411,10 @@ impl Viewer {
                 .buffered_until
                 .map_or(0, |until| ms(until.saturating_duration_since(now))),
             received: cap(counts.received),
-            late: cap(counts.late),
-            lost: cap(counts.lost),
+            // The network's share: what a stall of this viewer or a slow publisher caused
+            // would only mislead the publisher about its audience's links.
+            late: cap(counts.late_network()),
+            lost: cap(counts.lost_network()),
             recovered: cap(counts.recovered),
         };
         self.report_sequence += 1;

@@ -37,6 +37,10 @@ const DEFAULT_DOWNGRADE_THRESHOLD: f64 = 0.1;
 const DEFAULT_UPGRADE_COOLDOWN_MS: u32 = 10_000;
 const DEFAULT_ACK_INTERVAL_MS: u32 = 1000;
 const DEFAULT_PUBLISHER_TIMEOUT_MS: u32 = DEFAULT_PUBLISHER_TIMEOUT.as_millis() as u32;
+/// Shortest effective `publisher-timeout`: the catalog is repeated every second, so a stream
+/// with nothing else to send (audio in DTX, a paused or very slow video) would flap between
+/// lost and back below twice that.
+const MIN_PUBLISHER_TIMEOUT_MS: u32 = 2000;
 /// Largest message the node accepts; generous next to any sane `max-fragment-size`.
 const MAX_TRANSMIT_SIZE: usize = 256 * 1024;
 /// Frames queued in an output appsrc at most; the oldest go first when it is full.
@@ -322,7 +326,7 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
                 "ms without anything valid from the publisher (media, its catalog repeated \
                  every second, end of stream) before it is declared lost: a \
                  p2plive-publisher-lost message and a WARNING, then publisher-timeout-action \
-                 (0: never)",
+                 (0: never; values below 2000 count as 2000)",
             )
             .maximum(3_600_000)
             .default_value(DEFAULT_PUBLISHER_TIMEOUT_MS)
@@ -631,8 +635,10 @@ impl P2pLiveSrc {
                 buffer_size: settings.buffer_size as usize,
                 jitter_tolerance: Duration::from_millis(settings.jitter_tolerance_ms.into()),
                 fragment_timeout: Duration::from_millis(settings.fragment_timeout_ms.into()),
-                publisher_timeout: (settings.publisher_timeout_ms > 0)
-                    .then(|| Duration::from_millis(settings.publisher_timeout_ms.into())),
+                publisher_timeout: (settings.publisher_timeout_ms > 0).then(|| {
+                    let ms = settings.publisher_timeout_ms.max(MIN_PUBLISHER_TIMEOUT_MS);
+                    Duration::from_millis(ms.into())
+                }),
                 ..SubscriberConfig::default()
             },
             abr: AbrConfig {
@@ -1271,20 +1277,20 @@ impl Driver {
                 gst::element_imp_warning!(
                     imp,
                     gst::ResourceError::Read,
-                    ["{text}; waiting for it to return"]
+                    ("{text}; waiting for it to return")
                 );
             }
             PublisherTimeoutAction::Eos => {
                 gst::element_imp_warning!(
                     imp,
                     gst::ResourceError::Read,
-                    ["{text}; ending the stream"]
+                    ("{text}; ending the stream")
                 );
                 *self.shared.ended.lock().unwrap() = true;
                 self.end_outputs(imp);
             }
             PublisherTimeoutAction::Error => {
-                gst::element_imp_error!(imp, gst::ResourceError::Read, ["{text}"]);
+                gst::element_imp_error!(imp, gst::ResourceError::Read, ("{text}"));
             }
         }
     }
