@@ -34,29 +34,41 @@ fn rss_bytes() -> u64 {
         * 1024
 }
 
-/// The directory holding the plugin cargo built beside this test binary.
+/// A directory holding only the plugin cargo built for this test binary, for
+/// `GST_PLUGIN_PATH`. `cargo test` leaves it in `target/<profile>/deps/` beside many other
+/// shared objects (proc macros among them) that GStreamer must not try to load, and puts it
+/// in `target/<profile>/` only after a `cargo build`: a link to it goes in a fresh directory.
 fn plugin_dir() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    assert!(
-        dir.join("libgstp2plive.so").exists(),
-        "{} has no libgstp2plive.so",
-        dir.display()
-    );
-    dir.to_path_buf()
+    let deps = exe.parent().expect("deps dir");
+    let plugin = [
+        deps.join("libgstp2plive.so"),
+        deps.join("../libgstp2plive.so"),
+    ]
+    .into_iter()
+    .find(|candidate| candidate.exists())
+    .unwrap_or_else(|| panic!("no libgstp2plive.so in or above {}", deps.display()));
+    let dir = std::env::temp_dir().join(format!("p2plive-plugin-{}", unique_topic("dir")));
+    std::fs::create_dir_all(&dir).expect("plugin dir");
+    std::os::unix::fs::symlink(
+        plugin.canonicalize().expect("plugin path"),
+        dir.join("libgstp2plive.so"),
+    )
+    .expect("link to the plugin");
+    dir
 }
 
 /// A `gst-launch-1.0 -m` viewer whose `p2plive-stats` lines are kept as they come.
 struct ViewerProcess {
     child: Child,
+    /// The `GST_PLUGIN_PATH` made for it, removed with it.
+    plugin_dir: std::path::PathBuf,
     stats: Arc<Mutex<Vec<(Instant, String)>>>,
 }
 
 impl ViewerProcess {
     fn spawn(topic: &str, bootstrap: &str) -> Self {
+        let plugin_dir = plugin_dir();
         let mut child = Command::new("gst-launch-1.0")
             .args(["-m", "p2plivesrc", "name=view"])
             .arg(format!("topic={topic}"))
@@ -71,7 +83,7 @@ impl ViewerProcess {
                 "fakesink",
                 "sync=true",
             ])
-            .env("GST_PLUGIN_PATH", plugin_dir())
+            .env("GST_PLUGIN_PATH", &plugin_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -86,7 +98,11 @@ impl ViewerProcess {
                 }
             }
         });
-        ViewerProcess { child, stats }
+        ViewerProcess {
+            child,
+            plugin_dir,
+            stats,
+        }
     }
 
     /// A counter of the latest stats line (`name=(guint64)N`).
@@ -120,6 +136,7 @@ impl Drop for ViewerProcess {
         self.signal(libc::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.plugin_dir);
     }
 }
 
