@@ -1173,21 +1173,14 @@ impl Playout {
     /// The viewer stalled (a frozen or starved process) and runs again at `resumed`: the
     /// backlog it now drains arrives late through no fault of the path. Arrivals until
     /// `until`, and frames whose local time is before `resumed` (captured while it was
-    /// stalled), neither move the clock later nor earlier. Without this, a backlog drained over more than half a second moved the
-    /// clock later by seconds, and latency took minutes to come back down.
+    /// stalled), neither move the clock later nor earlier. Without this, a backlog drained
+    /// over more than half a second moved the clock later by seconds, and latency took
+    /// minutes to come back down.
     pub fn ignore_stall(&mut self, resumed: Instant, until: Instant) {
         let until = self.clock.ignore.map_or(until, |(_, u)| u.max(until));
         self.clock.ignore = Some((resumed, until));
         self.clock.late_run = None;
         self.clock.window = None;
-    }
-
-    /// Whether `frame`'s local time (its deadline less the latency: when it arrives on a
-    /// usual path) is before `instant`; false before the clock started.
-    pub fn is_local_time_before(&self, frame: &CompleteFrame, instant: Instant) -> bool {
-        timeline_stream_time(&frame.header)
-            .and_then(|stream| self.clock.local(stream))
-            .is_some_and(|local| local <= instant)
     }
 
     /// When a frame must reach the sink; `None` before the clock started.

@@ -156,8 +156,6 @@ pub struct SubscriberStats {
     pub late_network: u64,
     pub late_publisher: u64,
     pub late_local: u64,
-    /// Times this viewer noticed it had not run for a while ([`Subscriber::note_local_stall`]).
-    pub local_stalls: u64,
     /// Times the publisher was declared lost ([`SubscriberEvent::PublisherLost`]).
     pub publisher_lost: u64,
     /// Frames buffered in the playout now.
@@ -248,7 +246,8 @@ impl DelayFloor {
 #[derive(Default)]
 struct LayerMonitor {
     highest: Option<u64>,
-    /// Local time (see [`Playout::is_local_time_before`]) of the highest sequence.
+    /// Local time (when it arrives on a usual path: its deadline less the latency) of the
+    /// highest sequence.
     highest_local: Option<Instant>,
     /// Missing sequences, when they were noticed, and whether they went missing while this
     /// viewer was stalled.
@@ -464,7 +463,6 @@ impl Subscriber {
     /// move the clock later nor look like a bad network.
     pub fn note_local_stall(&mut self, now: Instant, drain: Duration) {
         let until = now + drain;
-        self.stats.local_stalls += 1;
         self.local_stall = Some((now, until));
         // Silence while this viewer was not listening says nothing about the publisher.
         if let Some(heard) = self.last_heard.as_mut() {
@@ -737,14 +735,16 @@ impl Subscriber {
                 previous: None,
             })
             .observe(now, publish_delay);
-        let lateness = self
-            .playout
-            .deadline(frame)
+        let deadline = self.playout.deadline(frame);
+        // When it arrives on a usual path (the deadline less the latency).
+        let local = deadline.and_then(|deadline| deadline.checked_sub(self.config.latency));
+        let lateness = deadline
             .and_then(|deadline| now.checked_duration_since(deadline))
             .filter(|lateness| !lateness.is_zero());
         let cause = lateness.map(|lateness| {
+            // Captured while this viewer was stalled, or arriving while it drains the backlog.
             let backlog = self.local_stall.is_some_and(|(resumed, until)| {
-                now <= until || self.playout.is_local_time_before(frame, resumed)
+                now <= until || local.is_some_and(|local| local <= resumed)
             });
             if backlog {
                 LateCause::Local
@@ -761,10 +761,6 @@ impl Subscriber {
             Some(LateCause::Local) => self.stats.late_local += 1,
             None => {}
         }
-        let local = self
-            .playout
-            .deadline(frame)
-            .and_then(|deadline| deadline.checked_sub(self.config.latency));
         self.monitors
             .entry((frame.track, frame.layer))
             .or_default()

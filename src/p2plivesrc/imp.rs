@@ -1136,6 +1136,11 @@ impl Driver {
         while let Some(event) = self.viewer.poll_event() {
             match event {
                 SubscriberEvent::Catalog(catalog) => {
+                    let mut state = self.shared.publisher_state.lock().unwrap();
+                    if *state == PublisherState::Waiting {
+                        *state = PublisherState::Live;
+                    }
+                    drop(state);
                     self.apply_catalog(imp, &catalog);
                     self.apply_layer_choice();
                 }
@@ -1185,12 +1190,6 @@ impl Driver {
         }
         while let Some((track, change)) = self.viewer.poll_layer_change() {
             self.report_layer_change(imp, track, change);
-        }
-        {
-            let mut state = self.shared.publisher_state.lock().unwrap();
-            if *state == PublisherState::Waiting && self.viewer.subscriber().epoch().is_some() {
-                *state = PublisherState::Live;
-            }
         }
         while let Some(change) = self.viewer.poll_channel_change() {
             let result = match change {
@@ -1256,11 +1255,10 @@ impl Driver {
     fn publisher_lost(&mut self, imp: &P2pLiveSrc, silent: Duration) {
         let action = self.settings.publisher_timeout_action;
         *self.shared.publisher_state.lock().unwrap() = PublisherState::Lost;
-        let nick = match action {
-            PublisherTimeoutAction::Wait => "wait",
-            PublisherTimeoutAction::Eos => "eos",
-            PublisherTimeoutAction::Error => "error",
-        };
+        // The property's own nick, so messages and gst-launch spell it alike.
+        let nick = glib::EnumValue::from_value(&action.to_value())
+            .map(|(_, value)| value.nick().to_string())
+            .unwrap_or_default();
         let structure = gst::Structure::builder("p2plive-publisher-lost")
             .field("publisher", self.publisher_string())
             .field("silent-ms", duration_ms(silent))
