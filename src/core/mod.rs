@@ -6,6 +6,7 @@ pub mod wire;
 pub use wire::{Channel, Limits, Message, WireError};
 
 pub mod abr;
+pub mod dataplane;
 pub mod drift;
 pub mod feedback;
 pub mod playout;

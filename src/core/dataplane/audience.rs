@@ -1,0 +1,152 @@
+//! Viewer reports merged on their way up the feedback tree: each hop sends one summary of its
+//! subtree per interval, so the publisher sees its whole audience while no viewer receives
+//! another viewer's report, and a report's size does not grow with the audience.
+
+use std::collections::BTreeMap;
+
+use crate::proto::{DpLayerCount, DpReport};
+
+/// Upper bounds (ms) of the latency histogram's buckets; the last bucket is everything above.
+pub const LATENCY_BUCKETS_MS: [u32; 11] = [
+    100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10_000,
+];
+
+/// One viewer's report for one interval (counts are for that interval).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalReport {
+    pub track: u32,
+    pub layer: u32,
+    /// Capture to playout (ms).
+    pub latency_ms: u32,
+    pub received: u64,
+    pub late: u64,
+    pub lost: u64,
+    pub recovered: u64,
+}
+
+/// A subtree's audience.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub viewers: u32,
+    /// Viewers per played (track, layer).
+    pub layers: BTreeMap<(u32, u32), u32>,
+    /// Viewers per latency bucket ([`LATENCY_BUCKETS_MS`], then one for above).
+    pub latency_histogram: Vec<u32>,
+    pub received: u64,
+    pub late: u64,
+    pub lost: u64,
+    pub recovered: u64,
+}
+
+/// Bounds of a decoded report: at most this many layer entries.
+const MAX_LAYERS: usize = 64;
+
+impl Summary {
+    pub fn from_local(report: &LocalReport) -> Summary {
+        let mut histogram = vec![0; LATENCY_BUCKETS_MS.len() + 1];
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&b| report.latency_ms <= b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        histogram[bucket] = 1;
+        Summary {
+            viewers: 1,
+            layers: BTreeMap::from([((report.track, report.layer), 1)]),
+            latency_histogram: histogram,
+            received: report.received,
+            late: report.late,
+            lost: report.lost,
+            recovered: report.recovered,
+        }
+    }
+
+    pub fn merge(&mut self, other: &Summary) {
+        self.viewers = self.viewers.saturating_add(other.viewers);
+        for (key, count) in &other.layers {
+            if self.layers.len() < MAX_LAYERS || self.layers.contains_key(key) {
+                let entry = self.layers.entry(*key).or_default();
+                *entry = entry.saturating_add(*count);
+            }
+        }
+        if self.latency_histogram.len() < LATENCY_BUCKETS_MS.len() + 1 {
+            self.latency_histogram
+                .resize(LATENCY_BUCKETS_MS.len() + 1, 0);
+        }
+        for (a, b) in self
+            .latency_histogram
+            .iter_mut()
+            .zip(&other.latency_histogram)
+        {
+            *a = a.saturating_add(*b);
+        }
+        self.received = self.received.saturating_add(other.received);
+        self.late = self.late.saturating_add(other.late);
+        self.lost = self.lost.saturating_add(other.lost);
+        self.recovered = self.recovered.saturating_add(other.recovered);
+    }
+
+    /// The latency (ms) below which `q` (0..=1) of the viewers are: the upper bound of the
+    /// bucket that holds that quantile (`None` with no viewers).
+    pub fn latency_quantile_ms(&self, q: f64) -> Option<u32> {
+        let total: u64 = self.latency_histogram.iter().map(|&c| u64::from(c)).sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &count) in self.latency_histogram.iter().enumerate() {
+            seen += u64::from(count);
+            if seen >= rank {
+                return Some(LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(u32::MAX));
+            }
+        }
+        None
+    }
+
+    pub fn to_proto(&self) -> DpReport {
+        DpReport {
+            viewers: self.viewers,
+            layers: self
+                .layers
+                .iter()
+                .map(|(&(track, layer), &viewers)| DpLayerCount {
+                    track,
+                    layer,
+                    viewers,
+                })
+                .collect(),
+            latency_histogram: self.latency_histogram.clone(),
+            received: self.received,
+            late: self.late,
+            lost: self.lost,
+            recovered: self.recovered,
+        }
+    }
+
+    /// A received report, bounded: extra layers and buckets are ignored.
+    pub fn from_proto(report: &DpReport) -> Summary {
+        let mut summary = Summary {
+            viewers: report.viewers,
+            latency_histogram: report
+                .latency_histogram
+                .iter()
+                .copied()
+                .take(LATENCY_BUCKETS_MS.len() + 1)
+                .collect(),
+            received: report.received,
+            late: report.late,
+            lost: report.lost,
+            recovered: report.recovered,
+            ..Summary::default()
+        };
+        summary
+            .latency_histogram
+            .resize(LATENCY_BUCKETS_MS.len() + 1, 0);
+        for entry in report.layers.iter().take(MAX_LAYERS) {
+            summary
+                .layers
+                .insert((entry.track, entry.layer), entry.viewers);
+        }
+        summary
+    }
+}

@@ -1,0 +1,210 @@
+//! Erasure coding of one object (a Fragment envelope) into data and parity shards with
+//! `reed-solomon-simd` (Reed-Solomon over GF(2^16), Leopard-RS algorithm): any `data` of the
+//! `data + parity` shards rebuild the object.
+
+use bytes::Bytes;
+
+/// Most shards (data + parity) of one object: `DpPull` names shards in a 64-bit bitmap.
+pub const MAX_SHARDS: usize = 64;
+
+/// How one object is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Bytes of the object before padding.
+    pub length: usize,
+    /// Data shards `k` (1..=60).
+    pub data: usize,
+    /// Parity shards `m` (1..=4).
+    pub parity: usize,
+    /// Bytes of every shard (even, as reed-solomon-simd requires).
+    pub shard_len: usize,
+}
+
+/// Why shards could not be turned back into an object.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FecError {
+    #[error("only {have} of the {need} shards needed")]
+    NotEnough { have: usize, need: usize },
+    #[error("bad layout: {0}")]
+    Layout(&'static str),
+    #[error("reed-solomon: {0}")]
+    Codec(String),
+}
+
+impl Layout {
+    /// The layout of an object of `length` bytes spread over `stripes` stripes with shards of
+    /// about `target_shard` bytes: `k = ⌈length / target⌉` (at most 60) data shards and
+    /// `m = ⌈k / (stripes − 1)⌉` parity shards. Shard `i` goes to stripe `(i + r) mod
+    /// stripes`, so no stripe carries more than `m` shards of one object and the loss of one
+    /// whole stripe is always rebuilt from parity, at a cost of about `1 / (stripes − 1)`.
+    pub fn for_object(length: usize, stripes: usize, target_shard: usize) -> Layout {
+        let stripes = stripes.max(2);
+        let data = length.div_ceil(target_shard.max(2)).clamp(1, 60);
+        let parity = data.div_ceil(stripes - 1).clamp(1, MAX_SHARDS - data);
+        let shard_len = length.div_ceil(data).max(2).next_multiple_of(2);
+        Layout {
+            length,
+            data,
+            parity,
+            shard_len,
+        }
+    }
+
+    /// Checks a layout received from the network against the limits.
+    pub fn validate(&self, max_object: usize) -> Result<(), FecError> {
+        if self.data == 0 || self.parity == 0 || self.data + self.parity > MAX_SHARDS {
+            return Err(FecError::Layout("shard counts"));
+        }
+        if self.length > max_object || self.length == 0 {
+            return Err(FecError::Layout("length"));
+        }
+        if self.shard_len % 2 != 0
+            || self.shard_len < self.length.div_ceil(self.data)
+            || self.shard_len > self.length.div_ceil(self.data) + 2
+        {
+            return Err(FecError::Layout("shard length"));
+        }
+        Ok(())
+    }
+
+    /// Shards in all.
+    pub fn total(&self) -> usize {
+        self.data + self.parity
+    }
+}
+
+/// Cuts `object` into `layout.total()` shards: the data shards (zero-padded) then parity.
+pub fn encode(object: &[u8], layout: &Layout) -> Result<Vec<Bytes>, FecError> {
+    let data = data_shards(object, layout);
+    let parity = reed_solomon_simd::encode(layout.data, layout.parity, &data)
+        .map_err(|err| FecError::Codec(err.to_string()))?;
+    Ok(data
+        .into_iter()
+        .map(Bytes::from)
+        .chain(parity.into_iter().map(Bytes::from))
+        .collect())
+}
+
+fn data_shards(object: &[u8], layout: &Layout) -> Vec<Vec<u8>> {
+    (0..layout.data)
+        .map(|i| {
+            let start = (i * layout.shard_len).min(object.len());
+            let end = ((i + 1) * layout.shard_len).min(object.len());
+            let mut shard = Vec::with_capacity(layout.shard_len);
+            shard.extend_from_slice(&object[start..end]);
+            shard.resize(layout.shard_len, 0);
+            shard
+        })
+        .collect()
+}
+
+/// Rebuilds the object from any `layout.data` of its shards (`shards[i]` is shard `i`).
+pub fn decode(shards: &[Option<Bytes>], layout: &Layout) -> Result<Vec<u8>, FecError> {
+    let have = shards.iter().filter(|s| s.is_some()).count();
+    if have < layout.data {
+        return Err(FecError::NotEnough {
+            have,
+            need: layout.data,
+        });
+    }
+    let mut object = Vec::with_capacity(layout.data * layout.shard_len);
+    let all_data = shards[..layout.data].iter().all(Option::is_some);
+    if all_data {
+        for shard in shards[..layout.data].iter().flatten() {
+            object.extend_from_slice(shard);
+        }
+    } else {
+        let original = shards[..layout.data]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+        let recovery = shards[layout.data..]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)));
+        let restored = reed_solomon_simd::decode(layout.data, layout.parity, original, recovery)
+            .map_err(|err| FecError::Codec(err.to_string()))?;
+        for (i, shard) in shards[..layout.data].iter().enumerate() {
+            match shard {
+                Some(shard) => object.extend_from_slice(shard),
+                None => object.extend_from_slice(
+                    restored
+                        .get(&i)
+                        .ok_or(FecError::Codec("shard not restored".into()))?,
+                ),
+            }
+        }
+    }
+    object.truncate(layout.length);
+    Ok(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn layout_tolerates_one_stripe_lost() {
+        for len in [1, 100, 1100, 5000, 12_500, 16_000, 65_000] {
+            let layout = Layout::for_object(len, 16, 1100);
+            assert!(layout.total() <= MAX_SHARDS, "{layout:?}");
+            // Shards per stripe at most the parity count: one stripe's loss is rebuilt.
+            assert!(layout.total().div_ceil(16) <= layout.parity, "{layout:?}");
+            assert!(layout.data * layout.shard_len >= len);
+            layout.validate(1 << 20).unwrap();
+        }
+    }
+
+    #[test]
+    fn any_data_count_of_shards_rebuild_the_object() {
+        let obj = object(12_345);
+        let layout = Layout::for_object(obj.len(), 16, 1100);
+        let shards = encode(&obj, &layout).unwrap();
+        assert_eq!(shards.len(), layout.total());
+        // Lose `parity` shards at every offset.
+        for first in 0..layout.total() {
+            let mut some: Vec<Option<Bytes>> = shards.iter().cloned().map(Some).collect();
+            for j in 0..layout.parity {
+                some[(first + j) % layout.total()] = None;
+            }
+            assert_eq!(decode(&some, &layout).unwrap(), obj);
+        }
+        let mut too_few: Vec<Option<Bytes>> = shards.iter().cloned().map(Some).collect();
+        for s in too_few.iter_mut().take(layout.parity + 1) {
+            *s = None;
+        }
+        assert!(matches!(
+            decode(&too_few, &layout),
+            Err(FecError::NotEnough { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let good = Layout::for_object(5000, 16, 1100);
+        for bad in [
+            Layout { data: 0, ..good },
+            Layout { parity: 0, ..good },
+            Layout {
+                data: 63,
+                parity: 2,
+                ..good
+            },
+            Layout {
+                shard_len: 3,
+                ..good
+            },
+            Layout {
+                shard_len: good.shard_len * 4,
+                ..good
+            },
+            Layout { length: 0, ..good },
+        ] {
+            assert!(bad.validate(1 << 20).is_err(), "{bad:?}");
+        }
+    }
+}

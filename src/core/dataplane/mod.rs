@@ -1,0 +1,2002 @@
+//! The media data plane: striped push trees with erasure coding, pull repair, signed
+//! manifests and feedback aggregated up the trees. Sans-IO: the node, the simulator and the
+//! tests drive the same state machine with time passed in.
+//!
+//! The design follows SplitStream (Castro et al., SOSP 2003: one tree per stripe, every peer
+//! interior in at most one), Plumtree (Leitão et al., SRDS 2007: eager push on tree edges,
+//! lazy "have" announcements and pulls beside them) and Solana's Turbine (erasure-coded
+//! shreds, relays that rebuild before forwarding).
+//!
+//! - An **object** is one encoded `Fragment` envelope of the publisher. It is cut into `k` data
+//!   and `m` parity shards ([`fec::Layout`]); shard `i` of object `o` travels in stripe
+//!   `(i + r(o)) mod S` ([`stripe_of`]), so every stripe carries about `1/S` of the bytes and
+//!   losing a whole stripe costs at most `m` shards of an object, which parity rebuilds.
+//! - The publisher signs each object's **manifest** (layout and shard digests, [`auth`]); the
+//!   manifest travels down the tree of the stripe of shard 0. Nobody forwards or uses a shard
+//!   before its digest matched a verified manifest. A peer that sends a forged manifest, an
+//!   altered shard or a replayed object is banned and disconnected.
+//! - **Trees**: every stripe has the publisher as its root (`root_slots` children, default 1,
+//!   so the publisher sends about one copy). A viewer joins each stripe by asking any peer; a
+//!   peer with room accepts, a full one pushes the joiner down to one of its children that
+//!   forwards in that stripe, and a peer that does not forward in the stripe redirects upwards.
+//!   A viewer forwards in the first stripe where it accepts a child (its interior stripe) and
+//!   is a leaf in the others; a joiner that forwards in the stripe preempts a leaf child of a
+//!   full parent. Paths to the root travel with each accept, so a join that would close a loop
+//!   is refused.
+//! - **Repair**: a relay with `k` verified shards rebuilds the object and forwards the shards
+//!   its children missed, so losses do not compound over hops. Every `have_interval` each
+//!   peer tells its tree neighbours which frames it has; what is still missing
+//!   `repair_delay` after its first sign is pulled from a neighbour that has it, until
+//!   `deadline` after that first sign, never later.
+//! - **Feedback**: viewer reports are merged ([`audience::Summary`]) at each hop up the tree of
+//!   stripe 0; keyframe requests go up the same way, coalesced per layer.
+
+pub mod audience;
+pub mod auth;
+pub mod fec;
+pub mod queue;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use prost::Message as _;
+
+use crate::proto::dp_message::Body;
+use crate::proto::{
+    DpAccept, DpHave, DpHaveLayer, DpJoin, DpKey, DpKeyframe, DpLeave, DpManifest, DpMessage,
+    DpPull, DpRedirect, DpShard, DpSubscribe, DpTrackLayer,
+};
+pub use audience::{LocalReport, Summary};
+use fec::Layout;
+use queue::{Class, SendQueue};
+
+/// The stripe whose tree carries reports and keyframe requests up to the publisher.
+pub const FEEDBACK_STRIPE: u8 = 0;
+/// Largest data-plane message accepted (bytes): a shard of the largest object plus framing.
+pub const MAX_MESSAGE_LEN: usize = 256 * 1024;
+/// Largest object (bytes): the publisher's fragments are far smaller.
+pub const MAX_OBJECT_LEN: usize = 1 << 20;
+/// Objects tracked at once at most (complete ones kept for pulls included).
+const MAX_OBJECTS: usize = 8192;
+/// Shards held per object while its manifest has not arrived.
+const MAX_UNVERIFIED: usize = 64;
+/// A manifest this many frames older than the newest of its layer, and not wanted, is a replay.
+const REPLAY_WINDOW: u64 = 512;
+/// Layers tracked per peer's have announcement.
+const MAX_HAVE_LAYERS: usize = 32;
+/// Redirects after which a peer accepts a joiner even outside its interior stripe (so that a
+/// stripe without any forwarder is still served), and after which a joiner starts over.
+const SPARE_AFTER_REDIRECTS: u32 = 4;
+/// Children at most outside the interior stripe (spare capacity).
+const MAX_SPARE_CHILDREN: usize = 8;
+const RESTART_AFTER_REDIRECTS: u32 = 12;
+/// Backoff (ms) after a refused join: this plus up to as much again, at random.
+const JOIN_BACKOFF_MS: u64 = 100;
+
+/// A peer's identity as the data plane sees it: libp2p's `PeerId` in the node, an integer in
+/// the simulator and tests.
+pub trait PeerKey: Copy + Ord + Eq + Hash + Debug {
+    /// Bytes on the wire (in redirects).
+    fn to_bytes(&self) -> Vec<u8>;
+    /// From wire bytes; `None` if malformed.
+    fn from_bytes(bytes: &[u8]) -> Option<Self>;
+}
+
+impl PeerKey for u32 {
+    fn to_bytes(&self) -> Vec<u8> {
+        self.to_be_bytes().to_vec()
+    }
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(u32::from_be_bytes(bytes.try_into().ok()?))
+    }
+}
+
+/// FNV-1a, 64 bit (a short, stable id for paths; not a security boundary: a forged path
+/// only makes a join be refused).
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The 32-bit tag of a stream name in every data-plane message (FNV-1a folded).
+pub fn stream_tag(stream: &str) -> u32 {
+    let h = fnv64(stream.as_bytes());
+    (h ^ (h >> 32)) as u32
+}
+
+/// One object: a fragment of a frame of one track and layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub track: u32,
+    pub layer: u32,
+    pub sequence: u64,
+    pub fragment: u32,
+}
+
+impl ObjectKey {
+    fn to_proto(self) -> DpKey {
+        DpKey {
+            track: self.track,
+            layer: self.layer,
+            sequence: self.sequence,
+            fragment: self.fragment,
+        }
+    }
+    fn from_proto(key: &DpKey) -> ObjectKey {
+        ObjectKey {
+            track: key.track,
+            layer: key.layer,
+            sequence: key.sequence,
+            fragment: key.fragment,
+        }
+    }
+    fn frame(&self) -> (u32, u32, u64) {
+        (self.track, self.layer, self.sequence)
+    }
+}
+
+/// The stripe carrying shard `index` of `key` among `stripes`: rotated per object so every
+/// stripe carries about the same share of shards (and of manifests, which go with shard 0).
+pub fn stripe_of(key: &ObjectKey, index: u32, stripes: u8) -> u8 {
+    let rotation = key
+        .sequence
+        .wrapping_add(u64::from(key.fragment).wrapping_mul(7))
+        .wrapping_add(u64::from(key.track).wrapping_mul(5))
+        .wrapping_add(u64::from(key.layer).wrapping_mul(3));
+    (rotation.wrapping_add(u64::from(index)) % u64::from(stripes.max(1))) as u8
+}
+
+/// Settings of the data plane. The defaults are the ones the node uses.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    /// Stripes `S` (2..=32). 16: parity of `1/15` rebuilds a lost stripe, at about 16
+    /// parents per viewer.
+    pub stripes: u8,
+    /// Target shard size (bytes); objects are cut into `⌈len / target⌉` data shards.
+    pub target_shard_bytes: usize,
+    /// Children of the publisher per stripe: 1 means the publisher sends each shard once.
+    pub root_slots: usize,
+    /// Upload this peer offers (kbit/s): `None` unlimited, `Some(0)` receive only. The tree
+    /// never gives it more children than fit, and its sending is paced to it.
+    pub upload_capacity_kbps: Option<u64>,
+    /// Children at most (over all stripes) when the capacity is unlimited.
+    pub max_children: usize,
+    /// A join not answered within this is given up.
+    pub join_timeout: Duration,
+    /// A parent that sent nothing in its stripe for this long, while other stripes carried
+    /// data, is replaced.
+    pub parent_silence: Duration,
+    /// Period of "have" announcements to tree neighbours.
+    pub have_interval: Duration,
+    /// Wait after the first sign of an object before pulling what is missing.
+    pub repair_delay: Duration,
+    /// Nothing is pulled later than this after an object's first sign (its deadline).
+    pub deadline: Duration,
+    /// Between two pulls of one object.
+    pub pull_retry: Duration,
+    /// Objects are kept this long (to serve pulls, to recognise duplicates).
+    pub retain: Duration,
+    /// Period of reports up the feedback tree.
+    pub report_interval: Duration,
+    /// One keyframe request per layer per this, at each hop.
+    pub keyframe_coalesce: Duration,
+    /// Bytes queued per peer at most before media is shed.
+    pub queue_bytes: usize,
+    /// Stream rate assumed (kbit/s) for the capacity rule until one is measured.
+    pub assumed_stream_kbps: u64,
+    /// Seed of the core's own random choices (peer picks): deterministic runs.
+    pub seed: u64,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            stripes: 16,
+            target_shard_bytes: 1100,
+            root_slots: 1,
+            upload_capacity_kbps: None,
+            max_children: 32,
+            join_timeout: Duration::from_millis(1500),
+            parent_silence: Duration::from_millis(1500),
+            have_interval: Duration::from_millis(250),
+            repair_delay: Duration::from_millis(100),
+            deadline: Duration::from_millis(1500),
+            pull_retry: Duration::from_millis(200),
+            retain: Duration::from_secs(4),
+            report_interval: Duration::from_secs(1),
+            keyframe_coalesce: Duration::from_millis(500),
+            queue_bytes: 512 * 1024,
+            assumed_stream_kbps: 4000,
+            seed: 1,
+        }
+    }
+}
+
+/// Who this data plane is.
+#[derive(Debug, Clone)]
+pub enum Role<P> {
+    /// The stream's publisher: root of every stripe, signs manifests.
+    Publisher { key: SigningKey },
+    /// A viewer of `publisher`'s stream; `key` verifies its manifests.
+    Viewer { publisher: P, key: VerifyingKey },
+}
+
+/// What a peer did wrong (it is banned and disconnected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Undecodable or invalid message.
+    Malformed,
+    /// A manifest whose signature is not the publisher's.
+    ForgedManifest,
+    /// A shard whose digest is not the manifest's.
+    AlteredShard,
+    /// An object of an older epoch or far older than the stream.
+    Replay,
+}
+
+/// What the data plane asks of its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output<P> {
+    /// A verified, complete object (one `Fragment` envelope) of a wanted layer; `from` is the
+    /// peer its manifest came from (its parent in the manifest's stripe, usually).
+    Deliver {
+        key: ObjectKey,
+        object: Bytes,
+        from: P,
+    },
+    /// Connect to `peer` (`info`: how to reach it, as given to [`DataPlane::handle_peer_up`]
+    /// by whoever redirected us); call `handle_peer_up` once connected.
+    Connect { peer: P, info: Bytes },
+    /// Close every connection to `peer`.
+    Disconnect { peer: P, reason: Misbehaviour },
+    /// Publisher only: the whole audience, once per report interval.
+    Audience(Summary),
+    /// Publisher only: viewers asked for a keyframe of `(track, layer)` (coalesced).
+    KeyframeRequest { track: u32, layer: u32 },
+}
+
+/// Counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DataPlaneStats {
+    pub shards_received: u64,
+    pub shards_duplicate: u64,
+    pub shards_sent: u64,
+    pub manifests_received: u64,
+    /// Objects rebuilt with parity (some data shard missing).
+    pub objects_rebuilt: u64,
+    /// Shards regenerated and forwarded because the stripe's parent had not sent them.
+    pub shards_regenerated: u64,
+    pub objects_delivered: u64,
+    pub pulls_sent: u64,
+    pub pulls_served: u64,
+    /// Objects given up: still incomplete at their deadline.
+    pub objects_missed: u64,
+    pub messages_malformed: u64,
+    pub manifests_forged: u64,
+    pub shards_altered: u64,
+    pub replays: u64,
+    /// Messages of an epoch other than the current one (not a replay).
+    pub stale: u64,
+    pub peers_banned: u64,
+    /// Media messages shed from full send queues.
+    pub shed: u64,
+    pub joins_sent: u64,
+    pub redirects_received: u64,
+    pub parent_changes: u64,
+    /// Current state.
+    pub parents: usize,
+    pub children: usize,
+    pub interior_stripe: Option<u8>,
+    pub peers: usize,
+    /// Deepest path to the root over the stripes (hops).
+    pub depth: usize,
+}
+
+struct Manifest {
+    proto: DpManifest,
+    layout: Layout,
+    digests: Vec<[u8; auth::DIGEST_LEN]>,
+}
+
+struct Object<P> {
+    manifest: Option<Manifest>,
+    manifest_from: Option<P>,
+    shards: Vec<Option<Bytes>>,
+    received: usize,
+    unverified: Vec<(P, u32, Bytes)>,
+    /// The object, once complete.
+    complete: Option<Bytes>,
+    first_seen: Instant,
+    /// Shards forwarded to children (bit i: shard i).
+    forwarded: u64,
+    last_pull: Option<Instant>,
+    missed: bool,
+}
+
+impl<P> Object<P> {
+    fn new(now: Instant) -> Self {
+        Object {
+            manifest: None,
+            manifest_from: None,
+            shards: Vec::new(),
+            received: 0,
+            unverified: Vec::new(),
+            complete: None,
+            first_seen: now,
+            forwarded: 0,
+            last_pull: None,
+            missed: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct FrameState {
+    fragments: u32,
+    complete: u32,
+    first_seen: Option<Instant>,
+}
+
+struct Peer {
+    info: Bytes,
+    short: u64,
+    queue: SendQueue,
+    /// Per (track, layer): the newest frame and a bitmap of complete frames before it.
+    have: BTreeMap<(u32, u32), DpHaveLayer>,
+    /// What it wants from us, per stripe in which it is our child.
+    subs: HashMap<u8, BTreeSet<(u32, u32)>>,
+    /// From its joins: the stripe it forwards in, and whether it can forward at all.
+    interior: Option<u8>,
+    can_forward: bool,
+    report: Option<(Instant, Summary)>,
+}
+
+struct Stripe<P> {
+    parent: Option<P>,
+    /// A join sent (or waiting for a connection) and when.
+    joining: Option<(P, Instant, bool)>,
+    next_candidate: Option<P>,
+    children: BTreeSet<P>,
+    /// Short ids from the root to this peer (included).
+    path: Vec<u64>,
+    last_data: Instant,
+    redirects: u32,
+    /// No new join before this (backoff after a refusal).
+    next_join_at: Instant,
+    refused: BTreeMap<P, Instant>,
+    sent_subs: Option<BTreeSet<(u32, u32)>>,
+}
+
+/// The data plane of one stream at one peer. See the module documentation.
+pub struct DataPlane<P: PeerKey> {
+    config: DataPlaneConfig,
+    role: Role<P>,
+    me: P,
+    me_short: u64,
+    tag: u32,
+    epoch: Option<u64>,
+    old_epochs: HashSet<u64>,
+    peers: BTreeMap<P, Peer>,
+    banned: HashSet<P>,
+    stripes: Vec<Stripe<P>>,
+    interior: Option<u8>,
+    subscription: BTreeSet<(u32, u32)>,
+    objects: BTreeMap<ObjectKey, Object<P>>,
+    frames: BTreeMap<(u32, u32, u64), FrameState>,
+    /// Newest sequence seen per (track, layer), and the first (pulls start there).
+    newest: HashMap<(u32, u32), u64>,
+    first: HashMap<(u32, u32), u64>,
+    outputs: VecDeque<Output<P>>,
+    own_report: Option<LocalReport>,
+    last_keyframe: HashMap<(u32, u32), Instant>,
+    next_have: Instant,
+    next_report: Instant,
+    next_expire: Instant,
+    /// Measured incoming (viewer) or published (publisher) media rate, bytes/s (EWMA).
+    rate_bytes: f64,
+    rate_window: (Instant, u64),
+    /// Upload pacing (bytes) when the capacity is limited.
+    tokens: f64,
+    tokens_at: Instant,
+    rng: u64,
+    /// The latest `now` seen (timers are relative to it).
+    last_now: Instant,
+    /// Some object may still need a pull (cleared when a scan finds none).
+    repair_pending: bool,
+    stats: DataPlaneStats,
+}
+
+impl<P: PeerKey> DataPlane<P> {
+    /// A data plane for `stream` at peer `me`.
+    pub fn new(
+        now: Instant,
+        stream: &str,
+        me: P,
+        role: Role<P>,
+        mut config: DataPlaneConfig,
+    ) -> Self {
+        config.stripes = config.stripes.clamp(2, 32);
+        config.root_slots = config.root_slots.max(1);
+        let stripes = (0..config.stripes)
+            .map(|_| Stripe {
+                parent: None,
+                joining: None,
+                next_candidate: None,
+                children: BTreeSet::new(),
+                path: Vec::new(),
+                last_data: now,
+                redirects: 0,
+                next_join_at: now,
+                refused: BTreeMap::new(),
+                sent_subs: None,
+            })
+            .collect();
+        let me_short = fnv64(&me.to_bytes());
+        let rng = config.seed ^ me_short | 1;
+        let mut plane = DataPlane {
+            role,
+            me,
+            me_short,
+            tag: stream_tag(stream),
+            epoch: None,
+            old_epochs: HashSet::new(),
+            peers: BTreeMap::new(),
+            banned: HashSet::new(),
+            stripes,
+            interior: None,
+            subscription: BTreeSet::new(),
+            objects: BTreeMap::new(),
+            frames: BTreeMap::new(),
+            newest: HashMap::new(),
+            first: HashMap::new(),
+            outputs: VecDeque::new(),
+            own_report: None,
+            last_keyframe: HashMap::new(),
+            next_have: now + config.have_interval,
+            next_report: now + config.report_interval,
+            next_expire: now,
+            rate_bytes: 0.0,
+            rate_window: (now, 0),
+            tokens: 0.0,
+            tokens_at: now,
+            rng,
+            last_now: now,
+            repair_pending: false,
+            stats: DataPlaneStats::default(),
+            config,
+        };
+        if plane.is_publisher() {
+            for stripe in &mut plane.stripes {
+                stripe.path = vec![me_short];
+            }
+        } else if plane.can_forward() {
+            // The interior stripe follows from the peer id, as in SplitStream: uniform over
+            // the stripes, so forwarding is shared evenly once viewers outnumber stripes.
+            plane.interior = Some((me_short % u64::from(plane.config.stripes)) as u8);
+        }
+        plane
+    }
+
+    pub fn is_publisher(&self) -> bool {
+        matches!(self.role, Role::Publisher { .. })
+    }
+
+    pub fn config(&self) -> &DataPlaneConfig {
+        &self.config
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: the core's randomness comes from the seed it was given.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
+        if items.is_empty() {
+            None
+        } else {
+            let i = (self.random() % items.len() as u64) as usize;
+            Some(items[i])
+        }
+    }
+
+    /// The current epoch (from the verified catalog). Objects of other epochs are dropped from
+    /// now on; objects of an epoch that was current before are replays.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        if self.epoch == Some(epoch) {
+            return;
+        }
+        if let Some(old) = self.epoch.replace(epoch) {
+            self.old_epochs.insert(old);
+            self.objects.clear();
+            self.frames.clear();
+            self.newest.clear();
+            self.first.clear();
+        }
+    }
+
+    /// The (track, layer) pairs this viewer plays; only those are delivered, and only those
+    /// (and what its children want) are asked from its parents.
+    pub fn set_subscription(&mut self, layers: BTreeSet<(u32, u32)>) {
+        self.subscription = layers;
+        for s in 0..self.config.stripes {
+            self.send_subscription(s);
+        }
+    }
+
+    /// The viewer's report of the last interval; merged into the next summary sent up.
+    pub fn set_report(&mut self, report: LocalReport) {
+        self.own_report = Some(report);
+    }
+
+    /// Asks the publisher for a keyframe of `(track, layer)` up the feedback tree.
+    pub fn request_keyframe(&mut self, now: Instant, track: u32, layer: u32) {
+        self.forward_keyframe(now, track, layer);
+    }
+
+    /// A connection to `peer` that speaks the data plane is up (or its `info` changed).
+    pub fn handle_peer_up(&mut self, now: Instant, peer: P, info: Bytes) {
+        if self.banned.contains(&peer) || peer == self.me {
+            return;
+        }
+        let short = fnv64(&peer.to_bytes());
+        let entry = self.peers.entry(peer).or_insert_with(|| Peer {
+            info: Bytes::new(),
+            short,
+            queue: SendQueue::default(),
+            have: BTreeMap::new(),
+            subs: HashMap::new(),
+            interior: None,
+            can_forward: false,
+            report: None,
+        });
+        if !info.is_empty() {
+            entry.info = info;
+        }
+        // Joins that waited for this connection.
+        for s in 0..self.config.stripes {
+            if let Some((target, _, false)) = self.stripes[usize::from(s)].joining
+                && target == peer
+            {
+                self.stripes[usize::from(s)].joining = Some((peer, now, true));
+                self.send_join(s, peer);
+            }
+        }
+        self.maintain_tree(now);
+    }
+
+    /// Every connection to `peer` is gone.
+    pub fn handle_peer_down(&mut self, now: Instant, peer: P) {
+        if self.peers.remove(&peer).is_none() {
+            return;
+        }
+        self.forget_peer(now, peer);
+        self.maintain_tree(now);
+    }
+
+    fn forget_peer(&mut self, now: Instant, peer: P) {
+        for s in 0..self.config.stripes {
+            let stripe = &mut self.stripes[usize::from(s)];
+            if stripe.parent == Some(peer) {
+                stripe.parent = None;
+                stripe.path.clear();
+                stripe.sent_subs = None;
+                self.stats.parent_changes += 1;
+                self.update_child_paths(s);
+            }
+            let stripe = &mut self.stripes[usize::from(s)];
+            if stripe.joining.is_some_and(|(p, _, _)| p == peer) {
+                stripe.joining = None;
+            }
+            if stripe.next_candidate == Some(peer) {
+                stripe.next_candidate = None;
+            }
+            if stripe.children.remove(&peer) {
+                self.send_subscription(s);
+            }
+        }
+        let _ = now;
+    }
+
+    /// Publisher: sends `object` (one encoded `Fragment` of `epoch`) down the trees.
+    pub fn publish(&mut self, now: Instant, epoch: u64, key: ObjectKey, object: Bytes) {
+        let Role::Publisher { key: signing } = &self.role else {
+            return;
+        };
+        let signing = signing.clone();
+        if object.is_empty() || object.len() > MAX_OBJECT_LEN {
+            return;
+        }
+        if self.epoch != Some(epoch) {
+            self.set_epoch(epoch);
+        }
+        let layout = Layout::for_object(
+            object.len(),
+            usize::from(self.config.stripes),
+            self.config.target_shard_bytes,
+        );
+        let Ok(shards) = fec::encode(&object, &layout) else {
+            return;
+        };
+        let digests: Vec<[u8; auth::DIGEST_LEN]> = shards.iter().map(|s| auth::digest(s)).collect();
+        let digest_bytes: Vec<u8> = digests.iter().flatten().copied().collect();
+        let fragments = fragment_count(&object).unwrap_or(1);
+        let signed = auth::signed_bytes(
+            self.tag,
+            epoch,
+            &key,
+            layout.length as u32,
+            layout.data as u32,
+            layout.parity as u32,
+            fragments,
+            &digest_bytes,
+        );
+        let signature = auth::sign(&signing, &signed);
+        let proto = DpManifest {
+            epoch,
+            key: Some(key.to_proto()),
+            length: layout.length as u32,
+            data_shards: layout.data as u32,
+            parity_shards: layout.parity as u32,
+            fragments,
+            digests: digest_bytes.into(),
+            signature: signature.to_vec().into(),
+        };
+        self.note_rate(now, object.len());
+        let mut obj = Object::new(now);
+        obj.manifest = Some(Manifest {
+            proto,
+            layout,
+            digests,
+        });
+        obj.received = layout.total();
+        obj.shards = shards.into_iter().map(Some).collect();
+        obj.complete = Some(object);
+        self.objects.insert(key, obj);
+        self.note_frame(now, &key, fragments, true);
+        self.forward_manifest(key);
+        for i in 0..layout.total() as u32 {
+            self.forward_shard(key, i);
+        }
+        // The publisher keeps the object (for pulls), not its shards.
+        if let Some(obj) = self.objects.get_mut(&key) {
+            obj.shards.clear();
+        }
+        self.expire(now);
+    }
+
+    /// A data-plane message from `from`.
+    pub fn handle_message(&mut self, now: Instant, from: P, bytes: &[u8]) {
+        self.last_now = now;
+        if self.banned.contains(&from) || !self.peers.contains_key(&from) {
+            return;
+        }
+        if bytes.len() > MAX_MESSAGE_LEN {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        let Ok(message) = DpMessage::decode(bytes) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        if message.stream != self.tag {
+            // Another stream's message on this stream's session: the driver routes by tag.
+            return;
+        }
+        match message.body {
+            Some(Body::Shard(shard)) => self.on_shard(now, from, shard),
+            Some(Body::Manifest(manifest)) => self.on_manifest(now, from, manifest),
+            Some(Body::Join(join)) => self.on_join(now, from, join),
+            Some(Body::Accept(accept)) => self.on_accept(now, from, accept),
+            Some(Body::Redirect(redirect)) => self.on_redirect(now, from, redirect),
+            Some(Body::Leave(leave)) => self.on_leave(now, from, leave),
+            Some(Body::Have(have)) => self.on_have(now, from, have),
+            Some(Body::Pull(pull)) => self.on_pull(from, pull),
+            Some(Body::Subscribe(sub)) => self.on_subscribe(from, sub),
+            Some(Body::Report(report)) => {
+                let is_child = self.stripes[usize::from(FEEDBACK_STRIPE)]
+                    .children
+                    .contains(&from);
+                if let Some(peer) = self.peers.get_mut(&from)
+                    && is_child
+                {
+                    peer.report = Some((now, Summary::from_proto(&report)));
+                }
+            }
+            Some(Body::Keyframe(k)) => self.forward_keyframe(now, k.track, k.layer),
+            None => self.misbehaved(now, from, Misbehaviour::Malformed),
+        }
+    }
+
+    fn misbehaved(&mut self, now: Instant, peer: P, reason: Misbehaviour) {
+        match reason {
+            Misbehaviour::Malformed => self.stats.messages_malformed += 1,
+            Misbehaviour::ForgedManifest => self.stats.manifests_forged += 1,
+            Misbehaviour::AlteredShard => self.stats.shards_altered += 1,
+            Misbehaviour::Replay => self.stats.replays += 1,
+        }
+        if !self.banned.insert(peer) {
+            return;
+        }
+        tracing::warn!(?peer, ?reason, "data plane: peer banned");
+        self.stats.peers_banned += 1;
+        self.peers.remove(&peer);
+        for obj in self.objects.values_mut() {
+            obj.unverified.retain(|(p, _, _)| *p != peer);
+        }
+        self.forget_peer(now, peer);
+        self.outputs.push_back(Output::Disconnect { peer, reason });
+        self.maintain_tree(now);
+    }
+
+    // ---- media --------------------------------------------------------------------------
+
+    fn on_shard(&mut self, now: Instant, from: P, shard: DpShard) {
+        let Some(key) = shard.key.as_ref().map(ObjectKey::from_proto) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        if shard.index as usize >= fec::MAX_SHARDS || shard.data.len() > MAX_MESSAGE_LEN {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        self.stats.shards_received += 1;
+        self.note_rate(now, shard.data.len());
+        let s = stripe_of(&key, shard.index, self.config.stripes);
+        if self.stripes[usize::from(s)].parent == Some(from) {
+            self.stripes[usize::from(s)].last_data = now;
+        }
+        if !self.objects.contains_key(&key) {
+            if self.objects.len() >= MAX_OBJECTS || self.is_old(&key) {
+                self.stats.shards_duplicate += 1;
+                return;
+            }
+            self.objects.insert(key, Object::new(now));
+            self.repair_pending = true;
+        }
+        let obj = self.objects.get_mut(&key).expect("inserted above");
+        if obj.complete.is_some() {
+            self.stats.shards_duplicate += 1;
+            return;
+        }
+        if obj.manifest.is_none() {
+            if obj.unverified.len() < MAX_UNVERIFIED {
+                obj.unverified.push((from, shard.index, shard.data));
+            }
+            return;
+        }
+        self.accept_shard(now, from, key, shard.index, shard.data);
+    }
+
+    /// Whether `key` is older than anything still tracked for its layer (already expired).
+    fn is_old(&self, key: &ObjectKey) -> bool {
+        self.newest
+            .get(&(key.track, key.layer))
+            .is_some_and(|&newest| key.sequence + REPLAY_WINDOW < newest)
+    }
+
+    fn accept_shard(&mut self, now: Instant, from: P, key: ObjectKey, index: u32, data: Bytes) {
+        let Some(obj) = self.objects.get_mut(&key) else {
+            return;
+        };
+        let Some(manifest) = &obj.manifest else {
+            return;
+        };
+        let i = index as usize;
+        if i >= manifest.layout.total() || data.len() != manifest.layout.shard_len {
+            return self.misbehaved(now, from, Misbehaviour::AlteredShard);
+        }
+        if auth::digest(&data) != manifest.digests[i] {
+            return self.misbehaved(now, from, Misbehaviour::AlteredShard);
+        }
+        if obj.complete.is_some() || obj.shards[i].is_some() {
+            self.stats.shards_duplicate += 1;
+            return;
+        }
+        obj.shards[i] = Some(data);
+        obj.received += 1;
+        let enough = obj.received >= manifest.layout.data;
+        self.forward_shard(key, index);
+        if enough {
+            self.complete(now, key);
+        }
+    }
+
+    fn on_manifest(&mut self, now: Instant, from: P, m: DpManifest) {
+        let Some(key) = m.key.as_ref().map(ObjectKey::from_proto) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        let layout = Layout {
+            length: m.length as usize,
+            data: m.data_shards as usize,
+            parity: m.parity_shards as usize,
+            shard_len: (m.length as usize)
+                .div_ceil((m.data_shards as usize).max(1))
+                .max(2)
+                .next_multiple_of(2),
+        };
+        if layout.validate(MAX_OBJECT_LEN).is_err()
+            || m.digests.len() != layout.total() * auth::DIGEST_LEN
+            || m.fragments == 0
+            || m.fragments > 4096
+        {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        if self.is_publisher() {
+            return;
+        }
+        if let Some(epoch) = self.epoch
+            && m.epoch != epoch
+        {
+            if self.old_epochs.contains(&m.epoch) && self.verify_manifest(&key, &m) {
+                return self.misbehaved(now, from, Misbehaviour::Replay);
+            }
+            self.stats.stale += 1;
+            return;
+        }
+        if self
+            .objects
+            .get(&key)
+            .is_some_and(|o| o.manifest.is_some() || o.complete.is_some())
+        {
+            self.stats.manifests_received += 1;
+            return;
+        }
+        if !self.verify_manifest(&key, &m) {
+            return self.misbehaved(now, from, Misbehaviour::ForgedManifest);
+        }
+        if self.is_old(&key) && !self.objects.contains_key(&key) {
+            return self.misbehaved(now, from, Misbehaviour::Replay);
+        }
+        self.stats.manifests_received += 1;
+        if self.epoch.is_none() {
+            self.epoch = Some(m.epoch);
+        }
+        if !self.objects.contains_key(&key) {
+            if self.objects.len() >= MAX_OBJECTS {
+                return;
+            }
+            self.objects.insert(key, Object::new(now));
+            self.repair_pending = true;
+        }
+        let s = stripe_of(&key, 0, self.config.stripes);
+        if self.stripes[usize::from(s)].parent == Some(from) {
+            self.stripes[usize::from(s)].last_data = now;
+        }
+        let fragments = m.fragments;
+        let digests = m
+            .digests
+            .chunks_exact(auth::DIGEST_LEN)
+            .map(|c| c.try_into().expect("chunks of DIGEST_LEN"))
+            .collect();
+        let obj = self.objects.get_mut(&key).expect("inserted above");
+        obj.shards = vec![None; layout.total()];
+        obj.manifest = Some(Manifest {
+            proto: m,
+            layout,
+            digests,
+        });
+        obj.manifest_from = Some(from);
+        let pending = std::mem::take(&mut obj.unverified);
+        self.note_frame(now, &key, fragments, false);
+        self.forward_manifest(key);
+        for (peer, index, data) in pending {
+            if !self.banned.contains(&peer) {
+                self.accept_shard(now, peer, key, index, data);
+            }
+        }
+    }
+
+    fn verify_manifest(&self, key: &ObjectKey, m: &DpManifest) -> bool {
+        let Role::Viewer { key: verifying, .. } = &self.role else {
+            return true;
+        };
+        let signed = auth::signed_bytes(
+            self.tag,
+            m.epoch,
+            key,
+            m.length,
+            m.data_shards,
+            m.parity_shards,
+            m.fragments,
+            &m.digests,
+        );
+        auth::verify(verifying, &signed, &m.signature)
+    }
+
+    /// `key` has enough shards: rebuild, deliver, and forward what the children still miss.
+    fn complete(&mut self, now: Instant, key: ObjectKey) {
+        let Some(obj) = self.objects.get_mut(&key) else {
+            return;
+        };
+        let Some(manifest) = &obj.manifest else {
+            return;
+        };
+        let layout = manifest.layout;
+        let rebuilt = obj.shards[..layout.data].iter().any(Option::is_none);
+        let Ok(object) = fec::decode(&obj.shards, &layout) else {
+            return;
+        };
+        let object = Bytes::from(object);
+        obj.complete = Some(object.clone());
+        let from = obj.manifest_from;
+        let fragments = manifest.proto.fragments;
+        if rebuilt {
+            self.stats.objects_rebuilt += 1;
+        }
+        // Shards our children in their stripes have not had from us yet.
+        let forwarded = obj.forwarded;
+        let mut missing = Vec::new();
+        for i in 0..layout.total() as u32 {
+            if forwarded & (1 << i) == 0 && self.children_want(&key, i) {
+                missing.push(i);
+            }
+        }
+        if !missing.is_empty()
+            && let Ok(shards) = fec::encode(&object, &layout)
+        {
+            let obj = self.objects.get_mut(&key).expect("present");
+            for &i in &missing {
+                obj.shards[i as usize] = Some(shards[i as usize].clone());
+            }
+            for &i in &missing {
+                self.stats.shards_regenerated += 1;
+                self.forward_shard(key, i);
+            }
+        }
+        if let Some(obj) = self.objects.get_mut(&key) {
+            // The object serves pulls from now on; its shards are regenerated when asked.
+            obj.shards.clear();
+            obj.unverified.clear();
+        }
+        self.note_frame(now, &key, fragments, true);
+        if self.subscription.contains(&(key.track, key.layer))
+            && let Some(from) = from
+        {
+            self.stats.objects_delivered += 1;
+            self.outputs
+                .push_back(Output::Deliver { key, object, from });
+        }
+    }
+
+    fn note_frame(&mut self, now: Instant, key: &ObjectKey, fragments: u32, complete: bool) {
+        let layer = (key.track, key.layer);
+        let newest = self.newest.entry(layer).or_insert(key.sequence);
+        *newest = (*newest).max(key.sequence);
+        self.first.entry(layer).or_insert(key.sequence);
+        let frame = self.frames.entry(key.frame()).or_default();
+        frame.first_seen.get_or_insert(now);
+        frame.fragments = frame.fragments.max(fragments);
+        if complete {
+            frame.complete += 1;
+        }
+    }
+
+    fn children_want(&self, key: &ObjectKey, index: u32) -> bool {
+        let s = stripe_of(key, index, self.config.stripes);
+        self.stripes[usize::from(s)].children.iter().any(|c| {
+            self.peers
+                .get(c)
+                .and_then(|p| p.subs.get(&s))
+                .is_some_and(|subs| subs.contains(&(key.track, key.layer)))
+        })
+    }
+
+    fn forward_shard(&mut self, key: ObjectKey, index: u32) {
+        let s = stripe_of(&key, index, self.config.stripes);
+        let Some(obj) = self.objects.get_mut(&key) else {
+            return;
+        };
+        if obj.forwarded & (1 << index) != 0 {
+            return;
+        }
+        obj.forwarded |= 1 << index;
+        let Some(Some(data)) = obj.shards.get(index as usize) else {
+            return;
+        };
+        let data = data.clone();
+        let targets = self.wanting_children(s, &key);
+        if targets.is_empty() {
+            return;
+        }
+        let bytes = self.encode(Body::Shard(DpShard {
+            key: Some(key.to_proto()),
+            index,
+            data,
+        }));
+        for child in targets {
+            self.stats.shards_sent += 1;
+            self.enqueue(child, Class::Media { layer: key.layer }, bytes.clone());
+        }
+    }
+
+    fn forward_manifest(&mut self, key: ObjectKey) {
+        let s = stripe_of(&key, 0, self.config.stripes);
+        let Some(manifest) = self.objects.get(&key).and_then(|o| o.manifest.as_ref()) else {
+            return;
+        };
+        let body = Body::Manifest(manifest.proto.clone());
+        let targets = self.wanting_children(s, &key);
+        if targets.is_empty() {
+            return;
+        }
+        let bytes = self.encode(body);
+        for child in targets {
+            self.enqueue(child, Class::Media { layer: key.layer }, bytes.clone());
+        }
+    }
+
+    fn wanting_children(&self, s: u8, key: &ObjectKey) -> Vec<P> {
+        self.stripes[usize::from(s)]
+            .children
+            .iter()
+            .filter(|c| {
+                self.peers
+                    .get(c)
+                    .and_then(|p| p.subs.get(&s))
+                    .is_some_and(|subs| subs.contains(&(key.track, key.layer)))
+            })
+            .copied()
+            .collect()
+    }
+
+    fn note_rate(&mut self, now: Instant, bytes: usize) {
+        self.rate_window.1 += bytes as u64;
+        let elapsed = now.saturating_duration_since(self.rate_window.0);
+        if elapsed >= Duration::from_secs(1) {
+            // A slowly decaying peak: the capacity rule stays conservative through pauses
+            // and keyframe-free stretches.
+            let rate = self.rate_window.1 as f64 / elapsed.as_secs_f64();
+            self.rate_bytes = rate.max(self.rate_bytes * 0.95);
+            self.rate_window = (now, 0);
+        }
+    }
+
+    // ---- tree ---------------------------------------------------------------------------
+
+    /// Children this peer may have over all stripes: its upload capacity over the rate of one
+    /// stripe (measured, or `assumed_stream_kbps` before that), at most `max_children`.
+    pub fn max_children(&self) -> usize {
+        match self.config.upload_capacity_kbps {
+            None => self.config.max_children,
+            Some(0) => 0,
+            Some(capacity) => {
+                let stream_kbps = if self.rate_bytes > 0.0 {
+                    self.rate_bytes * 8.0 / 1000.0
+                } else {
+                    self.config.assumed_stream_kbps as f64
+                };
+                let stripe_kbps = (stream_kbps / f64::from(self.config.stripes)).max(1.0);
+                ((capacity as f64 * 0.9 / stripe_kbps) as usize).min(self.config.max_children)
+            }
+        }
+    }
+
+    fn total_children(&self) -> usize {
+        self.stripes.iter().map(|s| s.children.len()).sum()
+    }
+
+    fn spare_children(&self) -> usize {
+        self.stripes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.interior != Some(*i as u8))
+            .map(|(_, s)| s.children.len())
+            .sum()
+    }
+
+    fn can_forward(&self) -> bool {
+        self.config.upload_capacity_kbps != Some(0)
+    }
+
+    fn send_join(&mut self, s: u8, to: P) {
+        self.stats.joins_sent += 1;
+        let join = DpJoin {
+            stripe: u32::from(s),
+            interior: self.interior.map_or(-1, i32::from),
+            can_forward: self.can_forward(),
+            redirects: self.stripes[usize::from(s)].redirects,
+        };
+        self.enqueue_control(to, Body::Join(join));
+    }
+
+    /// Parents for every stripe, joins that timed out, silent parents, children beyond the
+    /// upload capacity.
+    fn maintain_tree(&mut self, now: Instant) {
+        if self.is_publisher() {
+            return;
+        }
+        // Over capacity (the measured rate grew): spare children go first, then the newest
+        // known; they rejoin elsewhere.
+        let max = self.max_children();
+        while self.total_children() > max {
+            let spare = self
+                .stripes
+                .iter()
+                .enumerate()
+                .filter(|(i, s)| self.interior != Some(*i as u8) && !s.children.is_empty())
+                .map(|(i, _)| i)
+                .next();
+            let si = spare.or(self.interior.map(usize::from)).unwrap_or(0);
+            let Some(child) = self.stripes[si].children.iter().next_back().copied() else {
+                break;
+            };
+            self.stripes[si].children.remove(&child);
+            if let Some(peer) = self.peers.get_mut(&child) {
+                peer.subs.remove(&(si as u8));
+            }
+            self.enqueue_control(child, Body::Leave(DpLeave { stripe: si as u32 }));
+            self.send_subscription(si as u8);
+        }
+        // The newest media from any parent: a stripe is silent only relative to it, so the
+        // end of the stream (or a pause) silences no one.
+        let newest_data = self
+            .stripes
+            .iter()
+            .filter(|s| s.parent.is_some())
+            .map(|s| s.last_data)
+            .max()
+            .unwrap_or(now);
+        for s in 0..self.config.stripes {
+            let si = usize::from(s);
+            let retry_after = self.config.join_timeout * 2;
+            self.stripes[si]
+                .refused
+                .retain(|_, at| now.saturating_duration_since(*at) < retry_after);
+            if let Some((peer, since, sent)) = self.stripes[si].joining {
+                let timeout = if sent {
+                    self.config.join_timeout
+                } else {
+                    self.config.join_timeout * 2
+                };
+                if now.saturating_duration_since(since) >= timeout {
+                    self.stripes[si].joining = None;
+                    self.stripes[si].refused.insert(peer, now);
+                    self.stripes[si].redirects = 0;
+                }
+            }
+            if let Some(parent) = self.stripes[si].parent
+                && newest_data.saturating_duration_since(self.stripes[si].last_data)
+                    >= self.config.parent_silence
+            {
+                // A parent that stopped forwarding while the stream flows: graft elsewhere.
+                self.enqueue_control(
+                    parent,
+                    Body::Leave(DpLeave {
+                        stripe: u32::from(s),
+                    }),
+                );
+                self.stripes[si].parent = None;
+                self.stripes[si].path.clear();
+                self.stripes[si].sent_subs = None;
+                self.stripes[si].refused.insert(parent, now);
+                self.stats.parent_changes += 1;
+                self.update_child_paths(s);
+            }
+            if self.stripes[si].parent.is_some()
+                || self.stripes[si].joining.is_some()
+                || now < self.stripes[si].next_join_at
+            {
+                continue;
+            }
+            let candidate = match self.stripes[si].next_candidate.take() {
+                Some(c) if !self.banned.contains(&c) => Some(c),
+                _ => {
+                    self.stripes[si].redirects = 0;
+                    self.pick_join_candidate(s)
+                }
+            };
+            let Some(candidate) = candidate else { continue };
+            if self.peers.contains_key(&candidate) {
+                self.stripes[si].joining = Some((candidate, now, true));
+                self.send_join(s, candidate);
+            } else {
+                self.stripes[si].joining = Some((candidate, now, false));
+            }
+        }
+    }
+
+    fn pick_join_candidate(&mut self, s: u8) -> Option<P> {
+        let si = usize::from(s);
+        if let Role::Viewer { publisher, .. } = self.role
+            && self.peers.contains_key(&publisher)
+            && !self.stripes[si].refused.contains_key(&publisher)
+        {
+            return Some(publisher);
+        }
+        let candidates: Vec<P> = self
+            .peers
+            .keys()
+            .filter(|p| !self.stripes[si].refused.contains_key(p))
+            .filter(|p| !self.stripes[si].children.contains(p))
+            .copied()
+            .collect();
+        if !candidates.is_empty() {
+            return self.pick(&candidates);
+        }
+        // Everyone refused lately: ask again the one refused longest ago (the backoff paces
+        // it), since a peer not attached a moment ago may be now.
+        let oldest = self.stripes[si]
+            .refused
+            .iter()
+            .filter(|(p, _)| self.peers.contains_key(p) && !self.stripes[si].children.contains(p))
+            .min_by_key(|(_, at)| **at)
+            .map(|(p, _)| *p);
+        if let Some(peer) = oldest {
+            self.stripes[si].refused.remove(&peer);
+        }
+        oldest
+    }
+
+    fn on_join(&mut self, now: Instant, from: P, join: DpJoin) {
+        let Ok(s) = u8::try_from(join.stripe) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        if s >= self.config.stripes || join.interior >= i32::from(self.config.stripes) {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        let si = usize::from(s);
+        let their_interior = u8::try_from(join.interior).ok();
+        let from_short = self.peers.get(&from).map_or(0, |p| p.short);
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.interior = their_interior;
+            peer.can_forward = join.can_forward;
+        }
+        if self.stripes[si].children.contains(&from) {
+            return self.accept_child(s, from);
+        }
+        if self.stripes[si].path.contains(&from_short) {
+            return self.refuse(s, from);
+        }
+        let attached = self.is_publisher() || self.stripes[si].parent.is_some();
+        if !attached {
+            // Not in this tree yet: one of our parents elsewhere is closer to the root.
+            let parents: Vec<P> = self
+                .stripes
+                .iter()
+                .filter_map(|st| st.parent)
+                .filter(|p| *p != from)
+                .collect();
+            return match self.pick(&parents) {
+                Some(parent) => self.redirect(s, from, parent),
+                None => self.refuse(s, from),
+            };
+        }
+        // A joiner that forwards in this stripe.
+        let capable = join.can_forward && their_interior == Some(s);
+        let forwards_here = self.is_publisher() || self.interior == Some(s);
+        let room = if self.is_publisher() {
+            self.stripes[si].children.len() < self.config.root_slots
+        } else {
+            forwards_here && self.total_children() < self.max_children()
+        };
+        // After a few redirects, spare capacity outside the interior stripe serves it (a
+        // stripe with too few forwarders, as with fewer viewers than stripes).
+        let spare = !self.is_publisher()
+            && !forwards_here
+            && join.redirects >= SPARE_AFTER_REDIRECTS
+            && self.can_forward()
+            && self.total_children() < self.max_children()
+            && self.spare_children() < MAX_SPARE_CHILDREN;
+        if room || spare {
+            return self.accept_child(s, from);
+        }
+        // Preempt a leaf child for a joiner that forwards here (SplitStream's push-down).
+        if capable && forwards_here {
+            let leaf = self.stripes[si]
+                .children
+                .iter()
+                .find(|c| self.peers.get(c).is_none_or(|p| p.interior != Some(s)))
+                .copied();
+            if let Some(leaf) = leaf {
+                self.stripes[si].children.remove(&leaf);
+                if let Some(peer) = self.peers.get_mut(&leaf) {
+                    peer.subs.remove(&s);
+                }
+                self.redirect(s, leaf, from);
+                self.accept_child(s, from);
+                self.send_subscription(s);
+                return;
+            }
+        }
+        // Push down to a child that forwards here, or else up to our parent.
+        let forwarders: Vec<P> = self.stripes[si]
+            .children
+            .iter()
+            .filter(|c| **c != from)
+            .filter(|c| self.peers.get(c).is_some_and(|p| p.interior == Some(s)))
+            .copied()
+            .collect();
+        let target = self
+            .pick(&forwarders)
+            .or_else(|| {
+                let children: Vec<P> = self.stripes[si]
+                    .children
+                    .iter()
+                    .filter(|c| **c != from)
+                    .copied()
+                    .collect();
+                if forwards_here {
+                    self.pick(&children)
+                } else {
+                    None
+                }
+            })
+            .or(self.stripes[si].parent);
+        match target {
+            Some(target) if target != from => self.redirect(s, from, target),
+            _ => self.refuse(s, from),
+        }
+    }
+
+    fn redirect(&mut self, s: u8, to: P, target: P) {
+        let info = self
+            .peers
+            .get(&target)
+            .map(|p| p.info.clone())
+            .unwrap_or_default();
+        self.enqueue_control(
+            to,
+            Body::Redirect(DpRedirect {
+                stripe: u32::from(s),
+                peer: target.to_bytes().into(),
+                info,
+            }),
+        );
+    }
+
+    fn refuse(&mut self, s: u8, to: P) {
+        self.enqueue_control(
+            to,
+            Body::Redirect(DpRedirect {
+                stripe: u32::from(s),
+                peer: Bytes::new(),
+                info: Bytes::new(),
+            }),
+        );
+    }
+
+    fn accept_child(&mut self, s: u8, child: P) {
+        let si = usize::from(s);
+        self.stripes[si].children.insert(child);
+        let path = self.stripes[si].path.clone();
+        self.enqueue_control(
+            child,
+            Body::Accept(DpAccept {
+                stripe: u32::from(s),
+                path,
+            }),
+        );
+    }
+
+    fn on_accept(&mut self, now: Instant, from: P, accept: DpAccept) {
+        let Ok(s) = u8::try_from(accept.stripe) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        if s >= self.config.stripes || accept.path.len() > 64 {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        if self.is_publisher() {
+            return;
+        }
+        let si = usize::from(s);
+        let expected = self.stripes[si].parent == Some(from)
+            || self.stripes[si].joining.is_some_and(|(p, _, _)| p == from);
+        if !expected || accept.path.contains(&self.me_short) {
+            // Stale, or a loop: end that edge.
+            return self.enqueue_control(
+                from,
+                Body::Leave(DpLeave {
+                    stripe: accept.stripe,
+                }),
+            );
+        }
+        let old = self.stripes[si].parent.replace(from);
+        if let Some(old) = old
+            && old != from
+        {
+            self.enqueue_control(
+                old,
+                Body::Leave(DpLeave {
+                    stripe: accept.stripe,
+                }),
+            );
+        }
+        if old != Some(from) {
+            self.stats.parent_changes += 1;
+            self.stripes[si].last_data = now;
+            self.stripes[si].sent_subs = None;
+        }
+        self.stripes[si].joining = None;
+        self.stripes[si].redirects = 0;
+        let mut path = accept.path;
+        path.push(self.me_short);
+        self.stripes[si].path = path;
+        self.update_child_paths(s);
+        self.send_subscription(s);
+    }
+
+    fn update_child_paths(&mut self, s: u8) {
+        let si = usize::from(s);
+        let children: Vec<P> = self.stripes[si].children.iter().copied().collect();
+        if self.stripes[si].path.is_empty() {
+            return;
+        }
+        let path = self.stripes[si].path.clone();
+        for child in children {
+            self.enqueue_control(
+                child,
+                Body::Accept(DpAccept {
+                    stripe: u32::from(s),
+                    path: path.clone(),
+                }),
+            );
+        }
+    }
+
+    fn on_redirect(&mut self, now: Instant, from: P, redirect: DpRedirect) {
+        let Ok(s) = u8::try_from(redirect.stripe) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        if s >= self.config.stripes {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        if self.is_publisher() {
+            return;
+        }
+        let si = usize::from(s);
+        let from_parent = self.stripes[si].parent == Some(from);
+        let from_target = self.stripes[si].joining.is_some_and(|(p, _, _)| p == from);
+        if !from_parent && !from_target {
+            return;
+        }
+        self.stats.redirects_received += 1;
+        if from_parent {
+            // Preempted: our parent made room for a forwarder and sends us to it.
+            self.stripes[si].parent = None;
+            self.stripes[si].path.clear();
+            self.stripes[si].sent_subs = None;
+            self.stats.parent_changes += 1;
+            self.update_child_paths(s);
+        }
+        self.stripes[si].joining = None;
+        self.stripes[si].redirects += 1;
+        let target = P::from_bytes(&redirect.peer).filter(|p| *p != self.me);
+        match target {
+            Some(target)
+                if self.stripes[si].redirects < RESTART_AFTER_REDIRECTS
+                    && !self.banned.contains(&target) =>
+            {
+                self.stripes[si].next_candidate = Some(target);
+                if !self.peers.contains_key(&target) {
+                    self.outputs.push_back(Output::Connect {
+                        peer: target,
+                        info: redirect.info,
+                    });
+                }
+            }
+            _ => {
+                // Refused, or too long a chain: start over after a random backoff.
+                self.stripes[si].refused.insert(from, now);
+                self.stripes[si].redirects = 0;
+                let backoff = JOIN_BACKOFF_MS + self.random() % JOIN_BACKOFF_MS;
+                self.stripes[si].next_join_at = now + Duration::from_millis(backoff);
+            }
+        }
+        self.maintain_tree(now);
+    }
+
+    fn on_leave(&mut self, now: Instant, from: P, leave: DpLeave) {
+        let Ok(s) = u8::try_from(leave.stripe) else {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        };
+        if s >= self.config.stripes {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        let si = usize::from(s);
+        if self.stripes[si].children.remove(&from) {
+            if let Some(peer) = self.peers.get_mut(&from) {
+                peer.subs.remove(&s);
+            }
+            self.send_subscription(s);
+        }
+        if self.stripes[si].parent == Some(from) {
+            self.stripes[si].parent = None;
+            self.stripes[si].path.clear();
+            self.stripes[si].sent_subs = None;
+            self.stats.parent_changes += 1;
+            self.update_child_paths(s);
+            self.maintain_tree(now);
+        }
+    }
+
+    fn on_subscribe(&mut self, from: P, sub: DpSubscribe) {
+        let Ok(s) = u8::try_from(sub.stripe) else {
+            return;
+        };
+        if s >= self.config.stripes || sub.layers.len() > 256 {
+            return;
+        }
+        if !self.stripes[usize::from(s)].children.contains(&from) {
+            return;
+        }
+        let layers: BTreeSet<(u32, u32)> = sub.layers.iter().map(|l| (l.track, l.layer)).collect();
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.subs.insert(s, layers);
+        }
+        self.send_subscription(s);
+    }
+
+    /// Sends our parent in `s` what we and our children in `s` want, if it changed.
+    fn send_subscription(&mut self, s: u8) {
+        if self.is_publisher() {
+            return;
+        }
+        let si = usize::from(s);
+        let Some(parent) = self.stripes[si].parent else {
+            return;
+        };
+        let mut wanted = self.subscription.clone();
+        for child in &self.stripes[si].children {
+            if let Some(subs) = self.peers.get(child).and_then(|p| p.subs.get(&s)) {
+                wanted.extend(subs.iter().copied());
+            }
+        }
+        if self.stripes[si].sent_subs.as_ref() == Some(&wanted) {
+            return;
+        }
+        let layers = wanted
+            .iter()
+            .map(|&(track, layer)| DpTrackLayer { track, layer })
+            .collect();
+        self.stripes[si].sent_subs = Some(wanted);
+        self.enqueue_control(
+            parent,
+            Body::Subscribe(DpSubscribe {
+                layers,
+                stripe: u32::from(s),
+            }),
+        );
+    }
+
+    // ---- repair -------------------------------------------------------------------------
+
+    fn on_have(&mut self, now: Instant, from: P, have: DpHave) {
+        if have.layers.len() > MAX_HAVE_LAYERS {
+            return self.misbehaved(now, from, Misbehaviour::Malformed);
+        }
+        let mut learned = Vec::new();
+        for layer in &have.layers {
+            let id = (layer.track, layer.layer);
+            if !self.subscription.contains(&id) {
+                continue;
+            }
+            // Frames the neighbour completed that we never saw a sign of, since we started.
+            let Some(&first) = self.first.get(&id) else {
+                continue;
+            };
+            let mut seqs = Vec::new();
+            if layer.latest_complete {
+                seqs.push(layer.latest);
+            }
+            for i in 0..64u64 {
+                if layer.complete & (1 << i) != 0
+                    && let Some(seq) = layer.latest.checked_sub(1 + i)
+                {
+                    seqs.push(seq);
+                }
+            }
+            for seq in seqs {
+                if seq >= first && !self.frames.contains_key(&(id.0, id.1, seq)) {
+                    learned.push(ObjectKey {
+                        track: id.0,
+                        layer: id.1,
+                        sequence: seq,
+                        fragment: 0,
+                    });
+                }
+            }
+        }
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.have = have
+                .layers
+                .into_iter()
+                .map(|l| ((l.track, l.layer), l))
+                .collect();
+        }
+        for key in learned {
+            if self.objects.len() < MAX_OBJECTS && !self.is_old(&key) {
+                self.repair_pending = true;
+                self.objects.entry(key).or_insert_with(|| Object::new(now));
+                self.frames.entry(key.frame()).or_default().first_seen = Some(now);
+            }
+        }
+    }
+
+    fn peer_has(&self, peer: &Peer, key: &ObjectKey) -> bool {
+        let Some(layer) = peer.have.get(&(key.track, key.layer)) else {
+            return false;
+        };
+        if key.sequence == layer.latest {
+            return layer.latest_complete;
+        }
+        layer
+            .latest
+            .checked_sub(key.sequence + 1)
+            .is_some_and(|i| i < 64 && layer.complete & (1 << i) != 0)
+    }
+
+    fn send_haves(&mut self) {
+        let mut per_layer: BTreeMap<(u32, u32), DpHaveLayer> = BTreeMap::new();
+        for (&(track, layer, seq), frame) in self.frames.iter().rev() {
+            let complete = frame.fragments > 0 && frame.complete >= frame.fragments;
+            let entry = per_layer.entry((track, layer)).or_insert(DpHaveLayer {
+                track,
+                layer,
+                latest: seq,
+                complete: 0,
+                latest_complete: complete,
+            });
+            if seq < entry.latest
+                && complete
+                && let Some(i) = (entry.latest - seq - 1)
+                    .try_into()
+                    .ok()
+                    .filter(|i: &u32| *i < 64)
+            {
+                entry.complete |= 1 << i;
+            }
+        }
+        if per_layer.is_empty() {
+            return;
+        }
+        let layers: Vec<DpHaveLayer> = per_layer.into_values().take(MAX_HAVE_LAYERS).collect();
+        let bytes = self.encode(Body::Have(DpHave { layers }));
+        let neighbours: BTreeSet<P> = self
+            .stripes
+            .iter()
+            .flat_map(|s| s.parent.iter().chain(s.children.iter()))
+            .copied()
+            .collect();
+        for peer in neighbours {
+            self.enqueue(peer, Class::Control, bytes.clone());
+        }
+    }
+
+    fn pull_missing(&mut self, now: Instant) {
+        if !self.repair_pending {
+            return;
+        }
+        let mut pulls = Vec::new();
+        let mut pending = false;
+        for (key, obj) in &mut self.objects {
+            if obj.complete.is_some() || obj.missed {
+                continue;
+            }
+            if !self.subscription.contains(&(key.track, key.layer)) {
+                continue;
+            }
+            pending = true;
+            let age = now.saturating_duration_since(obj.first_seen);
+            if age >= self.config.deadline {
+                obj.missed = true;
+                self.stats.objects_missed += 1;
+                continue;
+            }
+            if age < self.config.repair_delay
+                || obj
+                    .last_pull
+                    .is_some_and(|at| now.saturating_duration_since(at) < self.config.pull_retry)
+            {
+                continue;
+            }
+            let (want_manifest, shards) = match &obj.manifest {
+                // Every shard but those held (unverified) yet.
+                None => (
+                    true,
+                    obj.unverified
+                        .iter()
+                        .fold(u64::MAX, |bits, (_, i, _)| bits & !(1u64 << (i % 64))),
+                ),
+                Some(m) => {
+                    let need = m.layout.data.saturating_sub(obj.received);
+                    let mut bits = 0u64;
+                    let mut picked = 0;
+                    for (i, shard) in obj.shards.iter().enumerate() {
+                        if picked > need {
+                            break;
+                        }
+                        if shard.is_none() {
+                            bits |= 1 << i;
+                            picked += 1;
+                        }
+                    }
+                    (false, bits)
+                }
+            };
+            obj.last_pull = Some(now);
+            pulls.push((*key, want_manifest, shards));
+        }
+        self.repair_pending = pending;
+        for (key, manifest, shards) in pulls {
+            // A neighbour that announced the frame; else a parent (it is upstream).
+            let holders: Vec<P> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| self.peer_has(p, &key))
+                .map(|(id, _)| *id)
+                .collect();
+            let parents: Vec<P> = self.stripes.iter().filter_map(|s| s.parent).collect();
+            let target = self.pick(&holders).or_else(|| self.pick(&parents));
+            let Some(target) = target else { continue };
+            self.stats.pulls_sent += 1;
+            self.enqueue_control(
+                target,
+                Body::Pull(DpPull {
+                    key: Some(key.to_proto()),
+                    shards,
+                    manifest,
+                }),
+            );
+        }
+    }
+
+    fn on_pull(&mut self, from: P, pull: DpPull) {
+        let Some(key) = pull.key.as_ref().map(ObjectKey::from_proto) else {
+            return;
+        };
+        let Some(obj) = self.objects.get(&key) else {
+            return;
+        };
+        let Some(manifest) = &obj.manifest else {
+            return;
+        };
+        let layout = manifest.layout;
+        let manifest_proto = manifest.proto.clone();
+        // Bit i asks for shard i; the bits not set are shards the puller holds, so only as
+        // many as complete `data` are sent (data shards first). 0 asks for the data shards.
+        let (wanted, needed) = if pull.shards == 0 {
+            ((0..layout.data).collect::<Vec<usize>>(), layout.data)
+        } else {
+            let wanted: Vec<usize> = (0..layout.total())
+                .filter(|i| pull.shards & (1 << i) != 0)
+                .collect();
+            let held = layout.total() - wanted.len();
+            (wanted, layout.data.saturating_sub(held))
+        };
+        let wanted: Vec<usize> = wanted.into_iter().take(needed).collect();
+        let shards: Vec<Option<Bytes>> = match &obj.complete {
+            Some(object) => match fec::encode(object, &layout) {
+                Ok(all) => all.into_iter().map(Some).collect(),
+                Err(_) => return,
+            },
+            None => obj.shards.clone(),
+        };
+        self.stats.pulls_served += 1;
+        if pull.manifest {
+            let bytes = self.encode(Body::Manifest(manifest_proto));
+            self.enqueue(from, Class::Media { layer: key.layer }, bytes);
+        }
+        for i in wanted {
+            if let Some(Some(data)) = shards.get(i) {
+                let bytes = self.encode(Body::Shard(DpShard {
+                    key: Some(key.to_proto()),
+                    index: i as u32,
+                    data: data.clone(),
+                }));
+                self.stats.shards_sent += 1;
+                self.enqueue(from, Class::Media { layer: key.layer }, bytes);
+            }
+        }
+    }
+
+    // ---- feedback -----------------------------------------------------------------------
+
+    fn forward_keyframe(&mut self, now: Instant, track: u32, layer: u32) {
+        if self
+            .last_keyframe
+            .get(&(track, layer))
+            .is_some_and(|at| now.saturating_duration_since(*at) < self.config.keyframe_coalesce)
+        {
+            return;
+        }
+        self.last_keyframe.insert((track, layer), now);
+        if self.is_publisher() {
+            self.outputs
+                .push_back(Output::KeyframeRequest { track, layer });
+        } else if let Some(parent) = self.stripes[usize::from(FEEDBACK_STRIPE)].parent {
+            self.enqueue_control(parent, Body::Keyframe(DpKeyframe { track, layer }));
+        }
+    }
+
+    fn send_report(&mut self, now: Instant) {
+        let fresh = self.config.report_interval * 3;
+        let mut summary = self
+            .own_report
+            .as_ref()
+            .map(Summary::from_local)
+            .unwrap_or_default();
+        for child in &self.stripes[usize::from(FEEDBACK_STRIPE)].children {
+            if let Some((at, report)) = self.peers.get(child).and_then(|p| p.report.as_ref())
+                && now.saturating_duration_since(*at) < fresh
+            {
+                summary.merge(report);
+            }
+        }
+        if self.is_publisher() {
+            self.outputs.push_back(Output::Audience(summary));
+        } else if let Some(parent) = self.stripes[usize::from(FEEDBACK_STRIPE)].parent
+            && summary.viewers > 0
+        {
+            self.enqueue_control(parent, Body::Report(summary.to_proto()));
+        }
+    }
+
+    // ---- timers and output ----------------------------------------------------------------
+
+    /// Runs the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        self.maintain_tree(now);
+        if now >= self.next_have {
+            self.next_have = now + self.config.have_interval;
+            self.send_haves();
+        }
+        if now >= self.next_report {
+            self.next_report = now + self.config.report_interval;
+            self.send_report(now);
+        }
+        if !self.is_publisher() {
+            self.pull_missing(now);
+        }
+        self.expire(now);
+    }
+
+    fn expire(&mut self, now: Instant) {
+        if now < self.next_expire {
+            return;
+        }
+        self.next_expire = now + Duration::from_millis(250);
+        let retain = self.config.retain;
+        self.objects
+            .retain(|_, o| now.saturating_duration_since(o.first_seen) < retain);
+        self.frames.retain(|_, f| {
+            f.first_seen
+                .is_none_or(|at| now.saturating_duration_since(at) < retain)
+        });
+    }
+
+    /// When [`DataPlane::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut next = self.next_have.min(self.next_report).min(self.next_expire);
+        if self.repair_pending && !self.is_publisher() {
+            next = next.min(self.last_now + Duration::from_millis(20));
+        }
+        let joining = self.stripes.iter().any(|s| s.parent.is_none());
+        if joining && !self.is_publisher() {
+            next = next.min(self.last_now + Duration::from_millis(100));
+        }
+        next
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output<P>> {
+        self.outputs.pop_front()
+    }
+
+    /// The next message for `peer`, if any and if the upload capacity allows it now.
+    pub fn poll_transmit(&mut self, now: Instant, peer: P) -> Option<Bytes> {
+        let len = self.peers.get(&peer)?.queue.front_len()?;
+        if let Some(capacity) = self.config.upload_capacity_kbps.filter(|c| *c > 0) {
+            let rate = capacity as f64 * 1000.0 / 8.0;
+            let elapsed = now.saturating_duration_since(self.tokens_at).as_secs_f64();
+            let burst = (rate * 0.2).max(64.0 * 1024.0);
+            self.tokens = (self.tokens + elapsed * rate).min(burst);
+            self.tokens_at = now;
+            if self.tokens < len as f64 && self.tokens < burst {
+                return None;
+            }
+            self.tokens -= len as f64;
+        } else {
+            self.tokens_at = now;
+        }
+        self.peers.get_mut(&peer)?.queue.pop()
+    }
+
+    /// Peers with queued messages.
+    pub fn peers_with_data(&self) -> Vec<P> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !p.queue.is_empty())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Connected peers known to the data plane.
+    pub fn peers(&self) -> impl Iterator<Item = &P> {
+        self.peers.keys()
+    }
+
+    /// Whether `peer` is a parent or child in some stripe (a connection worth keeping).
+    pub fn is_tree_neighbour(&self, peer: &P) -> bool {
+        self.stripes
+            .iter()
+            .any(|s| s.parent.as_ref() == Some(peer) || s.children.contains(peer))
+    }
+
+    pub fn parent(&self, stripe: u8) -> Option<P> {
+        self.stripes.get(usize::from(stripe)).and_then(|s| s.parent)
+    }
+
+    pub fn children(&self, stripe: u8) -> impl Iterator<Item = &P> {
+        self.stripes
+            .get(usize::from(stripe))
+            .into_iter()
+            .flat_map(|s| s.children.iter())
+    }
+
+    /// One line per stripe: parent, join in progress, children (for logs and test failures).
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.stripes.iter().enumerate() {
+            out.push_str(&format!(
+                "stripe {i}: parent {:?} joining {:?} next {:?} redirects {} refused {} children {}\n",
+                s.parent,
+                s.joining.map(|(p, _, sent)| (p, sent)),
+                s.next_candidate,
+                s.redirects,
+                s.refused.len(),
+                s.children.len()
+            ));
+        }
+        out
+    }
+
+    pub fn stats(&self) -> DataPlaneStats {
+        let mut stats = self.stats.clone();
+        stats.parents = self.stripes.iter().filter(|s| s.parent.is_some()).count();
+        stats.children = self.total_children();
+        stats.interior_stripe = self.interior;
+        stats.peers = self.peers.len();
+        stats.shed = self.peers.values().map(|p| p.queue.shed).sum::<u64>() + self.stats.shed;
+        stats.depth = self.stripes.iter().map(|s| s.path.len()).max().unwrap_or(0);
+        stats
+    }
+
+    fn encode(&self, body: Body) -> Bytes {
+        DpMessage {
+            stream: self.tag,
+            body: Some(body),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    fn enqueue_control(&mut self, to: P, body: Body) {
+        let bytes = self.encode(body);
+        self.enqueue(to, Class::Control, bytes);
+    }
+
+    fn enqueue(&mut self, to: P, class: Class, bytes: Bytes) {
+        let max = self.config.queue_bytes;
+        if let Some(peer) = self.peers.get_mut(&to) {
+            peer.queue.push(class, bytes, max);
+        }
+    }
+}
+
+/// The fragment count of an encoded `Fragment` envelope (`None` if it is not one).
+fn fragment_count(object: &[u8]) -> Option<u32> {
+    match crate::proto::Envelope::decode(object).ok()?.body? {
+        crate::proto::envelope::Body::Fragment(f) => Some(f.count.max(1)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

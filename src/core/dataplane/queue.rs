@@ -1,0 +1,95 @@
+//! A bounded per-peer send queue. Control messages are never shed; when media exceeds the
+//! byte bound, the highest layer's oldest message goes first, so one slow peer costs only its
+//! own queue and the base layer survives longest.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+/// Priority class of a queued message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Tree maintenance, pulls, reports: small, never shed.
+    Control,
+    /// Media of `layer` (0 = base).
+    Media { layer: u32 },
+}
+
+#[derive(Debug, Default)]
+pub struct SendQueue {
+    items: VecDeque<(Class, Bytes)>,
+    bytes: usize,
+    /// Media messages shed because the queue was full.
+    pub shed: u64,
+}
+
+impl SendQueue {
+    /// Queues `message`; sheds media beyond `max_bytes`. Returns the messages shed.
+    pub fn push(&mut self, class: Class, message: Bytes, max_bytes: usize) -> u64 {
+        self.bytes += message.len();
+        self.items.push_back((class, message));
+        let mut shed = 0;
+        while self.bytes > max_bytes {
+            // The highest layer, oldest first.
+            let victim = self
+                .items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (class, _))| match class {
+                    Class::Media { layer } => Some((i, *layer)),
+                    Class::Control => None,
+                })
+                .max_by_key(|&(i, layer)| (layer, std::cmp::Reverse(i)));
+            let Some((index, _)) = victim else { break };
+            if let Some((_, message)) = self.items.remove(index) {
+                self.bytes -= message.len();
+                shed += 1;
+            }
+        }
+        self.shed += shed;
+        shed
+    }
+
+    pub fn pop(&mut self) -> Option<Bytes> {
+        let (_, message) = self.items.pop_front()?;
+        self.bytes -= message.len();
+        Some(message)
+    }
+
+    pub fn front_len(&self) -> Option<usize> {
+        self.items.front().map(|(_, m)| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sheds_highest_layer_oldest_first_and_never_control() {
+        let mut q = SendQueue::default();
+        let m = |n: u8| Bytes::from(vec![n; 100]);
+        q.push(Class::Control, m(0), 350);
+        q.push(Class::Media { layer: 0 }, m(1), 350);
+        q.push(Class::Media { layer: 1 }, m(2), 350);
+        q.push(Class::Media { layer: 1 }, m(3), 350);
+        assert_eq!(q.shed, 1);
+        assert_eq!(q.bytes(), 300);
+        let order: Vec<u8> = std::iter::from_fn(|| q.pop()).map(|b| b[0]).collect();
+        // Message 2 (layer 1, oldest) went.
+        assert_eq!(order, vec![0, 1, 3]);
+        // Control alone over the bound stays.
+        let mut q = SendQueue::default();
+        q.push(Class::Control, m(0), 50);
+        assert_eq!(q.shed, 0);
+        assert_eq!(q.pop().unwrap()[0], 0);
+    }
+}

@@ -1,0 +1,781 @@
+//! The data plane driven by an in-memory network with a virtual clock: 1 ms ticks, a fixed
+//! one-way delay, optional loss and tampering hooks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::*;
+
+const PUBLISHER: u32 = 0;
+const TICK: Duration = Duration::from_millis(1);
+
+type Tamper = Box<dyn FnMut(u32, u32, &mut Vec<u8>) -> bool>;
+
+struct Net {
+    now: Instant,
+    start: Instant,
+    signing: SigningKey,
+    nodes: BTreeMap<u32, DataPlane<u32>>,
+    links: BTreeSet<(u32, u32)>,
+    inflight: Vec<(Instant, u32, u32, Bytes)>,
+    delay: Duration,
+    /// Per-peer share of received messages dropped.
+    loss: HashMap<u32, f64>,
+    rng: u64,
+    delivered: HashMap<u32, BTreeMap<ObjectKey, Bytes>>,
+    published: BTreeMap<ObjectKey, (Instant, Bytes)>,
+    up: HashMap<u32, u64>,
+    down: HashMap<u32, u64>,
+    /// Messages per (receiver, kind).
+    received_reports: HashMap<u32, u64>,
+    /// Bytes received per (receiver, message kind).
+    down_kind: HashMap<(u32, &'static str), u64>,
+    audience: Option<Summary>,
+    keyframes: u64,
+    disconnected: Vec<(u32, u32, Misbehaviour)>,
+    tamper: Option<Tamper>,
+    sequence: u64,
+}
+
+impl Net {
+    fn new(config: DataPlaneConfig) -> Net {
+        let now = Instant::now();
+        let signing = SigningKey::from_bytes(&[7u8; 32]);
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            PUBLISHER,
+            DataPlane::new(
+                now,
+                "test",
+                PUBLISHER,
+                Role::Publisher {
+                    key: signing.clone(),
+                },
+                config,
+            ),
+        );
+        Net {
+            now,
+            start: now,
+            signing,
+            nodes,
+            links: BTreeSet::new(),
+            inflight: Vec::new(),
+            delay: Duration::from_millis(5),
+            loss: HashMap::new(),
+            rng: 0x9e37_79b9_7f4a_7c15,
+            delivered: HashMap::new(),
+            published: BTreeMap::new(),
+            up: HashMap::new(),
+            down: HashMap::new(),
+            received_reports: HashMap::new(),
+            down_kind: HashMap::new(),
+            audience: None,
+            keyframes: 0,
+            disconnected: Vec::new(),
+            tamper: None,
+            sequence: 0,
+        }
+    }
+
+    fn rand(&mut self) -> f64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn add_viewer(&mut self, id: u32, config: DataPlaneConfig, bootstrap: &[u32]) {
+        let mut plane = DataPlane::new(
+            self.now,
+            "test",
+            id,
+            Role::Viewer {
+                publisher: PUBLISHER,
+                key: self.signing.verifying_key(),
+            },
+            DataPlaneConfig {
+                seed: u64::from(id),
+                ..config
+            },
+        );
+        plane.set_subscription(BTreeSet::from([(0, 0)]));
+        self.nodes.insert(id, plane);
+        for &b in bootstrap {
+            self.connect(id, b);
+        }
+    }
+
+    fn connect(&mut self, a: u32, b: u32) {
+        if a == b || !self.nodes.contains_key(&a) || !self.nodes.contains_key(&b) {
+            return;
+        }
+        if self.links.insert((a.min(b), a.max(b))) {
+            let now = self.now;
+            self.nodes
+                .get_mut(&a)
+                .unwrap()
+                .handle_peer_up(now, b, Bytes::new());
+            self.nodes
+                .get_mut(&b)
+                .unwrap()
+                .handle_peer_up(now, a, Bytes::new());
+        }
+    }
+
+    fn disconnect(&mut self, a: u32, b: u32) {
+        if self.links.remove(&(a.min(b), a.max(b))) {
+            let now = self.now;
+            if let Some(n) = self.nodes.get_mut(&a) {
+                n.handle_peer_down(now, b);
+            }
+            if let Some(n) = self.nodes.get_mut(&b) {
+                n.handle_peer_down(now, a);
+            }
+        }
+    }
+
+    fn kill(&mut self, id: u32) {
+        let peers: Vec<u32> = self
+            .links
+            .iter()
+            .filter(|(a, b)| *a == id || *b == id)
+            .map(|&(a, b)| if a == id { b } else { a })
+            .collect();
+        for p in peers {
+            self.disconnect(id, p);
+        }
+        self.nodes.remove(&id);
+    }
+
+    fn publish(&mut self, size: usize) {
+        let seq = self.sequence;
+        self.sequence += 1;
+        let key = ObjectKey {
+            track: 0,
+            layer: 0,
+            sequence: seq,
+            fragment: 0,
+        };
+        let object: Bytes = (0..size)
+            .map(|i| (i as u64 * 31 + seq * 7) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        self.published.insert(key, (self.now, object.clone()));
+        let now = self.now;
+        self.nodes
+            .get_mut(&PUBLISHER)
+            .unwrap()
+            .publish(now, 42, key, object);
+    }
+
+    /// Runs `duration` of virtual time, publishing a `size`-byte object every `every` (if any).
+    fn run(&mut self, duration: Duration, every: Option<(Duration, usize)>) {
+        let end = self.now + duration;
+        let mut next_publish = self.now;
+        while self.now < end {
+            if let Some((interval, size)) = every
+                && self.now >= next_publish
+            {
+                self.publish(size);
+                next_publish += interval;
+            }
+            self.tick();
+            self.now += TICK;
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now;
+        // Arrivals.
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.inflight)
+            .into_iter()
+            .partition(|m| m.0 <= now);
+        self.inflight = later;
+        for (_, from, to, bytes) in due {
+            if !self.links.contains(&(from.min(to), from.max(to))) {
+                continue;
+            }
+            let loss = self.loss.get(&to).copied().unwrap_or(0.0);
+            if loss > 0.0 && self.rand() < loss {
+                continue;
+            }
+            *self.down.entry(to).or_default() += bytes.len() as u64;
+            if let Ok(m) = DpMessage::decode(&bytes[..]) {
+                if matches!(m.body, Some(Body::Report(_))) {
+                    *self.received_reports.entry(to).or_default() += 1;
+                }
+                let kind = match m.body {
+                    Some(Body::Shard(_)) => "shard",
+                    Some(Body::Manifest(_)) => "manifest",
+                    Some(Body::Have(_)) => "have",
+                    Some(Body::Accept(_)) => "accept",
+                    Some(Body::Join(_)) => "join",
+                    Some(Body::Redirect(_)) => "redirect",
+                    Some(Body::Subscribe(_)) => "subscribe",
+                    Some(Body::Pull(_)) => "pull",
+                    _ => "other",
+                };
+                *self.down_kind.entry((to, kind)).or_default() += bytes.len() as u64;
+            }
+            if let Some(node) = self.nodes.get_mut(&to) {
+                node.handle_message(now, from, &bytes);
+            }
+        }
+        let ids: Vec<u32> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let node = self.nodes.get_mut(&id).unwrap();
+            if node.poll_timeout() <= now {
+                node.handle_timeout(now);
+            }
+            let mut sends = Vec::new();
+            for peer in node.peers_with_data() {
+                while let Some(bytes) = node.poll_transmit(now, peer) {
+                    sends.push((peer, bytes));
+                }
+            }
+            let mut outputs = Vec::new();
+            while let Some(o) = node.poll_output() {
+                outputs.push(o);
+            }
+            for (peer, bytes) in sends {
+                *self.up.entry(id).or_default() += bytes.len() as u64;
+                let bytes = match &mut self.tamper {
+                    Some(tamper) => {
+                        let mut raw = bytes.to_vec();
+                        if !tamper(id, peer, &mut raw) {
+                            continue;
+                        }
+                        Bytes::from(raw)
+                    }
+                    None => bytes,
+                };
+                self.inflight.push((now + self.delay, id, peer, bytes));
+            }
+            for o in outputs {
+                match o {
+                    Output::Deliver { key, object, .. } => {
+                        self.delivered.entry(id).or_default().insert(key, object);
+                    }
+                    Output::Connect { peer, .. } => self.connect(id, peer),
+                    Output::Disconnect { peer, reason } => {
+                        self.disconnected.push((id, peer, reason));
+                        self.disconnect(id, peer);
+                    }
+                    Output::Audience(summary) => self.audience = Some(summary),
+                    Output::KeyframeRequest { .. } => self.keyframes += 1,
+                }
+            }
+        }
+    }
+
+    /// Objects published in `[from, to)` (virtual time since start) that `viewer` got intact.
+    fn delivery(&self, viewer: u32, from: Duration, to: Duration) -> (usize, usize) {
+        let window: Vec<(&ObjectKey, &Bytes)> = self
+            .published
+            .iter()
+            .filter(|(_, (at, _))| {
+                let t = at.duration_since(self.start);
+                t >= from && t < to
+            })
+            .map(|(k, (_, b))| (k, b))
+            .collect();
+        let got = self.delivered.get(&viewer);
+        let ok = window
+            .iter()
+            .filter(|(k, b)| got.and_then(|g| g.get(k)) == Some(b))
+            .count();
+        (ok, window.len())
+    }
+
+    /// Every delivered object equals the published one.
+    fn assert_all_intact(&self) {
+        for (viewer, objects) in &self.delivered {
+            for (key, object) in objects {
+                assert_eq!(
+                    Some(object),
+                    self.published.get(key).map(|(_, b)| b),
+                    "viewer {viewer} got an altered {key:?}"
+                );
+            }
+        }
+    }
+}
+
+fn viewers(net: &mut Net, count: u32, config: &DataPlaneConfig) {
+    for id in 1..=count {
+        // Each viewer knows two earlier peers (the first one knows the publisher).
+        let a = if id == 1 { PUBLISHER } else { (id * 7919) % id };
+        let b = (id * 104_729 + 3) % id;
+        net.add_viewer(id, config.clone(), &[a, b]);
+        net.run(Duration::from_millis(20), None);
+    }
+}
+
+const FRAME: Duration = Duration::from_millis(33);
+
+#[test]
+fn every_viewer_gets_every_object_at_about_one_copy() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 40, &config);
+    net.run(Duration::from_secs(3), None);
+    // 12.5 kB frames: 3 Mbit/s at 30 frames/s.
+    net.up.clear();
+    net.down.clear();
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    let published: u64 = net
+        .published
+        .values()
+        .filter(|(at, _)| {
+            let t = at.duration_since(net.start);
+            t >= t0 && t < t1
+        })
+        .map(|(_, b)| b.len() as u64)
+        .sum();
+    for id in 1..=40 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert_eq!(ok, all, "viewer {id}: {ok} of {all}");
+        let down = net.down[&id] as f64 / published as f64;
+        assert!(
+            down < 1.2,
+            "viewer {id} downloads {down:.3}× the stream: {:?} {:?}",
+            net.nodes[&id].stats(),
+            net.down_kind
+                .iter()
+                .filter(|((i, _), _)| *i == id)
+                .collect::<Vec<_>>()
+        );
+    }
+    let publisher_up = net.up[&PUBLISHER] as f64 / published as f64;
+    assert!(publisher_up < 1.3, "publisher uploads {publisher_up:.2}×");
+    let viewer_up: f64 = (1..=40)
+        .map(|id| net.up.get(&id).copied().unwrap_or(0) as f64)
+        .sum::<f64>()
+        / 40.0
+        / published as f64;
+    assert!(viewer_up < 1.3, "mean viewer upload {viewer_up:.2}×");
+    net.assert_all_intact();
+    // Every viewer forwards in at most one stripe (40 viewers, 16 stripes: enough of them).
+    let interior_counts = (1..=40)
+        .filter(|id| net.nodes[id].stats().interior_stripe.is_some())
+        .count();
+    assert!(interior_counts >= 16, "{interior_counts} forwarders");
+}
+
+#[test]
+fn tree_repairs_itself_after_an_interior_viewer_dies() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 30, &config);
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    // The viewer with the most children.
+    let victim = (1..=30)
+        .max_by_key(|id| net.nodes[id].stats().children)
+        .unwrap();
+    assert!(net.nodes[&victim].stats().children > 1);
+    let kill_at = net.now.duration_since(net.start);
+    net.kill(victim);
+    net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
+    let end = net.now.duration_since(net.start) - Duration::from_secs(1);
+    net.run(Duration::from_secs(2), None);
+    for id in (1..=30).filter(|id| *id != victim) {
+        // Everything after a short gap (the 1.5 s deadline covers the repair) arrives.
+        let (ok, all) = net.delivery(id, kill_at, end);
+        assert!(ok + 2 >= all, "viewer {id}: {ok} of {all} after the kill");
+        assert_eq!(
+            net.nodes[&id].stats().parents,
+            16,
+            "viewer {id} lacks parents:\n{}",
+            net.nodes[&id].describe()
+        );
+    }
+}
+
+#[test]
+fn a_stripe_lost_entirely_is_rebuilt_from_parity() {
+    // Parents are not replaced for silence here: parity alone must do it.
+    let config = DataPlaneConfig {
+        parent_silence: Duration::from_secs(60),
+        ..DataPlaneConfig::default()
+    };
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 20, &config);
+    net.run(Duration::from_secs(2), None);
+    // Every shard of stripe 3 vanishes everywhere, and no pulls either (so parity alone works).
+    net.tamper = Some(Box::new(|_, _, raw: &mut Vec<u8>| {
+        let Ok(m) = DpMessage::decode(&raw[..]) else {
+            return true;
+        };
+        match m.body {
+            Some(Body::Shard(s)) => {
+                let key = ObjectKey::from_proto(s.key.as_ref().unwrap());
+                stripe_of(&key, s.index, 16) != 3
+            }
+            Some(Body::Pull(_)) => false,
+            _ => true,
+        }
+    }));
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    for id in 1..=20 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert_eq!(ok, all, "viewer {id}");
+        assert!(net.nodes[&id].stats().objects_rebuilt > 0);
+    }
+}
+
+#[test]
+fn a_receive_only_viewer_forwards_nothing_and_plays() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 12, &config);
+    let phone = DataPlaneConfig {
+        upload_capacity_kbps: Some(0),
+        ..config.clone()
+    };
+    // Known first by everyone's bootstrap, so it is asked to forward if it could.
+    net.add_viewer(100, phone, &[PUBLISHER, 1, 2, 3]);
+    for id in 13..=20 {
+        net.add_viewer(id, config.clone(), &[100]);
+    }
+    net.run(Duration::from_secs(2), None);
+    let t0 = net.now.duration_since(net.start);
+    net.up.remove(&100);
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    let (ok, all) = net.delivery(100, t0, t1);
+    assert_eq!(ok, all);
+    assert_eq!(net.nodes[&100].stats().children, 0);
+    // Its upload is control only (joins, haves, reports): well under 1% of the stream.
+    let published: u64 = net.published.values().map(|(_, b)| b.len() as u64).sum();
+    let up = net.up.get(&100).copied().unwrap_or(0) as f64;
+    assert!(up < 0.02 * published as f64, "uploaded {up} bytes");
+    for id in 13..=20 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        let missing: Vec<u64> = net
+            .published
+            .keys()
+            .filter(|k| !net.delivered[&id].contains_key(k))
+            .map(|k| k.sequence)
+            .collect();
+        assert_eq!(
+            ok,
+            all,
+            "viewer {id} behind the phone {:?} {missing:?}",
+            net.nodes[&id].stats()
+        );
+    }
+}
+
+#[test]
+fn upload_capacity_bounds_children_and_rate() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    // 1 Mbit/s up for a 3 Mbit/s stream: about 4 stripes' worth.
+    let limited = DataPlaneConfig {
+        upload_capacity_kbps: Some(1000),
+        assumed_stream_kbps: 3000,
+        ..config.clone()
+    };
+    for id in 1..=24 {
+        let c = if id % 2 == 0 {
+            limited.clone()
+        } else {
+            config.clone()
+        };
+        let a = if id == 1 { PUBLISHER } else { (id * 7919) % id };
+        net.add_viewer(id, c, &[a, PUBLISHER]);
+        net.run(Duration::from_millis(20), None);
+    }
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    net.up.clear();
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    for id in (2..=24).step_by(2) {
+        let kbps = net.up.get(&id).copied().unwrap_or(0) as f64 * 8.0 / 6.0 / 1000.0;
+        assert!(kbps <= 1000.0, "viewer {id} sent {kbps:.0} kbit/s");
+        assert!(
+            net.nodes[&id].stats().children <= 4,
+            "{} children, max {} rate {}",
+            net.nodes[&id].stats().children,
+            net.nodes[&id].max_children(),
+            net.nodes[&id].rate_bytes
+        );
+    }
+    for id in 1..=24 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert!(ok * 1000 >= all * 999, "viewer {id}: {ok} of {all}");
+    }
+}
+
+#[test]
+fn loss_is_repaired_by_parity_and_pulls() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 30, &config);
+    net.run(Duration::from_secs(2), None);
+    for id in 1..=30 {
+        net.loss.insert(id, 0.05);
+    }
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(5), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    let (mut ok, mut all) = (0, 0);
+    for id in 1..=30 {
+        let (o, a) = net.delivery(id, t0, t1);
+        ok += o;
+        all += a;
+    }
+    assert!(ok * 1000 >= all * 999, "{ok} of {all} with 5% loss");
+    assert!((1..=30).any(|id| net.nodes[&id].stats().pulls_sent > 0));
+}
+
+/// A relay that flips a byte of every shard it forwards.
+#[test]
+fn a_relay_that_alters_shards_is_banned_and_nothing_altered_plays() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 20, &config);
+    net.run(Duration::from_secs(1), Some((FRAME, 12_500)));
+    let bad = (1..=20)
+        .max_by_key(|id| net.nodes[id].stats().children)
+        .unwrap();
+    net.tamper = Some(Box::new(move |from, _, raw: &mut Vec<u8>| {
+        if from == bad
+            && let Ok(mut m) = DpMessage::decode(&raw[..])
+            && let Some(Body::Shard(s)) = &mut m.body
+        {
+            let mut data = s.data.to_vec();
+            data[0] ^= 0xff;
+            s.data = data.into();
+            *raw = m.encode_to_vec();
+        }
+        true
+    }));
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    net.assert_all_intact();
+    assert!(
+        net.disconnected
+            .iter()
+            .any(|(_, p, r)| *p == bad && *r == Misbehaviour::AlteredShard)
+    );
+    // No one keeps it as a neighbour.
+    for (id, node) in &net.nodes {
+        if *id != bad && *id != PUBLISHER {
+            assert!(node.peers().all(|p| *p != bad), "{id} still talks to {bad}");
+        }
+    }
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    for id in (1..=20).filter(|id| *id != bad) {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert_eq!(ok, all, "viewer {id} after the ban");
+    }
+}
+
+/// A relay that sends a manifest signed by another key (a forged object) to its neighbours.
+#[test]
+fn a_forged_manifest_is_refused_and_its_sender_banned() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 10, &config);
+    net.run(Duration::from_secs(1), Some((FRAME, 4000)));
+    let forger = 5;
+    let mut fake = DataPlane::new(
+        net.now,
+        "test",
+        forger,
+        Role::Publisher {
+            key: SigningKey::from_bytes(&[9u8; 32]),
+        },
+        config.clone(),
+    );
+    let neighbours: Vec<u32> = net.nodes[&forger].peers().copied().collect();
+    for &n in &neighbours {
+        fake.handle_peer_up(net.now, n, Bytes::new());
+        let child = net.nodes.get_mut(&n).unwrap();
+        // The fake publisher's children: everyone it knows, so it pushes to them.
+        let _ = child;
+    }
+    let key = ObjectKey {
+        track: 0,
+        layer: 0,
+        sequence: 1_000_000,
+        fragment: 0,
+    };
+    // Encode what the fake would send: its manifest, straight to the neighbours.
+    let layout = Layout::for_object(4000, 16, 1100);
+    let object = Bytes::from(vec![0xAB; 4000]);
+    let shards = fec::encode(&object, &layout).unwrap();
+    let digests: Vec<u8> = shards.iter().flat_map(|s| auth::digest(s)).collect();
+    let signed = auth::signed_bytes(
+        stream_tag("test"),
+        42,
+        &key,
+        4000,
+        layout.data as u32,
+        layout.parity as u32,
+        1,
+        &digests,
+    );
+    let manifest = DpManifest {
+        epoch: 42,
+        key: Some(key.to_proto()),
+        length: 4000,
+        data_shards: layout.data as u32,
+        parity_shards: layout.parity as u32,
+        fragments: 1,
+        digests: digests.into(),
+        signature: auth::sign(&SigningKey::from_bytes(&[9u8; 32]), &signed)
+            .to_vec()
+            .into(),
+    };
+    let bytes = fake.encode(Body::Manifest(manifest));
+    for &n in &neighbours {
+        net.inflight.push((net.now, forger, n, bytes.clone()));
+    }
+    net.run(Duration::from_secs(1), Some((FRAME, 4000)));
+    net.assert_all_intact();
+    for &n in neighbours.iter().filter(|n| **n != PUBLISHER) {
+        assert!(
+            net.disconnected
+                .iter()
+                .any(|(by, p, r)| *by == n && *p == forger && *r == Misbehaviour::ForgedManifest),
+            "{n} did not ban the forger"
+        );
+    }
+    for n in neighbours.into_iter().filter(|n| *n != PUBLISHER) {
+        assert!(!net.delivered[&n].contains_key(&key));
+    }
+}
+
+/// A relay that sends, again, a manifest and shards of long ago (recorded earlier).
+#[test]
+fn a_relay_that_replays_old_objects_is_banned() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 10, &config);
+    let recorded: std::rc::Rc<std::cell::RefCell<Vec<(u32, Vec<u8>)>>> = Default::default();
+    let sink = recorded.clone();
+    net.tamper = Some(Box::new(move |_, to, raw: &mut Vec<u8>| {
+        if let Ok(m) = DpMessage::decode(&raw[..])
+            && matches!(m.body, Some(Body::Manifest(_)))
+            && sink.borrow().len() < 5
+        {
+            sink.borrow_mut().push((to, raw.clone()));
+        }
+        true
+    }));
+    net.run(Duration::from_secs(1), Some((FRAME, 4000)));
+    net.tamper = None;
+    // 20 s later (600 frames on), relay 3 replays those manifests to each of its peers.
+    net.run(Duration::from_secs(20), Some((FRAME, 4000)));
+    let replayer = 3;
+    let peers: Vec<u32> = net.nodes[&replayer].peers().copied().collect();
+    let delivered_before: HashMap<u32, usize> =
+        net.delivered.iter().map(|(k, v)| (*k, v.len())).collect();
+    for &p in &peers {
+        for (_, raw) in recorded.borrow().iter() {
+            net.inflight
+                .push((net.now, replayer, p, Bytes::from(raw.clone())));
+        }
+    }
+    net.run(Duration::from_millis(50), None);
+    for &p in peers.iter().filter(|p| **p != PUBLISHER) {
+        assert!(
+            net.disconnected
+                .iter()
+                .any(|(by, who, r)| *by == p && *who == replayer && *r == Misbehaviour::Replay),
+            "{p} did not ban the replayer"
+        );
+        // Nothing old was delivered again.
+        let old = net.delivered[&p].len() - delivered_before[&p];
+        assert!(old <= 3, "{old} new deliveries in 50 ms");
+    }
+    // An old epoch replayed after a restart is refused as well.
+    let node = net.nodes.get_mut(&1).unwrap();
+    node.set_epoch(43);
+    let before = node.stats().replays;
+    let peer = *node.peers().next().unwrap();
+    let raw = recorded.borrow()[0].1.clone();
+    node.handle_message(net.now, peer, &raw);
+    assert_eq!(node.stats().replays, before + 1);
+}
+
+#[test]
+fn reports_arrive_aggregated_and_each_viewer_receives_few() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 60, &config);
+    net.run(Duration::from_secs(2), Some((FRAME, 4000)));
+    for id in 1..=60 {
+        net.nodes.get_mut(&id).unwrap().set_report(LocalReport {
+            track: 0,
+            layer: 0,
+            latency_ms: 150 + id,
+            received: 30,
+            ..LocalReport::default()
+        });
+    }
+    net.received_reports.clear();
+    net.run(Duration::from_secs(5), Some((FRAME, 4000)));
+    let audience = net.audience.clone().expect("an audience summary");
+    assert_eq!(audience.viewers, 60);
+    assert_eq!(audience.layers[&(0, 0)], 60);
+    assert_eq!(audience.latency_quantile_ms(0.5), Some(200));
+    // Each viewer receives at most one report per child in the feedback stripe per second.
+    for id in 1..=60 {
+        let children = net.nodes[&id].children(FEEDBACK_STRIPE).count() as u64;
+        let got = net.received_reports.get(&id).copied().unwrap_or(0);
+        assert!(
+            got <= children * 6,
+            "viewer {id}: {got} reports, {children} children"
+        );
+    }
+    // Keyframe requests from everyone reach the publisher coalesced.
+    for id in 1..=60 {
+        let now = net.now;
+        net.nodes.get_mut(&id).unwrap().request_keyframe(now, 0, 0);
+    }
+    net.run(Duration::from_millis(200), None);
+    assert!(
+        net.keyframes >= 1 && net.keyframes <= 2,
+        "{} requests",
+        net.keyframes
+    );
+}
+
+#[test]
+fn garbage_input_is_counted_never_a_panic() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 3, &config);
+    let now = net.now;
+    let node = net.nodes.get_mut(&1).unwrap();
+    let peer = *node.peers().next().unwrap();
+    let mut rng = 12345u64;
+    for len in 0..200usize {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) as u8
+            })
+            .collect();
+        node.handle_message(now, peer, &bytes);
+    }
+    // The peer was banned on its first malformed message.
+    assert!(node.stats().peers_banned <= 1);
+}
