@@ -8,8 +8,10 @@
 //! ```
 //!
 //! Modes:
-//! - `p2plive`: the node as configured by default (media-tuned gossipsub, kademlia discovery);
-//!   each viewer subscribes to the layer it plays.
+//! - `p2plive`: the node as configured by default: the media data plane (striped push trees,
+//!   erasure coding, pull repair, signed manifests; `core::dataplane`), gossipsub for the
+//!   control channel only; each viewer subscribes to the layer it plays.
+//! - `p2plive-gossipsub`: the previous default, media over media-tuned gossipsub (reference).
 //! - `gossipsub-default`: the same nodes with rust-libp2p's gossipsub defaults (mesh 6, flood
 //!   publish) and every viewer receiving every layer, as with all layers on one topic.
 //! - `unicast`: every viewer connects to the publisher only and the publisher flood-publishes,
@@ -33,8 +35,10 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// The project's data plane as configured by default.
+    /// The project's data plane as configured by default (the trees).
     P2plive,
+    /// Media over media-tuned gossipsub, the data plane before the trees.
+    P2pliveGossipsub,
     /// rust-libp2p gossipsub defaults (mesh 6, flood publish), every layer to every viewer.
     GossipsubDefault,
     /// The publisher sends every viewer its own copy.
@@ -45,6 +49,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::P2plive => "p2plive",
+            Mode::P2pliveGossipsub => "p2plive-gossipsub",
             Mode::GossipsubDefault => "gossipsub-default",
             Mode::Unicast => "unicast",
         }

@@ -430,6 +430,7 @@ pub fn write_all(json: &Path, output: &Output, table: &str) -> Result<(), String
 fn color(mode: Mode) -> RGBColor {
     match mode {
         Mode::P2plive => RGBColor(0x1f, 0x77, 0xb4),
+        Mode::P2pliveGossipsub => RGBColor(0x94, 0x67, 0xbd),
         Mode::GossipsubDefault => RGBColor(0xff, 0x7f, 0x0e),
         Mode::Unicast => RGBColor(0x2c, 0xa0, 0x2c),
     }

@@ -11,7 +11,7 @@ use gstp2plive::core::{
     SubscriberEvent,
 };
 use gstp2plive::node::{
-    self, Event, GossipsubProfile, InboundLoss, Node, NodeConfig, NodeStatsSnapshot,
+    self, DataPlaneMode, Event, GossipsubProfile, InboundLoss, Node, NodeConfig, NodeStatsSnapshot,
 };
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
@@ -138,8 +138,13 @@ fn node_config(mode: Mode, bootstrap: Vec<Multiaddr>, publisher: bool) -> NodeCo
     config.mdns = false;
     match mode {
         Mode::P2plive => {}
-        Mode::GossipsubDefault => config.gossipsub_profile = GossipsubProfile::Libp2pDefaults,
+        Mode::P2pliveGossipsub => config.data_plane = DataPlaneMode::Gossipsub,
+        Mode::GossipsubDefault => {
+            config.data_plane = DataPlaneMode::Gossipsub;
+            config.gossipsub_profile = GossipsubProfile::Libp2pDefaults;
+        }
         Mode::Unicast => {
+            config.data_plane = DataPlaneMode::Gossipsub;
             // A star: viewers know only the publisher, find nobody else, and the publisher
             // floods every message to each subscribed viewer.
             config.gossipsub_profile = GossipsubProfile::Libp2pDefaults;
@@ -331,6 +336,14 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
         reports.push(report);
     }
     let viewer_totals: Vec<NodeStatsSnapshot> = viewers.iter().map(|v| v.node.stats()).collect();
+    if std::env::var_os("MESH_DEBUG").is_some() {
+        for s in viewer_totals.iter().take(4).chain([&pub_node.stats()]) {
+            eprintln!(
+                "{:?} peers {} {:?}",
+                s.peer_id, s.connected_peers, s.data_plane
+            );
+        }
+    }
     let publisher_total = pub_node.stats();
     for viewer in &viewers {
         viewer.node.shutdown(Duration::ZERO);
@@ -485,7 +498,9 @@ async fn start_viewer(
         Mode::GossipsubDefault => (0..config.layers)
             .map(|layer| Channel::Media { track: 0, layer })
             .collect(),
-        Mode::P2plive | Mode::Unicast => vec![Channel::Media { track: 0, layer }],
+        Mode::P2plive | Mode::P2pliveGossipsub | Mode::Unicast => {
+            vec![Channel::Media { track: 0, layer }]
+        }
     };
     let joined_at = Instant::now();
     node.join_stream(STREAM, Some(publisher_id), channels)

@@ -74,6 +74,8 @@ pub(crate) struct Behaviour {
     pub ping: ping::Behaviour,
     pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// `/p2plive/media/1` streams (see `media`).
+    pub media: libp2p_stream::Behaviour,
 }
 
 /// The gossipsub configuration of `profile`.
@@ -198,6 +200,7 @@ fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, Node
         ping: ping::Behaviour::default(),
         kademlia: Toggle::from(kademlia),
         mdns: Toggle::from(mdns),
+        media: libp2p_stream::Behaviour::new(),
     })
 }
 

@@ -30,6 +30,22 @@ pub enum GossipsubProfile {
     Libp2pDefaults,
 }
 
+/// Which data plane carries media.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DataPlaneMode {
+    /// Striped push trees with erasure coding over `/p2plive/media/1` (the default; see
+    /// [`crate::core::dataplane`]). Gossipsub carries only the control channel.
+    #[default]
+    Trees,
+    /// Every channel over gossipsub: each viewer receives and relays about `D` copies. Kept as
+    /// the mesh benchmark's reference.
+    Gossipsub,
+}
+
+/// Default bound on connected peers in [`DataPlaneMode::Trees`]: up to 16 parents (one per
+/// stripe) and 32 children, plus room for the bootstrap and discovery connections.
+pub const DEFAULT_MAX_PEERS: usize = 64;
+
 /// Test and benchmark hook: the node drops a share of the pubsub messages it receives, as if
 /// every copy of them had been lost on the way. A dropped message is neither delivered nor
 /// relayed, and gossipsub treats later copies as duplicates. Drops are counted in
@@ -73,6 +89,15 @@ pub struct NodeConfig {
     pub gossipsub_profile: GossipsubProfile,
     /// Test and benchmark hook (see [`InboundLoss`]); `None` (the default) drops nothing.
     pub inbound_loss: Option<InboundLoss>,
+    /// Which data plane carries media. Default [`DataPlaneMode::Trees`].
+    pub data_plane: DataPlaneMode,
+    /// Upload (kbit/s) this node offers for forwarding media to other viewers: `None`
+    /// unlimited (the default), `Some(0)` receive only. The trees never give it more children
+    /// than fit, and its media sending is paced to it.
+    pub upload_capacity_kbps: Option<u64>,
+    /// Most connected peers with [`DataPlaneMode::Trees`]; beyond it, connections that are
+    /// not tree edges are closed. Default [`DEFAULT_MAX_PEERS`].
+    pub max_peers: usize,
 }
 
 impl NodeConfig {
@@ -91,6 +116,9 @@ impl NodeConfig {
             max_dialed_peers: DEFAULT_MAX_DIALED_PEERS,
             gossipsub_profile: GossipsubProfile::default(),
             inbound_loss: None,
+            data_plane: DataPlaneMode::default(),
+            upload_capacity_kbps: None,
+            max_peers: DEFAULT_MAX_PEERS,
         }
     }
 

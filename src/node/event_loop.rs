@@ -14,11 +14,88 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::Event;
+use bytes::Bytes;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use libp2p::identity::Keypair;
+
 use super::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use super::media::{Media, MediaEvent};
 use super::stats::{NodeStats, bump};
+use super::{DataPlaneMode, Event, NodeError};
+use crate::core::dataplane::{
+    DataPlane, DataPlaneConfig, LocalReport, ObjectKey, Output, PeerKey, Role, stream_tag,
+};
 use crate::core::wire::{self, WireError, provider_key};
 use crate::core::{Channel, Limits, Message};
+
+/// Most listen addresses of a peer passed on in redirects.
+const MAX_INFO_ADDRS: usize = 8;
+/// While a data plane has queued messages, its writers are refilled at least this often.
+const MEDIA_FLUSH: Duration = Duration::from_millis(5);
+
+impl PeerKey for PeerId {
+    fn to_bytes(&self) -> Vec<u8> {
+        PeerId::to_bytes(*self)
+    }
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        PeerId::from_bytes(bytes).ok()
+    }
+}
+
+/// The ed25519 signing key of the node's identity (`None` for other key types).
+fn signing_key(keypair: &Keypair) -> Option<SigningKey> {
+    let bytes = keypair.clone().try_into_ed25519().ok()?.to_bytes();
+    Some(SigningKey::from_bytes(bytes[..32].try_into().ok()?))
+}
+
+/// The ed25519 public key inlined in a peer id (ed25519 peer ids are identity multihashes
+/// of the protobuf-encoded key).
+fn verifying_key(peer: &PeerId) -> Option<VerifyingKey> {
+    let multihash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if multihash.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    VerifyingKey::from_bytes(&key.try_into_ed25519().ok()?.to_bytes()).ok()
+}
+
+/// A peer's listen addresses as the opaque `info` of the data plane (passed on in redirects):
+/// each address as a length byte and its bytes.
+fn encode_info(addrs: &[Multiaddr]) -> Bytes {
+    let mut out = Vec::new();
+    for addr in addrs.iter().take(MAX_INFO_ADDRS) {
+        let bytes = addr.to_vec();
+        if let Ok(len) = u8::try_from(bytes.len()) {
+            out.push(len);
+            out.extend_from_slice(&bytes);
+        }
+    }
+    out.into()
+}
+
+fn decode_info(info: &[u8]) -> Vec<Multiaddr> {
+    let mut addrs = Vec::new();
+    let mut rest = info;
+    while let Some((&len, tail)) = rest.split_first() {
+        let len = usize::from(len);
+        if tail.len() < len || addrs.len() >= MAX_INFO_ADDRS {
+            break;
+        }
+        if let Ok(addr) = Multiaddr::try_from(tail[..len].to_vec()) {
+            addrs.push(addr);
+        }
+        rest = &tail[len..];
+    }
+    addrs
+}
+
+/// Pends forever on `None` (a select! branch that never fires).
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Without every listener reporting an address, `Listening` is emitted this long after start.
 const LISTENING_DEADLINE: Duration = Duration::from_secs(1);
@@ -210,6 +287,10 @@ pub(crate) struct Parts {
     pub inbound_loss: Option<LossHook>,
     pub listeners: HashMap<ListenerId, BTreeSet<Multiaddr>>,
     pub bootstrap: Vec<(PeerId, Vec<Multiaddr>)>,
+    pub data_plane: DataPlaneMode,
+    pub upload_capacity_kbps: Option<u64>,
+    pub max_peers: usize,
+    pub keypair: Keypair,
 }
 
 pub(crate) struct EventLoop {
@@ -235,12 +316,42 @@ pub(crate) struct EventLoop {
     bootstrap: Vec<(PeerId, Vec<Multiaddr>)>,
     /// Peers we dialled on our own and are still dialling.
     dialing: HashSet<PeerId>,
+    mode: DataPlaneMode,
+    /// The media streams (trees mode).
+    media: Option<Media>,
+    media_events: Option<mpsc::Receiver<MediaEvent>>,
+    /// One data plane per stream, and the stream of each tag.
+    planes: HashMap<String, DataPlane<PeerId>>,
+    tags: HashMap<u32, String>,
+    plane_config: DataPlaneConfig,
+    signing: Option<SigningKey>,
+    /// Listen addresses of peers (from identify), as data-plane `info`.
+    peer_info: HashMap<PeerId, Bytes>,
+    /// Peers the data plane caught misbehaving: disconnected, never accepted again.
+    banned: HashSet<PeerId>,
+    max_peers: usize,
 }
 
 impl EventLoop {
-    pub(crate) fn new(parts: Parts) -> Self {
+    pub(crate) fn new(mut parts: Parts) -> Result<Self, NodeError> {
         let listening_deadline = Instant::now() + LISTENING_DEADLINE;
-        Self {
+        let (media, media_events) = match parts.data_plane {
+            DataPlaneMode::Trees => {
+                let control = parts.swarm.behaviour().media.new_control();
+                let (media, events) = Media::new(control).map_err(NodeError::Build)?;
+                (Some(media), Some(events))
+            }
+            DataPlaneMode::Gossipsub => (None, None),
+        };
+        let plane_config = DataPlaneConfig {
+            upload_capacity_kbps: parts.upload_capacity_kbps,
+            seed: rand::random(),
+            ..DataPlaneConfig::default()
+        };
+        let signing = signing_key(&parts.keypair);
+        // Nothing else of the swarm is borrowed mutably before this point.
+        let _ = &mut parts.swarm;
+        Ok(Self {
             swarm: parts.swarm,
             peer_id: parts.peer_id,
             commands: parts.commands,
@@ -264,7 +375,17 @@ impl EventLoop {
             announced_addrs: None,
             bootstrap: parts.bootstrap,
             dialing: HashSet::new(),
-        }
+            mode: parts.data_plane,
+            media,
+            media_events,
+            planes: HashMap::new(),
+            tags: HashMap::new(),
+            plane_config,
+            signing,
+            peer_info: HashMap::new(),
+            banned: HashSet::new(),
+            max_peers: parts.max_peers,
+        })
     }
 
     pub(crate) async fn run(mut self) {
@@ -274,6 +395,8 @@ impl EventLoop {
 
         loop {
             let listening_flush = self.listening_flush;
+            let plane_deadline = self.plane_deadline();
+            let planes_running = !self.planes.is_empty();
             tokio::select! {
                 changed = self.shutdown.changed() => match changed {
                     Ok(()) => {
@@ -306,7 +429,15 @@ impl EventLoop {
                 () = tokio::time::sleep_until(listening_flush.unwrap_or(self.listening_deadline)),
                     if listening_flush.is_some() => self.flush_listening(),
                 _ = maintenance.tick() => self.maintenance(),
+                event = recv_opt(&mut self.media_events) => match event {
+                    Some(event) => self.handle_media_event(event),
+                    None => self.media_events = None,
+                },
+                () = tokio::time::sleep_until(plane_deadline), if planes_running => {
+                    self.plane_timeout();
+                }
             }
+            self.flush_media();
         }
         // A shutdown requested just before the last handle was dropped keeps its linger,
         // whichever of the two the loop noticed first.
@@ -356,6 +487,7 @@ impl EventLoop {
                 }
                 self.sync_subscription(&stream, Channel::Control);
                 self.start_providing(&stream);
+                self.ensure_plane(&stream);
             }
             Command::Join {
                 stream,
@@ -366,6 +498,7 @@ impl EventLoop {
                 Some(state) if state.joined => {
                     state.channels.insert(channel);
                     self.sync_subscription(&stream, channel);
+                    self.update_plane_subscription(&stream);
                 }
                 _ => self.join(stream, None, vec![channel]),
             },
@@ -400,6 +533,8 @@ impl EventLoop {
         }
         self.start_providing(&stream);
         self.lookup_providers(&stream);
+        self.ensure_plane(&stream);
+        self.update_plane_subscription(&stream);
     }
 
     fn unsubscribe(&mut self, stream: String, channel: Channel) {
@@ -414,8 +549,12 @@ impl EventLoop {
         }
         let remove = !state.joined && !state.announced;
         self.sync_subscription(&stream, channel);
+        self.update_plane_subscription(&stream);
         if remove {
             self.streams.remove(&stream);
+            if self.planes.remove(&stream).is_some() {
+                self.tags.remove(&stream_tag(&stream));
+            }
             if let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut() {
                 kademlia.stop_providing(&kad::RecordKey::new(&provider_key(&stream)));
             }
@@ -424,10 +563,13 @@ impl EventLoop {
 
     /// Makes gossipsub's subscription to `channel` of `stream` match what the stream state wants.
     fn sync_subscription(&mut self, stream: &str, channel: Channel) {
-        let want = self
-            .streams
-            .get(stream)
-            .is_some_and(|state| state.wants(channel));
+        // With the trees, media and feedback travel on the data plane, not on gossipsub.
+        let on_plane = self.mode == DataPlaneMode::Trees && channel != Channel::Control;
+        let want = !on_plane
+            && self
+                .streams
+                .get(stream)
+                .is_some_and(|state| state.wants(channel));
         let topic = IdentTopic::new(channel.topic(stream));
         let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
         if want {
@@ -474,6 +616,9 @@ impl EventLoop {
             let own_id = self.peer_id;
             let verdict = self.validate(&stream, channel, Some(own_id), &payload);
             self.deliver(&stream, channel, own_id, own_id, verdict);
+        }
+        if self.mode == DataPlaneMode::Trees && channel != Channel::Control {
+            return self.publish_on_plane(&stream, payload);
         }
         let topic = IdentTopic::new(channel.topic(&stream));
         match self.swarm.behaviour_mut().gossipsub.publish(topic, payload) {
@@ -560,6 +705,14 @@ impl EventLoop {
                         stream: stream.to_owned(),
                         publisher: source,
                     });
+                    self.ensure_plane(stream);
+                    self.update_plane_subscription(stream);
+                }
+                if let Message::Catalog(catalog) = &message
+                    && let Some(plane) = self.planes.get_mut(stream)
+                    && !plane.is_publisher()
+                {
+                    plane.set_epoch(catalog.epoch);
                 }
                 self.events.message(Event::Message {
                     stream: stream.to_owned(),
@@ -670,8 +823,24 @@ impl EventLoop {
                 ..
             } => {
                 self.dialing.remove(&peer_id);
+                if self.banned.contains(&peer_id) {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 if num_established.get() == 1 {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
+                    if let Some(media) = self.media.as_mut() {
+                        // The data plane may queue for it at once; the writer takes the
+                        // queue once our stream is open (or the peer goes down if it does
+                        // not speak the protocol).
+                        media.open(peer_id);
+                        let now = std::time::Instant::now();
+                        let info = self.peer_info.get(&peer_id).cloned().unwrap_or_default();
+                        for plane in self.planes.values_mut() {
+                            plane.handle_peer_up(now, peer_id, info.clone());
+                        }
+                        self.drain_planes();
+                    }
                     self.peers_changed();
                 }
             }
@@ -682,6 +851,7 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(%peer_id, ?cause, "peer disconnected");
+                self.media_down(peer_id);
                 self.peers_changed();
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -725,6 +895,20 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(_) => {}
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 tracing::debug!(%peer_id, agent = %info.agent_version, "identified peer");
+                let dialable: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| super::check_dialable(a).is_ok())
+                    .cloned()
+                    .collect();
+                let peer_info = encode_info(&dialable);
+                self.peer_info.insert(peer_id, peer_info.clone());
+                if self.swarm.is_connected(&peer_id) {
+                    let now = std::time::Instant::now();
+                    for plane in self.planes.values_mut() {
+                        plane.handle_peer_up(now, peer_id, peer_info.clone());
+                    }
+                }
                 if info.protocols.contains(&KAD_PROTOCOL)
                     && let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut()
                 {
@@ -733,7 +917,7 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) => {}
+            BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Media(_) => {}
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { result, .. }) => {
                 self.on_kad_result(result)
             }
@@ -764,6 +948,14 @@ impl EventLoop {
                 ..
             })) => {
                 for peer in providers {
+                    // With the trees, viewers find the tree through other viewers: the
+                    // publisher is dialled only by a viewer that knows nobody else.
+                    if self.mode == DataPlaneMode::Trees
+                        && self.is_joined_stream_publisher(&peer)
+                        && self.swarm.connected_peers().next().is_some()
+                    {
+                        continue;
+                    }
                     self.dial_discovered(peer, Vec::new());
                 }
             }
@@ -816,6 +1008,315 @@ impl EventLoop {
         self.events.control(Event::PeersChanged { connected });
     }
 
+    // ---- media data plane (trees) ---------------------------------------------------------
+
+    fn is_joined_stream_publisher(&self, peer: &PeerId) -> bool {
+        self.streams
+            .values()
+            .any(|s| s.joined && s.publisher.as_ref() == Some(peer))
+    }
+
+    /// Creates the data plane of `stream` once its role is known: the publisher's when
+    /// announced, a viewer's once the publisher is known (property or first catalog).
+    fn ensure_plane(&mut self, stream: &str) {
+        if self.mode != DataPlaneMode::Trees || self.planes.contains_key(stream) {
+            return;
+        }
+        let Some(state) = self.streams.get(stream) else {
+            return;
+        };
+        let role = if state.announced {
+            let Some(key) = self.signing.clone() else {
+                tracing::warn!(%stream, "the data plane needs an ed25519 identity to publish");
+                return;
+            };
+            Role::Publisher { key }
+        } else if let Some(publisher) = state.publisher.filter(|_| state.joined) {
+            let Some(key) = verifying_key(&publisher) else {
+                tracing::warn!(%stream, %publisher, "publisher id has no ed25519 key: no data plane");
+                return;
+            };
+            Role::Viewer { publisher, key }
+        } else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let mut plane = DataPlane::new(now, stream, self.peer_id, role, self.plane_config.clone());
+        if self.media.is_some() {
+            for peer in self.swarm.connected_peers() {
+                let info = self.peer_info.get(peer).cloned().unwrap_or_default();
+                plane.handle_peer_up(now, *peer, info);
+            }
+        }
+        tracing::info!(%stream, publisher = plane.is_publisher(), "media data plane started");
+        self.tags.insert(stream_tag(stream), stream.to_owned());
+        self.planes.insert(stream.to_owned(), plane);
+    }
+
+    fn update_plane_subscription(&mut self, stream: &str) {
+        let Some(state) = self.streams.get(stream) else {
+            return;
+        };
+        let layers = state
+            .channels
+            .iter()
+            .filter_map(|c| match c {
+                Channel::Media { track, layer } if state.joined => Some((*track, *layer)),
+                _ => None,
+            })
+            .collect();
+        if let Some(plane) = self.planes.get_mut(stream)
+            && !plane.is_publisher()
+        {
+            plane.set_subscription(layers);
+        }
+    }
+
+    /// Media and feedback published by this node, in trees mode.
+    fn publish_on_plane(&mut self, stream: &str, payload: Vec<u8>) {
+        let now = std::time::Instant::now();
+        let Some(plane) = self.planes.get_mut(stream) else {
+            bump(&self.stats.publish_no_peers);
+            return;
+        };
+        match wire::decode(&payload, &self.limits) {
+            Ok(Message::Fragment(f)) => {
+                let key = ObjectKey {
+                    track: f.track,
+                    layer: f.layer,
+                    sequence: f.sequence,
+                    fragment: f.index,
+                };
+                plane.publish(now, f.epoch, key, payload.into());
+                bump(&self.stats.messages_published);
+            }
+            Ok(Message::Feedback(f)) => plane.set_report(LocalReport {
+                track: f.track,
+                layer: f.current_layer,
+                latency_ms: f.latency_ms,
+                received: f.received,
+                late: f.late,
+                lost: f.lost,
+                recovered: f.recovered,
+            }),
+            Ok(Message::KeyframeRequest(k)) => plane.request_keyframe(now, k.track, k.layer),
+            Ok(_) | Err(_) => bump(&self.stats.publish_failures),
+        }
+        self.drain_planes();
+    }
+
+    fn handle_media_event(&mut self, event: MediaEvent) {
+        let now = std::time::Instant::now();
+        match event {
+            MediaEvent::Up { peer, writer } => {
+                if self.banned.contains(&peer) || !self.swarm.is_connected(&peer) {
+                    return;
+                }
+                let Some(media) = self.media.as_mut() else {
+                    return;
+                };
+                media.opened(peer, writer);
+            }
+            MediaEvent::Down { peer } => self.media_down(peer),
+            MediaEvent::Frame { peer, bytes } => {
+                bump(&self.stats.media_frames_received);
+                if self.inbound_loss.as_mut().is_some_and(LossHook::drops) {
+                    bump(&self.stats.messages_dropped_by_hook);
+                    return;
+                }
+                let Some(stream) = peek_stream_tag(&bytes).and_then(|tag| self.tags.get(&tag))
+                else {
+                    return;
+                };
+                if let Some(plane) = self.planes.get_mut(stream) {
+                    plane.handle_message(now, peer, &bytes);
+                }
+            }
+        }
+        self.drain_planes();
+    }
+
+    fn media_down(&mut self, peer: PeerId) {
+        if let Some(media) = self.media.as_mut() {
+            media.close(&peer);
+        }
+        let now = std::time::Instant::now();
+        for plane in self.planes.values_mut() {
+            plane.handle_peer_down(now, peer);
+        }
+        self.drain_planes();
+    }
+
+    fn plane_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let mut next = now + MAINTENANCE_PERIOD;
+        for plane in self.planes.values() {
+            next = next.min(Instant::from_std(plane.poll_timeout()));
+            if plane.has_queued() {
+                next = next.min(now + MEDIA_FLUSH);
+            }
+        }
+        next
+    }
+
+    fn plane_timeout(&mut self) {
+        let now = std::time::Instant::now();
+        for plane in self.planes.values_mut() {
+            if plane.poll_timeout() <= now {
+                plane.handle_timeout(now);
+            }
+        }
+        self.drain_planes();
+        if let Ok(mut stats) = self.stats.data_plane.lock() {
+            *stats = self.planes.values().next().map(DataPlane::stats);
+        }
+    }
+
+    /// Hands queued data-plane messages to the peers' writers while they have room.
+    fn flush_media(&mut self) {
+        let Some(media) = self.media.as_ref() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        for plane in self.planes.values_mut() {
+            if !plane.has_queued() {
+                continue;
+            }
+            for peer in plane.peers_with_data() {
+                let Some(writer) = media.writers.get(&peer) else {
+                    continue;
+                };
+                while let Ok(permit) = writer.try_reserve() {
+                    match plane.poll_transmit(now, peer) {
+                        Some(bytes) => {
+                            bump(&self.stats.media_frames_sent);
+                            permit.send(bytes);
+                        }
+                        None => break,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acts on what the data planes ask for.
+    fn drain_planes(&mut self) {
+        let mut outputs = Vec::new();
+        for (stream, plane) in &mut self.planes {
+            while let Some(output) = plane.poll_output() {
+                outputs.push((stream.clone(), output));
+            }
+        }
+        for (stream, output) in outputs {
+            match output {
+                Output::Deliver { key, object, from } => {
+                    let Some(publisher) = self.streams.get(&stream).and_then(|s| s.publisher)
+                    else {
+                        continue;
+                    };
+                    match wire::decode(&object, &self.limits) {
+                        Ok(message) => {
+                            let channel = Channel::Media {
+                                track: key.track,
+                                layer: key.layer,
+                            };
+                            if Channel::of(&message) != channel {
+                                bump(&self.stats.messages_rejected);
+                                continue;
+                            }
+                            bump(&self.stats.messages_accepted);
+                            self.events.message(Event::Message {
+                                stream,
+                                channel,
+                                source: publisher,
+                                propagation_source: from,
+                                message,
+                            });
+                        }
+                        // Signed by the publisher yet undecodable: its bug, not a relay's.
+                        Err(_) => bump(&self.stats.messages_rejected),
+                    }
+                }
+                Output::Connect { peer, info } => {
+                    if self.banned.contains(&peer)
+                        || self.swarm.is_connected(&peer)
+                        || self.dialing.contains(&peer)
+                    {
+                        continue;
+                    }
+                    let addrs = decode_info(&info);
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .extend_addresses_through_behaviour()
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    match self.swarm.dial(opts) {
+                        Ok(()) => {
+                            self.dialing.insert(peer);
+                        }
+                        Err(err) => tracing::debug!(%peer, %err, "cannot dial redirect target"),
+                    }
+                }
+                Output::Disconnect { peer, reason } => {
+                    tracing::warn!(%peer, ?reason, %stream, "peer misbehaved on the data plane: disconnected");
+                    bump(&self.stats.peers_banned);
+                    self.banned.insert(peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                    if let Some(media) = self.media.as_mut() {
+                        media.close(&peer);
+                    }
+                    let now = std::time::Instant::now();
+                    for plane in self.planes.values_mut() {
+                        plane.handle_peer_down(now, peer);
+                    }
+                }
+                Output::Audience(summary) => {
+                    self.events.control(Event::Audience { stream, summary });
+                }
+                Output::KeyframeRequest {
+                    epoch,
+                    track,
+                    layer,
+                } => {
+                    let own = self.peer_id;
+                    self.events.message(Event::Message {
+                        stream,
+                        channel: Channel::Feedback,
+                        source: own,
+                        propagation_source: own,
+                        message: Message::KeyframeRequest(wire::KeyframeRequest {
+                            epoch,
+                            track,
+                            layer,
+                            ..Default::default()
+                        }),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Beyond `max_peers`, closes connections that are no tree edge (bootstrap peers kept).
+    fn bound_connections(&mut self) {
+        if self.mode != DataPlaneMode::Trees {
+            return;
+        }
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let Some(excess) = connected.len().checked_sub(self.max_peers) else {
+            return;
+        };
+        let spare: Vec<PeerId> = connected
+            .into_iter()
+            .filter(|p| !self.planes.values().any(|plane| plane.is_tree_neighbour(p)))
+            .filter(|p| !self.bootstrap.iter().any(|(b, _)| b == p))
+            .take(excess)
+            .collect();
+        for peer in spare {
+            tracing::debug!(%peer, "closing a connection that is no tree edge");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     // ---- listening ------------------------------------------------------------------------
 
     fn schedule_listening(&mut self) {
@@ -854,6 +1355,7 @@ impl EventLoop {
     // ---- housekeeping ---------------------------------------------------------------------
 
     fn maintenance(&mut self) {
+        self.bound_connections();
         // Bootstrap peers are dialled again whenever we lost them.
         for index in 0..self.bootstrap.len() {
             let (peer, addrs) = &self.bootstrap[index];
@@ -888,9 +1390,43 @@ impl EventLoop {
     }
 }
 
+/// The stream tag of a data-plane message without decoding it (field 1, fixed32, first).
+fn peek_stream_tag(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [0x0d, a, b, c, d, ..] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_tag_is_read_without_decoding() {
+        use prost::Message as _;
+        let bytes = crate::proto::DpMessage {
+            stream: stream_tag("demo"),
+            body: Some(crate::proto::dp_message::Body::Leave(
+                crate::proto::DpLeave { stripe: 3 },
+            )),
+        }
+        .encode_to_vec();
+        assert_eq!(peek_stream_tag(&bytes), Some(stream_tag("demo")));
+        assert_eq!(peek_stream_tag(&[1, 2]), None);
+    }
+
+    #[test]
+    fn peer_info_round_trips_and_tolerates_garbage() {
+        let addrs: Vec<Multiaddr> = vec![
+            "/ip4/127.0.0.1/tcp/4001".parse().unwrap(),
+            "/ip6/::1/udp/4001/quic-v1".parse().unwrap(),
+        ];
+        assert_eq!(decode_info(&encode_info(&addrs)), addrs);
+        assert!(decode_info(&[200, 1, 2]).is_empty());
+        let peer = PeerId::from(Keypair::generate_ed25519().public());
+        assert!(verifying_key(&peer).is_some());
+    }
 
     fn sink(capacity: usize) -> (EventSink, mpsc::Receiver<Event>, Arc<NodeStats>) {
         let (tx, rx) = mpsc::channel(capacity);

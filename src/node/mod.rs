@@ -16,6 +16,7 @@ mod config;
 mod error;
 mod event_loop;
 mod identity;
+mod media;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,9 +30,9 @@ use tokio::sync::{mpsc, watch};
 
 pub use behaviour::PEER_SEND_QUEUE_BYTES;
 pub use config::{
-    DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
-    DEFAULT_PUBLISH_CAPACITY, GossipsubProfile, InboundLoss, NodeConfig, default_listen,
-    parse_bootstrap, parse_multiaddrs,
+    DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
+    DEFAULT_PUBLISH_CAPACITY, DataPlaneMode, GossipsubProfile, InboundLoss, NodeConfig,
+    default_listen, parse_bootstrap, parse_multiaddrs,
 };
 pub use error::NodeError;
 pub use identity::load_or_create_identity;
@@ -69,6 +70,12 @@ pub enum Event {
     PublisherLocked { stream: String, publisher: PeerId },
     /// The number of connected peers changed.
     PeersChanged { connected: usize },
+    /// Publisher side, [`DataPlaneMode::Trees`]: the whole audience of `stream`, merged up
+    /// the feedback tree, once per second.
+    Audience {
+        stream: String,
+        summary: crate::core::dataplane::Summary,
+    },
 }
 
 /// A handle on a running node. Cheap to clone; the node stops when [`Node::shutdown`] is called
@@ -193,7 +200,11 @@ impl Node {
             inbound_loss: Some(loss_hook),
             listeners,
             bootstrap,
-        });
+            data_plane: config.data_plane,
+            upload_capacity_kbps: config.upload_capacity_kbps,
+            max_peers: config.max_peers,
+            keypair: config.keypair.clone(),
+        })?;
         runtime.spawn(event_loop.run());
 
         let node = Node {

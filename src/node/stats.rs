@@ -23,6 +23,11 @@ pub(crate) struct NodeStats {
     pub slow_peer_reports: AtomicU64,
     pub send_queue_drops: AtomicU64,
     pub messages_dropped_by_hook: AtomicU64,
+    pub media_frames_received: AtomicU64,
+    pub media_frames_sent: AtomicU64,
+    pub peers_banned: AtomicU64,
+    /// The data plane's counters (trees mode, the first stream's), refreshed on its timers.
+    pub data_plane: Mutex<Option<crate::core::dataplane::DataPlaneStats>>,
     /// libp2p's bandwidth metrics of the node's transports (see `behaviour::build_swarm`).
     pub bandwidth: Mutex<libp2p::metrics::Registry>,
     pub listen_addrs: Mutex<Vec<Multiaddr>>,
@@ -74,6 +79,14 @@ pub struct NodeStatsSnapshot {
     pub send_queue_drops: u64,
     /// Received messages dropped by the [`super::InboundLoss`] test hook.
     pub messages_dropped_by_hook: u64,
+    /// Data-plane frames read from and written to `/p2plive/media/1` streams.
+    pub media_frames_received: u64,
+    pub media_frames_sent: u64,
+    /// Peers disconnected for misbehaving on the data plane (forged, altered or replayed
+    /// media, malformed messages).
+    pub peers_banned: u64,
+    /// The data plane's counters (trees mode; the first stream's).
+    pub data_plane: Option<crate::core::dataplane::DataPlaneStats>,
     /// Bytes read from the node's connections, all protocols (gossipsub, identify, kademlia,
     /// ping), counted on the multiplexed streams: TCP/IP, noise and yamux (or QUIC) framing
     /// are not included.
@@ -112,6 +125,10 @@ impl NodeStats {
             slow_peer_reports: load(&self.slow_peer_reports),
             send_queue_drops: load(&self.send_queue_drops),
             messages_dropped_by_hook: load(&self.messages_dropped_by_hook),
+            media_frames_received: load(&self.media_frames_received),
+            media_frames_sent: load(&self.media_frames_sent),
+            peers_banned: load(&self.peers_banned),
+            data_plane: self.data_plane.lock().ok().and_then(|s| s.clone()),
             bytes_in,
             bytes_out,
         }

@@ -115,6 +115,8 @@ struct Session {
     rejected_frames: AtomicU64,
     /// Raw frames dropped before an encoder that could not keep up.
     encoder_overruns: AtomicU64,
+    /// The audience merged up the data plane's feedback tree (trees mode), and when.
+    tree_audience: Mutex<Option<(Instant, crate::core::dataplane::Summary)>>,
 }
 
 impl Session {
@@ -529,6 +531,7 @@ impl P2pLiveSink {
             publish_failures: AtomicU64::new(0),
             rejected_frames: AtomicU64::new(0),
             encoder_overruns: AtomicU64::new(0),
+            tree_audience: Mutex::new(None),
         });
         let driver = RUNTIME.spawn(drive(
             session.clone(),
@@ -1011,11 +1014,29 @@ impl P2pLiveSink {
                     "encoder-overruns",
                     session.encoder_overruns.load(Ordering::Relaxed),
                 );
-            let audience = session
+            let mut audience = session
                 .publisher
                 .lock()
                 .unwrap()
                 .audience_stats(Instant::now());
+            // With the trees, reports arrive merged: the summary is the audience.
+            if let Some((at, summary)) = session.tree_audience.lock().unwrap().as_ref()
+                && at.elapsed() < std::time::Duration::from_secs(3)
+            {
+                audience.viewers = u64::from(summary.viewers);
+                audience.layer_histogram.clear();
+                for (&(_, layer), &viewers) in &summary.layers {
+                    *audience.layer_histogram.entry(layer).or_default() += u64::from(viewers);
+                }
+                let expected = summary.received + summary.lost;
+                audience.loss_ratio = if expected == 0 {
+                    0.0
+                } else {
+                    (summary.late + summary.lost) as f64 / expected as f64
+                };
+                audience.latency_p50_ms = summary.latency_quantile_ms(0.5);
+                audience.latency_p95_ms = summary.latency_quantile_ms(0.95);
+            }
             let histogram = |layers: &std::collections::BTreeMap<u32, u64>| {
                 let mut histogram = gst::Structure::builder("layers");
                 for (layer, viewers) in layers {
@@ -1079,6 +1100,9 @@ async fn drive(
                     if let Some(element) = element.upgrade() {
                         element.imp().on_listening(&addrs);
                     }
+                }
+                Some(Event::Audience { summary, .. }) => {
+                    *session.tree_audience.lock().unwrap() = Some((Instant::now(), summary));
                 }
                 Some(Event::Message { message, source, .. }) => {
                     let mut publisher = session.publisher.lock().unwrap();

@@ -1123,6 +1123,8 @@ impl Driver {
             Event::PeersChanged { connected } => {
                 gst::debug!(CAT, "{connected} peers connected");
             }
+            // Only a publisher's node reports its audience.
+            Event::Audience { .. } => {}
         }
     }
 

@@ -71,8 +71,6 @@ const MAX_HAVE_LAYERS: usize = 32;
 /// Redirects after which a peer accepts a joiner even outside its interior stripe (so that a
 /// stripe without any forwarder is still served), and after which a joiner starts over.
 const SPARE_AFTER_REDIRECTS: u32 = 4;
-/// Children at most outside the interior stripe (spare capacity).
-const MAX_SPARE_CHILDREN: usize = 8;
 const RESTART_AFTER_REDIRECTS: u32 = 12;
 /// Backoff (ms) after a refused join: this plus up to as much again, at random.
 const JOIN_BACKOFF_MS: u64 = 100;
@@ -259,8 +257,9 @@ pub enum Output<P> {
     Disconnect { peer: P, reason: Misbehaviour },
     /// Publisher only: the whole audience, once per report interval.
     Audience(Summary),
-    /// Publisher only: viewers asked for a keyframe of `(track, layer)` (coalesced).
-    KeyframeRequest { track: u32, layer: u32 },
+    /// Publisher only: viewers asked for a keyframe of `(track, layer)` (coalesced); `epoch`
+    /// is the publisher's current one.
+    KeyframeRequest { epoch: u64, track: u32, layer: u32 },
 }
 
 /// Counters.
@@ -371,6 +370,8 @@ struct Stripe<P> {
     redirects: u32,
     /// No new join before this (backoff after a refusal).
     next_join_at: Instant,
+    /// Since when we have children but no parent here.
+    orphan_since: Option<Instant>,
     refused: BTreeMap<P, Instant>,
     sent_subs: Option<BTreeSet<(u32, u32)>>,
 }
@@ -435,6 +436,7 @@ impl<P: PeerKey> DataPlane<P> {
                 last_data: now,
                 redirects: 0,
                 next_join_at: now,
+                orphan_since: None,
                 refused: BTreeMap::new(),
                 sent_subs: None,
             })
@@ -1082,26 +1084,33 @@ impl<P: PeerKey> DataPlane<P> {
         self.stripes.iter().map(|s| s.children.len()).sum()
     }
 
-    fn spare_children(&self) -> usize {
-        self.stripes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.interior != Some(*i as u8))
-            .map(|(_, s)| s.children.len())
-            .sum()
-    }
-
     fn can_forward(&self) -> bool {
         self.config.upload_capacity_kbps != Some(0)
     }
 
+    /// What we want from a parent in `s`: our own layers and our children's there.
+    fn wanted_in(&self, s: u8) -> BTreeSet<(u32, u32)> {
+        let mut wanted = self.subscription.clone();
+        for child in &self.stripes[usize::from(s)].children {
+            if let Some(subs) = self.peers.get(child).and_then(|p| p.subs.get(&s)) {
+                wanted.extend(subs.iter().copied());
+            }
+        }
+        wanted
+    }
+
     fn send_join(&mut self, s: u8, to: P) {
         self.stats.joins_sent += 1;
+        let wanted = self.wanted_in(s);
         let join = DpJoin {
             stripe: u32::from(s),
             interior: self.interior.map_or(-1, i32::from),
             can_forward: self.can_forward(),
             redirects: self.stripes[usize::from(s)].redirects,
+            layers: wanted
+                .iter()
+                .map(|&(track, layer)| DpTrackLayer { track, layer })
+                .collect(),
         };
         self.enqueue_control(to, Body::Join(join));
     }
@@ -1158,7 +1167,6 @@ impl<P: PeerKey> DataPlane<P> {
                 if now.saturating_duration_since(since) >= timeout {
                     self.stripes[si].joining = None;
                     self.stripes[si].refused.insert(peer, now);
-                    self.stripes[si].redirects = 0;
                 }
             }
             if let Some(parent) = self.stripes[si].parent
@@ -1179,6 +1187,28 @@ impl<P: PeerKey> DataPlane<P> {
                 self.stats.parent_changes += 1;
                 self.update_child_paths(s);
             }
+            // An orphan subtree whose every candidate is below it (their paths contain us)
+            // would wait for ever: after a while it is dissolved and its children rejoin.
+            if self.stripes[si].parent.is_none() && !self.stripes[si].children.is_empty() {
+                let since = *self.stripes[si].orphan_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= self.config.join_timeout {
+                    let children = std::mem::take(&mut self.stripes[si].children);
+                    for child in children {
+                        if let Some(peer) = self.peers.get_mut(&child) {
+                            peer.subs.remove(&s);
+                        }
+                        self.enqueue_control(
+                            child,
+                            Body::Leave(DpLeave {
+                                stripe: u32::from(s),
+                            }),
+                        );
+                    }
+                    self.stripes[si].orphan_since = None;
+                }
+            } else {
+                self.stripes[si].orphan_since = None;
+            }
             if self.stripes[si].parent.is_some()
                 || self.stripes[si].joining.is_some()
                 || now < self.stripes[si].next_join_at
@@ -1187,10 +1217,7 @@ impl<P: PeerKey> DataPlane<P> {
             }
             let candidate = match self.stripes[si].next_candidate.take() {
                 Some(c) if !self.banned.contains(&c) => Some(c),
-                _ => {
-                    self.stripes[si].redirects = 0;
-                    self.pick_join_candidate(s)
-                }
+                _ => self.pick_join_candidate(s),
             };
             let Some(candidate) = candidate else { continue };
             if self.peers.contains_key(&candidate) {
@@ -1238,15 +1265,21 @@ impl<P: PeerKey> DataPlane<P> {
         let Ok(s) = u8::try_from(join.stripe) else {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         };
-        if s >= self.config.stripes || join.interior >= i32::from(self.config.stripes) {
+        if s >= self.config.stripes
+            || join.interior >= i32::from(self.config.stripes)
+            || join.layers.len() > 256
+        {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         }
         let si = usize::from(s);
         let their_interior = u8::try_from(join.interior).ok();
         let from_short = self.peers.get(&from).map_or(0, |p| p.short);
+        let layers: BTreeSet<(u32, u32)> = join.layers.iter().map(|l| (l.track, l.layer)).collect();
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.interior = their_interior;
             peer.can_forward = join.can_forward;
+            // Used if it becomes our child here (accept_child keeps it).
+            peer.subs.insert(s, layers);
         }
         if self.stripes[si].children.contains(&from) {
             return self.accept_child(s, from);
@@ -1271,6 +1304,14 @@ impl<P: PeerKey> DataPlane<P> {
         // A joiner that forwards in this stripe.
         let capable = join.can_forward && their_interior == Some(s);
         let forwards_here = self.is_publisher() || self.interior == Some(s);
+        // The interior stripe comes first: a spare child elsewhere makes room for it.
+        if !self.is_publisher()
+            && forwards_here
+            && self.total_children() >= self.max_children()
+            && self.max_children() > 0
+        {
+            self.evict_spare_child(None, 1);
+        }
         let room = if self.is_publisher() {
             self.stripes[si].children.len() < self.config.root_slots
         } else {
@@ -1282,9 +1323,18 @@ impl<P: PeerKey> DataPlane<P> {
             && !forwards_here
             && join.redirects >= SPARE_AFTER_REDIRECTS
             && self.can_forward()
-            && self.total_children() < self.max_children()
-            && self.spare_children() < MAX_SPARE_CHILDREN;
+            && self.total_children() < self.max_children();
         if room || spare {
+            return self.accept_child(s, from);
+        }
+        // A joiner that found no room after many redirects: a full peer attached here that
+        // feeds another spare stripe with more children moves one of them there (it has
+        // siblings to rejoin through), so a stripe without forwarders cannot starve.
+        if !self.is_publisher()
+            && self.can_forward()
+            && join.redirects >= 2 * SPARE_AFTER_REDIRECTS
+            && self.evict_spare_child(Some(s), self.stripes[si].children.len() + 2)
+        {
             return self.accept_child(s, from);
         }
         // Preempt a leaf child for a joiner that forwards here (SplitStream's push-down).
@@ -1305,30 +1355,30 @@ impl<P: PeerKey> DataPlane<P> {
                 return;
             }
         }
-        // Push down to a child that forwards here, or else up to our parent.
-        let forwarders: Vec<P> = self.stripes[si]
+        // Push down to a child that forwards here. A peer that does not forward here sends
+        // a fresh join up (towards the forwarders near the root), and one that has been
+        // redirected a few times down (towards spare capacity): every chain ends.
+        let children: Vec<P> = self.stripes[si]
             .children
             .iter()
             .filter(|c| **c != from)
+            .copied()
+            .collect();
+        let forwarders: Vec<P> = children
+            .iter()
             .filter(|c| self.peers.get(c).is_some_and(|p| p.interior == Some(s)))
             .copied()
             .collect();
-        let target = self
-            .pick(&forwarders)
-            .or_else(|| {
-                let children: Vec<P> = self.stripes[si]
-                    .children
-                    .iter()
-                    .filter(|c| **c != from)
-                    .copied()
-                    .collect();
-                if forwards_here {
-                    self.pick(&children)
-                } else {
-                    None
-                }
-            })
-            .or(self.stripes[si].parent);
+        let downwards = forwards_here || join.redirects >= SPARE_AFTER_REDIRECTS;
+        let target = self.pick(&forwarders).or_else(|| {
+            if downwards {
+                // Up again would bounce between full peers: refuse instead, and the
+                // joiner asks someone else with its redirect count (spare capacity).
+                self.pick(&children)
+            } else {
+                self.stripes[si].parent.or_else(|| self.pick(&children))
+            }
+        });
         match target {
             Some(target) if target != from => self.redirect(s, from, target),
             _ => self.refuse(s, from),
@@ -1351,6 +1401,31 @@ impl<P: PeerKey> DataPlane<P> {
         );
     }
 
+    /// Drops one child outside the interior stripe (and outside `except`), from the stripe
+    /// with the most children if it has at least `min` (it rejoins elsewhere). Returns
+    /// whether one was dropped.
+    fn evict_spare_child(&mut self, except: Option<u8>, min: usize) -> bool {
+        let interior = self.interior.map(usize::from);
+        let except = except.map(usize::from);
+        let Some(si) = (0..self.stripes.len())
+            .filter(|i| Some(*i) != interior && Some(*i) != except)
+            .max_by_key(|i| self.stripes[*i].children.len())
+            .filter(|i| self.stripes[*i].children.len() >= min.max(1))
+        else {
+            return false;
+        };
+        let Some(child) = self.stripes[si].children.iter().next_back().copied() else {
+            return false;
+        };
+        self.stripes[si].children.remove(&child);
+        if let Some(peer) = self.peers.get_mut(&child) {
+            peer.subs.remove(&(si as u8));
+        }
+        self.enqueue_control(child, Body::Leave(DpLeave { stripe: si as u32 }));
+        self.send_subscription(si as u8);
+        true
+    }
+
     fn refuse(&mut self, s: u8, to: P) {
         self.enqueue_control(
             to,
@@ -1365,6 +1440,8 @@ impl<P: PeerKey> DataPlane<P> {
     fn accept_child(&mut self, s: u8, child: P) {
         let si = usize::from(s);
         self.stripes[si].children.insert(child);
+        // Its layers (from its join) may be new to our own parent.
+        self.send_subscription(s);
         let path = self.stripes[si].path.clone();
         self.enqueue_control(
             child,
@@ -1466,11 +1543,13 @@ impl<P: PeerKey> DataPlane<P> {
             self.update_child_paths(s);
         }
         self.stripes[si].joining = None;
-        self.stripes[si].redirects += 1;
+        // Counts every answer but an accept in this search (reset by the accept), so that
+        // peers with spare capacity, then full ones that can move a child, take it up.
+        self.stripes[si].redirects = (self.stripes[si].redirects + 1).min(64);
         let target = P::from_bytes(&redirect.peer).filter(|p| *p != self.me);
         match target {
             Some(target)
-                if self.stripes[si].redirects < RESTART_AFTER_REDIRECTS
+                if self.stripes[si].redirects % RESTART_AFTER_REDIRECTS != 0
                     && !self.banned.contains(&target) =>
             {
                 self.stripes[si].next_candidate = Some(target);
@@ -1482,9 +1561,10 @@ impl<P: PeerKey> DataPlane<P> {
                 }
             }
             _ => {
-                // Refused, or too long a chain: start over after a random backoff.
+                // Refused, or too long a chain: start over elsewhere after a random backoff.
+                // The redirect count stays (until a parent accepts), so that peers with spare
+                // capacity take the next attempt.
                 self.stripes[si].refused.insert(from, now);
-                self.stripes[si].redirects = 0;
                 let backoff = JOIN_BACKOFF_MS + self.random() % JOIN_BACKOFF_MS;
                 self.stripes[si].next_join_at = now + Duration::from_millis(backoff);
             }
@@ -1542,12 +1622,7 @@ impl<P: PeerKey> DataPlane<P> {
         let Some(parent) = self.stripes[si].parent else {
             return;
         };
-        let mut wanted = self.subscription.clone();
-        for child in &self.stripes[si].children {
-            if let Some(subs) = self.peers.get(child).and_then(|p| p.subs.get(&s)) {
-                wanted.extend(subs.iter().copied());
-            }
-        }
+        let wanted = self.wanted_in(s);
         if self.stripes[si].sent_subs.as_ref() == Some(&wanted) {
             return;
         }
@@ -1808,8 +1883,11 @@ impl<P: PeerKey> DataPlane<P> {
         }
         self.last_keyframe.insert((track, layer), now);
         if self.is_publisher() {
-            self.outputs
-                .push_back(Output::KeyframeRequest { track, layer });
+            self.outputs.push_back(Output::KeyframeRequest {
+                epoch: self.epoch.unwrap_or(0),
+                track,
+                layer,
+            });
         } else if let Some(parent) = self.stripes[usize::from(FEEDBACK_STRIPE)].parent {
             self.enqueue_control(parent, Body::Keyframe(DpKeyframe { track, layer }));
         }
@@ -1906,6 +1984,11 @@ impl<P: PeerKey> DataPlane<P> {
             self.tokens_at = now;
         }
         self.peers.get_mut(&peer)?.queue.pop()
+    }
+
+    /// Whether any peer has queued messages.
+    pub fn has_queued(&self) -> bool {
+        self.peers.values().any(|p| !p.queue.is_empty())
     }
 
     /// Peers with queued messages.
