@@ -72,6 +72,8 @@ const MAX_HAVE_LAYERS: usize = 32;
 /// stripe without any forwarder is still served), and after which a joiner starts over.
 const SPARE_AFTER_REDIRECTS: u32 = 4;
 const RESTART_AFTER_REDIRECTS: u32 = 12;
+/// Between two graft attempts in one stripe.
+const GRAFT_INTERVAL: Duration = Duration::from_secs(2);
 /// Backoff (ms) after a refused join: this plus up to as much again, at random.
 const JOIN_BACKOFF_MS: u64 = 100;
 
@@ -180,6 +182,10 @@ pub struct DataPlaneConfig {
     pub deadline: Duration,
     /// Between two pulls of one object.
     pub pull_retry: Duration,
+    /// Move to a neighbour at least two hops closer to the root when one has room
+    /// (Plumtree's optimisation, by hops): lower delay, at the cost of a few shards in flight
+    /// (which pulls bring back) per move.
+    pub graft: bool,
     /// Objects are kept this long (to serve pulls, to recognise duplicates).
     pub retain: Duration,
     /// Period of reports up the feedback tree.
@@ -208,6 +214,7 @@ impl Default for DataPlaneConfig {
             repair_delay: Duration::from_millis(100),
             deadline: Duration::from_millis(1500),
             pull_retry: Duration::from_millis(200),
+            graft: true,
             retain: Duration::from_secs(4),
             report_interval: Duration::from_secs(1),
             keyframe_coalesce: Duration::from_millis(500),
@@ -288,6 +295,8 @@ pub struct DataPlaneStats {
     /// Media messages shed from full send queues.
     pub shed: u64,
     pub joins_sent: u64,
+    /// Joins sent to a shallower neighbour while having a parent (see `graft`).
+    pub grafts_sent: u64,
     pub redirects_received: u64,
     pub parent_changes: u64,
     /// Current state.
@@ -356,6 +365,8 @@ struct Peer {
     interior: Option<u8>,
     can_forward: bool,
     report: Option<(Instant, Summary)>,
+    /// Its depth in each stripe, from its last have (0: unknown or not attached).
+    depths: Vec<u32>,
 }
 
 struct Stripe<P> {
@@ -372,6 +383,8 @@ struct Stripe<P> {
     next_join_at: Instant,
     /// Since when we have children but no parent here.
     orphan_since: Option<Instant>,
+    /// No graft attempt before this.
+    next_graft: Instant,
     refused: BTreeMap<P, Instant>,
     sent_subs: Option<BTreeSet<(u32, u32)>>,
 }
@@ -437,6 +450,7 @@ impl<P: PeerKey> DataPlane<P> {
                 redirects: 0,
                 next_join_at: now,
                 orphan_since: None,
+                next_graft: now,
                 refused: BTreeMap::new(),
                 sent_subs: None,
             })
@@ -561,6 +575,7 @@ impl<P: PeerKey> DataPlane<P> {
             interior: None,
             can_forward: false,
             report: None,
+            depths: Vec::new(),
         });
         if !info.is_empty() {
             entry.info = info;
@@ -1084,6 +1099,14 @@ impl<P: PeerKey> DataPlane<P> {
         self.stripes.iter().map(|s| s.children.len()).sum()
     }
 
+    /// Forwards nothing in its interior stripe yet (so it may move it).
+    fn is_flexible(&self) -> bool {
+        self.can_forward()
+            && self
+                .interior
+                .is_none_or(|i| self.stripes[usize::from(i)].children.is_empty())
+    }
+
     fn can_forward(&self) -> bool {
         self.config.upload_capacity_kbps != Some(0)
     }
@@ -1107,6 +1130,8 @@ impl<P: PeerKey> DataPlane<P> {
             interior: self.interior.map_or(-1, i32::from),
             can_forward: self.can_forward(),
             redirects: self.stripes[usize::from(s)].redirects,
+            flexible: self.is_flexible(),
+            graft: self.stripes[usize::from(s)].parent.is_some(),
             layers: wanted
                 .iter()
                 .map(|&(track, layer)| DpTrackLayer { track, layer })
@@ -1209,10 +1234,11 @@ impl<P: PeerKey> DataPlane<P> {
             } else {
                 self.stripes[si].orphan_since = None;
             }
-            if self.stripes[si].parent.is_some()
-                || self.stripes[si].joining.is_some()
-                || now < self.stripes[si].next_join_at
-            {
+            if self.stripes[si].parent.is_some() {
+                self.try_graft(now, s);
+                continue;
+            }
+            if self.stripes[si].joining.is_some() || now < self.stripes[si].next_join_at {
                 continue;
             }
             let candidate = match self.stripes[si].next_candidate.take() {
@@ -1226,6 +1252,43 @@ impl<P: PeerKey> DataPlane<P> {
             } else {
                 self.stripes[si].joining = Some((candidate, now, false));
             }
+        }
+    }
+
+    /// Plumtree's optimisation, by hops: a neighbour at least two hops closer to the root
+    /// than our parent is asked to take us; our parent is left only once it accepted.
+    fn try_graft(&mut self, now: Instant, s: u8) {
+        let si = usize::from(s);
+        if self.stripes[si].joining.is_some() || now < self.stripes[si].next_graft {
+            return;
+        }
+        self.stripes[si].next_graft = now + GRAFT_INTERVAL;
+        if !self.config.graft {
+            return;
+        }
+        let ours = self.stripes[si].path.len() as u32;
+        let parent = self.stripes[si].parent;
+        let better: Vec<(P, u32)> = self
+            .peers
+            .iter()
+            .filter(|(p, _)| Some(**p) != parent && !self.stripes[si].children.contains(p))
+            .filter(|(p, _)| !self.stripes[si].refused.contains_key(p))
+            .filter_map(|(p, peer)| peer.depths.get(si).map(|d| (*p, *d)))
+            .filter(|(_, d)| *d > 0 && d + 2 < ours)
+            .collect();
+        let Some(best) = better.iter().map(|(_, d)| *d).min() else {
+            return;
+        };
+        let shallowest: Vec<P> = better
+            .iter()
+            .filter(|(_, d)| *d == best)
+            .map(|(p, _)| *p)
+            .collect();
+        if let Some(target) = self.pick(&shallowest) {
+            self.stripes[si].joining = Some((target, now, true));
+            self.stats.grafts_sent += 1;
+            self.stats.joins_sent -= 1;
+            self.send_join(s, target);
         }
     }
 
@@ -1244,6 +1307,21 @@ impl<P: PeerKey> DataPlane<P> {
             .filter(|p| !self.stripes[si].children.contains(p))
             .copied()
             .collect();
+        // The shallowest neighbours in this tree first (their haves say), else anyone.
+        let depth = |p: &P| {
+            self.peers
+                .get(p)
+                .and_then(|peer| peer.depths.get(si).copied())
+                .filter(|d| *d > 0)
+        };
+        if let Some(best) = candidates.iter().filter_map(depth).min() {
+            let shallowest: Vec<P> = candidates
+                .iter()
+                .filter(|p| depth(p) == Some(best))
+                .copied()
+                .collect();
+            return self.pick(&shallowest);
+        }
         if !candidates.is_empty() {
             return self.pick(&candidates);
         }
@@ -1301,9 +1379,24 @@ impl<P: PeerKey> DataPlane<P> {
                 None => self.refuse(s, from),
             };
         }
-        // A joiner that forwards in this stripe.
-        let capable = join.can_forward && their_interior == Some(s);
+        // A joiner that forwards in this stripe (or, at the root, may start to).
+        let capable = join.can_forward
+            && (their_interior == Some(s) || (self.is_publisher() && join.flexible));
         let forwards_here = self.is_publisher() || self.interior == Some(s);
+        if join.graft {
+            let room = if self.is_publisher() {
+                self.stripes[si].children.len() < self.config.root_slots
+            } else {
+                self.can_forward()
+                    && (self.interior == Some(s) || !self.stripes[si].children.is_empty())
+                    && self.total_children() < self.max_children()
+            };
+            return if room {
+                self.accept_child(s, from)
+            } else {
+                self.refuse(s, from)
+            };
+        }
         // The interior stripe comes first: a spare child elsewhere makes room for it.
         if !self.is_publisher()
             && forwards_here
@@ -1492,6 +1585,14 @@ impl<P: PeerKey> DataPlane<P> {
         }
         self.stripes[si].joining = None;
         self.stripes[si].redirects = 0;
+        // Taken as a stripe root while forwarding nothing elsewhere: forward here.
+        if let Role::Viewer { publisher, .. } = self.role
+            && from == publisher
+            && self.interior != Some(s)
+            && self.is_flexible()
+        {
+            self.interior = Some(s);
+        }
         let mut path = accept.path;
         path.push(self.me_short);
         self.stripes[si].path = path;
@@ -1531,6 +1632,12 @@ impl<P: PeerKey> DataPlane<P> {
         let from_parent = self.stripes[si].parent == Some(from);
         let from_target = self.stripes[si].joining.is_some_and(|(p, _, _)| p == from);
         if !from_parent && !from_target {
+            return;
+        }
+        if from_target && !from_parent && self.stripes[si].parent.is_some() {
+            // A graft declined: keep the parent we have.
+            self.stripes[si].joining = None;
+            self.stripes[si].refused.insert(from, now);
             return;
         }
         self.stats.redirects_received += 1;
@@ -1684,6 +1791,7 @@ impl<P: PeerKey> DataPlane<P> {
                 .into_iter()
                 .map(|l| ((l.track, l.layer), l))
                 .collect();
+            peer.depths = have.depths.into_iter().take(64).collect();
         }
         for key in learned {
             if self.objects.len() < MAX_OBJECTS && !self.is_old(&key) {
@@ -1728,11 +1836,9 @@ impl<P: PeerKey> DataPlane<P> {
                 entry.complete |= 1 << i;
             }
         }
-        if per_layer.is_empty() {
-            return;
-        }
         let layers: Vec<DpHaveLayer> = per_layer.into_values().take(MAX_HAVE_LAYERS).collect();
-        let bytes = self.encode(Body::Have(DpHave { layers }));
+        let depths = self.stripes.iter().map(|s| s.path.len() as u32).collect();
+        let bytes = self.encode(Body::Have(DpHave { layers, depths }));
         let neighbours: BTreeSet<P> = self
             .stripes
             .iter()
@@ -1973,7 +2079,8 @@ impl<P: PeerKey> DataPlane<P> {
         if let Some(capacity) = self.config.upload_capacity_kbps.filter(|c| *c > 0) {
             let rate = capacity as f64 * 1000.0 / 8.0;
             let elapsed = now.saturating_duration_since(self.tokens_at).as_secs_f64();
-            let burst = (rate * 0.2).max(64.0 * 1024.0);
+            // 100 ms of sending (at least one large message) may go out at once.
+            let burst = (rate * 0.1).max(16.0 * 1024.0);
             self.tokens = (self.tokens + elapsed * rate).min(burst);
             self.tokens_at = now;
             if self.tokens < len as f64 && self.tokens < burst {

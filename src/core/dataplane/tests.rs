@@ -402,9 +402,10 @@ fn tree_repairs_itself_after_an_interior_viewer_dies() {
 
 #[test]
 fn a_stripe_lost_entirely_is_rebuilt_from_parity() {
-    // Parents are not replaced for silence here: parity alone must do it.
+    // Parents are not replaced (for silence or depth) here: parity alone must do it.
     let config = DataPlaneConfig {
         parent_silence: Duration::from_secs(60),
+        graft: false,
         ..DataPlaneConfig::default()
     };
     let mut net = Net::new(config.clone());
@@ -507,7 +508,11 @@ fn upload_capacity_bounds_children_and_rate() {
     net.run(Duration::from_secs(2), None);
     for id in (2..=24).step_by(2) {
         let kbps = net.up.get(&id).copied().unwrap_or(0) as f64 * 8.0 / 6.0 / 1000.0;
-        assert!(kbps <= 1000.0, "viewer {id} sent {kbps:.0} kbit/s");
+        // The capacity plus at most one burst (16 KiB) over the 6 s measured.
+        assert!(
+            kbps <= 1000.0 + 16.0 * 8.0 / 6.0,
+            "viewer {id} sent {kbps:.0} kbit/s"
+        );
         assert!(
             net.nodes[&id].stats().children <= 4,
             "{} children, max {} rate {}",
