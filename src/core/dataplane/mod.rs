@@ -74,6 +74,12 @@ const SPARE_AFTER_REDIRECTS: u32 = 4;
 const RESTART_AFTER_REDIRECTS: u32 = 12;
 /// Between two graft attempts in one stripe.
 const GRAFT_INTERVAL: Duration = Duration::from_secs(2);
+/// After a parent change, pulls wait only `FAST_REPAIR_DELAY`, for this long.
+const FAST_REPAIR: Duration = Duration::from_millis(500);
+const FAST_REPAIR_DELAY: Duration = Duration::from_millis(15);
+/// How long an object with enough shards waits for a missing data shard before it is
+/// decoded with parity (shards of one object travel different stripes and arrive spread).
+const DECODE_GRACE: Duration = Duration::from_millis(3);
 /// Backoff (ms) after a refused join: this plus up to as much again, at random.
 const JOIN_BACKOFF_MS: u64 = 100;
 
@@ -211,7 +217,7 @@ impl Default for DataPlaneConfig {
             join_timeout: Duration::from_millis(1500),
             parent_silence: Duration::from_millis(1500),
             have_interval: Duration::from_millis(250),
-            repair_delay: Duration::from_millis(100),
+            repair_delay: Duration::from_millis(50),
             deadline: Duration::from_millis(1500),
             pull_retry: Duration::from_millis(200),
             graft: true,
@@ -327,6 +333,8 @@ struct Object<P> {
     forwarded: u64,
     last_pull: Option<Instant>,
     missed: bool,
+    /// Enough shards, some data shard missing: decode at this time unless it comes.
+    decode_at: Option<Instant>,
 }
 
 impl<P> Object<P> {
@@ -342,6 +350,7 @@ impl<P> Object<P> {
             forwarded: 0,
             last_pull: None,
             missed: false,
+            decode_at: None,
         }
     }
 }
@@ -425,6 +434,12 @@ pub struct DataPlane<P: PeerKey> {
     last_now: Instant,
     /// Some object may still need a pull (cleared when a scan finds none).
     repair_pending: bool,
+    /// Until then, pulls go out without waiting `repair_delay` (a parent just changed).
+    fast_repair_until: Instant,
+    /// No graft in any stripe before this.
+    next_graft_any: Instant,
+    /// Objects with enough shards waiting for their decode grace.
+    pending_decodes: BTreeSet<ObjectKey>,
     stats: DataPlaneStats,
 }
 
@@ -486,6 +501,9 @@ impl<P: PeerKey> DataPlane<P> {
             rng,
             last_now: now,
             repair_pending: false,
+            fast_repair_until: now,
+            next_graft_any: now,
+            pending_decodes: BTreeSet::new(),
             stats: DataPlaneStats::default(),
             config,
         };
@@ -608,7 +626,7 @@ impl<P: PeerKey> DataPlane<P> {
                 stripe.parent = None;
                 stripe.path.clear();
                 stripe.sent_subs = None;
-                self.stats.parent_changes += 1;
+                self.parent_changed();
                 self.update_child_paths(s);
             }
             let stripe = &mut self.stripes[usize::from(s)];
@@ -818,10 +836,44 @@ impl<P: PeerKey> DataPlane<P> {
         }
         obj.shards[i] = Some(data);
         obj.received += 1;
-        let enough = obj.received >= manifest.layout.data;
+        let data_count = manifest.layout.data;
+        let enough = obj.received >= data_count;
+        // Every data shard: the object is their concatenation. Enough with parity among
+        // them: decoding costs a Reed-Solomon erasure decode (Leopard's error locator over
+        // GF(2^16), ~0.1-0.2 ms), so a data shard still on its way gets DECODE_GRACE first.
+        let all_data = obj.shards[..data_count].iter().all(Option::is_some);
+        let decode_at = now + DECODE_GRACE;
+        if enough && !all_data && obj.decode_at.is_none() {
+            obj.decode_at = Some(decode_at);
+        }
         self.forward_shard(key, index);
-        if enough {
+        if all_data {
             self.complete(now, key);
+        } else if enough {
+            self.pending_decodes.insert(key);
+        }
+    }
+
+    /// Objects whose decode grace ended.
+    fn run_decodes(&mut self, now: Instant) {
+        if self.pending_decodes.is_empty() {
+            return;
+        }
+        let due: Vec<ObjectKey> = self
+            .pending_decodes
+            .iter()
+            .filter(|key| {
+                self.objects
+                    .get(key)
+                    .is_none_or(|o| o.complete.is_some() || o.decode_at.is_none_or(|at| at <= now))
+            })
+            .copied()
+            .collect();
+        for key in due {
+            self.pending_decodes.remove(&key);
+            if self.objects.get(&key).is_some_and(|o| o.complete.is_none()) {
+                self.complete(now, key);
+            }
         }
     }
 
@@ -1063,6 +1115,13 @@ impl<P: PeerKey> DataPlane<P> {
             .collect()
     }
 
+    /// A stripe changed parent: shards in flight may be lost, so what is missing is pulled
+    /// at once for a while instead of after `repair_delay`.
+    fn parent_changed(&mut self) {
+        self.stats.parent_changes += 1;
+        self.fast_repair_until = self.last_now + FAST_REPAIR;
+    }
+
     fn note_rate(&mut self, now: Instant, bytes: usize) {
         self.rate_window.1 += bytes as u64;
         let elapsed = now.saturating_duration_since(self.rate_window.0);
@@ -1209,7 +1268,7 @@ impl<P: PeerKey> DataPlane<P> {
                 self.stripes[si].path.clear();
                 self.stripes[si].sent_subs = None;
                 self.stripes[si].refused.insert(parent, now);
-                self.stats.parent_changes += 1;
+                self.parent_changed();
                 self.update_child_paths(s);
             }
             // An orphan subtree whose every candidate is below it (their paths contain us)
@@ -1259,7 +1318,10 @@ impl<P: PeerKey> DataPlane<P> {
     /// than our parent is asked to take us; our parent is left only once it accepted.
     fn try_graft(&mut self, now: Instant, s: u8) {
         let si = usize::from(s);
-        if self.stripes[si].joining.is_some() || now < self.stripes[si].next_graft {
+        if self.stripes[si].joining.is_some()
+            || now < self.stripes[si].next_graft
+            || now < self.next_graft_any
+        {
             return;
         }
         self.stripes[si].next_graft = now + GRAFT_INTERVAL;
@@ -1285,6 +1347,8 @@ impl<P: PeerKey> DataPlane<P> {
             .map(|(p, _)| *p)
             .collect();
         if let Some(target) = self.pick(&shallowest) {
+            // One move at a time: each costs shards in flight and reshapes a subtree.
+            self.next_graft_any = now + GRAFT_INTERVAL / 4;
             self.stripes[si].joining = Some((target, now, true));
             self.stats.grafts_sent += 1;
             self.stats.joins_sent -= 1;
@@ -1579,7 +1643,7 @@ impl<P: PeerKey> DataPlane<P> {
             );
         }
         if old != Some(from) {
-            self.stats.parent_changes += 1;
+            self.parent_changed();
             self.stripes[si].last_data = now;
             self.stripes[si].sent_subs = None;
         }
@@ -1646,7 +1710,7 @@ impl<P: PeerKey> DataPlane<P> {
             self.stripes[si].parent = None;
             self.stripes[si].path.clear();
             self.stripes[si].sent_subs = None;
-            self.stats.parent_changes += 1;
+            self.parent_changed();
             self.update_child_paths(s);
         }
         self.stripes[si].joining = None;
@@ -1697,7 +1761,7 @@ impl<P: PeerKey> DataPlane<P> {
             self.stripes[si].parent = None;
             self.stripes[si].path.clear();
             self.stripes[si].sent_subs = None;
-            self.stats.parent_changes += 1;
+            self.parent_changed();
             self.update_child_paths(s);
             self.maintain_tree(now);
         }
@@ -1856,6 +1920,11 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let mut pulls = Vec::new();
         let mut pending = false;
+        let repair_delay = if now < self.fast_repair_until {
+            FAST_REPAIR_DELAY.min(self.config.repair_delay)
+        } else {
+            self.config.repair_delay
+        };
         for (key, obj) in &mut self.objects {
             if obj.complete.is_some() || obj.missed {
                 continue;
@@ -1870,7 +1939,7 @@ impl<P: PeerKey> DataPlane<P> {
                 self.stats.objects_missed += 1;
                 continue;
             }
-            if age < self.config.repair_delay
+            if age < repair_delay
                 || obj
                     .last_pull
                     .is_some_and(|at| now.saturating_duration_since(at) < self.config.pull_retry)
@@ -2027,6 +2096,7 @@ impl<P: PeerKey> DataPlane<P> {
     /// Runs the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        self.run_decodes(now);
         self.maintain_tree(now);
         if now >= self.next_have {
             self.next_have = now + self.config.have_interval;
@@ -2059,8 +2129,16 @@ impl<P: PeerKey> DataPlane<P> {
     /// When [`DataPlane::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Instant {
         let mut next = self.next_have.min(self.next_report).min(self.next_expire);
+        if !self.pending_decodes.is_empty() {
+            next = next.min(self.last_now + DECODE_GRACE);
+        }
         if self.repair_pending && !self.is_publisher() {
-            next = next.min(self.last_now + Duration::from_millis(20));
+            let tick = if self.last_now < self.fast_repair_until {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(20)
+            };
+            next = next.min(self.last_now + tick);
         }
         let joining = self.stripes.iter().any(|s| s.parent.is_none());
         if joining && !self.is_publisher() {
