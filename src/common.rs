@@ -25,6 +25,8 @@ pub struct NetworkSettings {
     pub mdns: bool,
     pub kademlia: bool,
     pub stats_interval_ms: u32,
+    /// kbit/s offered for forwarding media: -1 unlimited, 0 receive only.
+    pub upload_capacity_kbps: i64,
 }
 
 impl Default for NetworkSettings {
@@ -37,6 +39,7 @@ impl Default for NetworkSettings {
             mdns: DEFAULT_MDNS,
             kademlia: DEFAULT_KADEMLIA,
             stats_interval_ms: DEFAULT_STATS_INTERVAL_MS,
+            upload_capacity_kbps: -1,
         }
     }
 }
@@ -99,6 +102,19 @@ fn network_properties() -> Vec<glib::ParamSpec> {
             .default_value(DEFAULT_KADEMLIA)
             .mutable_ready()
             .build(),
+        glib::ParamSpecInt64::builder("upload-capacity")
+            .nick("Upload capacity")
+            .blurb(
+                "kbit/s this peer offers for forwarding media to other viewers: -1 unlimited \
+                 (the default: a viewer forwards about one copy of the stream on average, at \
+                 most two), 0 receive only (e.g. a phone on a metered link). The trees never \
+                 give it more children than fit and its media sending is paced to it",
+            )
+            .minimum(-1)
+            .maximum(10_000_000)
+            .default_value(-1)
+            .mutable_ready()
+            .build(),
         glib::ParamSpecUInt::builder("stats-interval")
             .nick("Statistics interval")
             .blurb("Milliseconds between p2plive-stats element messages on the bus (0 = none)")
@@ -159,6 +175,9 @@ impl NetworkSettings {
             }
             "mdns" => self.mdns = value.get().expect("type checked upstream"),
             "kademlia" => self.kademlia = value.get().expect("type checked upstream"),
+            "upload-capacity" => {
+                self.upload_capacity_kbps = value.get().expect("type checked upstream")
+            }
             "stats-interval" => {
                 self.stats_interval_ms = value.get().expect("type checked upstream")
             }
@@ -180,6 +199,7 @@ impl NetworkSettings {
                 .to_value(),
             "mdns" => self.mdns.to_value(),
             "kademlia" => self.kademlia.to_value(),
+            "upload-capacity" => self.upload_capacity_kbps.to_value(),
             "stats-interval" => self.stats_interval_ms.to_value(),
             _ => return None,
         })
@@ -213,6 +233,7 @@ impl NetworkSettings {
         config.mdns = self.mdns;
         config.kademlia = self.kademlia;
         config.max_transmit_size = max_transmit_size;
+        config.upload_capacity_kbps = u64::try_from(self.upload_capacity_kbps).ok();
         Ok(config)
     }
 }
@@ -300,7 +321,7 @@ pub fn node_stats_fields(
     node: &crate::node::Node,
 ) -> gst::structure::Builder {
     let stats = node.stats();
-    builder
+    let builder = builder
         .field("connected-peers", stats.connected_peers as u64)
         .field("messages-received", stats.messages_received)
         .field("messages-accepted", stats.messages_accepted)
@@ -313,7 +334,30 @@ pub fn node_stats_fields(
         .field("publish-no-peers", stats.publish_no_peers)
         .field("publish-queue-full", stats.publish_queue_full)
         .field("slow-peer-reports", stats.slow_peer_reports)
-        .field("send-queue-drops", stats.send_queue_drops)
+        .field("send-queue-drops", stats.send_queue_drops);
+    let builder = builder
+        .field("peers-banned", stats.peers_banned)
+        .field("media-frames-received", stats.media_frames_received)
+        .field("media-frames-sent", stats.media_frames_sent);
+    match stats.data_plane {
+        Some(dp) => builder
+            .field("tree-parents", dp.parents as u64)
+            .field("tree-children", dp.children as u64)
+            .field("tree-depth", dp.depth as u64)
+            .field(
+                "tree-interior-stripe",
+                dp.interior_stripe.map_or(-1, i32::from),
+            )
+            .field("tree-parent-changes", dp.parent_changes)
+            .field("shards-received", dp.shards_received)
+            .field("shards-sent", dp.shards_sent)
+            .field("objects-rebuilt", dp.objects_rebuilt)
+            .field("objects-missed", dp.objects_missed)
+            .field("pulls-sent", dp.pulls_sent)
+            .field("pulls-served", dp.pulls_served)
+            .field("media-shed", dp.shed),
+        None => builder,
+    }
 }
 
 /// Stops `node`, letting it send what is queued for up to `linger`, and waits for that

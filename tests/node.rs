@@ -4,6 +4,7 @@
 //! Nothing here sleeps for a fixed time: publishers republish every 100 ms until the viewer
 //! has seen what the test waits for, bounded by a generous timeout.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use gstp2plive::core::wire::{self, Catalog, Fragment, FrameHeader, Track, TrackKind};
@@ -878,4 +879,139 @@ fn address_lists_parse_with_clear_errors() {
     let peer = PeerId::random();
     let ok = node::parse_bootstrap(&format!("/ip4/127.0.0.1/udp/4001/quic-v1/p2p/{peer}")).unwrap();
     assert_eq!(ok[0].iter().last(), Some(Protocol::P2p(peer)));
+}
+
+fn sized_fragment(epoch: u64, sequence: u64, size: usize) -> Vec<u8> {
+    let payload = vec![(sequence % 251) as u8; size];
+    wire::encode(&Message::Fragment(Fragment {
+        epoch,
+        track: 0,
+        layer: 0,
+        sequence,
+        index: 0,
+        count: 1,
+        header: Some(FrameHeader {
+            pts_ns: Some(sequence * 33_333_333),
+            keyframe: true,
+            frame_size: size as u32,
+            ..Default::default()
+        }),
+        payload: payload.into(),
+    }))
+}
+
+/// The media data plane between real nodes: a viewer that forwards to others is killed, and
+/// every other viewer keeps receiving (the trees repair; pulls fill the gap); a receive-only
+/// viewer forwards no media and still receives everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_forward_nothing() {
+    init_tracing();
+    let publisher = Peer::start(local_config(&[], false)).await;
+    publisher.node.announce_stream(STREAM).unwrap();
+    let mut viewers: Vec<Peer> = Vec::new();
+    for i in 0..8 {
+        let mut bootstrap = vec![publisher.tcp_addr().clone()];
+        bootstrap.extend(viewers.iter().rev().take(2).map(|v| v.tcp_addr().clone()));
+        let refs: Vec<&Multiaddr> = bootstrap.iter().collect();
+        let mut config = local_config(&refs, false);
+        if i == 7 {
+            config.upload_capacity_kbps = Some(0);
+        }
+        let viewer = Peer::start(config).await;
+        viewer
+            .node
+            .join_stream(STREAM, Some(publisher.id()), vec![MEDIA])
+            .unwrap();
+        viewers.push(viewer);
+    }
+    let epoch = 7;
+    let mut sequence = 0u64;
+    let mut received: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); viewers.len()];
+    // Runs `ms` of a 30 frames/s stream of 6 kB frames (shards over every stripe).
+    async fn run(
+        publisher: &Peer,
+        viewers: &mut [Peer],
+        received: &mut [BTreeSet<u64>],
+        sequence: &mut u64,
+        epoch: u64,
+        ms: u64,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(33));
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        while tokio::time::Instant::now() < end {
+            tick.tick().await;
+            if *sequence % 30 == 0 {
+                let _ = publisher
+                    .node
+                    .publish(STREAM, Channel::Control, catalog(epoch, *sequence));
+            }
+            let _ = publisher
+                .node
+                .publish(STREAM, MEDIA, sized_fragment(epoch, *sequence, 6000));
+            *sequence += 1;
+            for (viewer, got) in viewers.iter_mut().zip(received.iter_mut()) {
+                while let Ok(event) = viewer.events.try_recv() {
+                    if let Some((_, seq)) = fragment_sequence(&event) {
+                        got.insert(seq);
+                    }
+                }
+            }
+        }
+    }
+    run(
+        &publisher,
+        &mut viewers,
+        &mut received,
+        &mut sequence,
+        epoch,
+        6000,
+    )
+    .await;
+    let forwarded = |peer: &Peer| peer.node.stats().data_plane.map_or(0, |dp| dp.children);
+    // The viewer with the most children dies (not the receive-only one).
+    let victim = (0..7).max_by_key(|&i| forwarded(&viewers[i])).unwrap();
+    assert!(forwarded(&viewers[victim]) > 0, "nobody forwards");
+    viewers[victim].node.shutdown(Duration::ZERO);
+    let killed_at = sequence;
+    run(
+        &publisher,
+        &mut viewers,
+        &mut received,
+        &mut sequence,
+        epoch,
+        6000,
+    )
+    .await;
+    let end = sequence;
+    for (i, got) in received.iter().enumerate() {
+        if i == victim {
+            continue;
+        }
+        // The last 4 s all arrived: the tree repaired within the first 2 s after the kill.
+        let tail: Vec<u64> = (killed_at + 60..end - 5)
+            .filter(|s| !got.contains(s))
+            .collect();
+        assert!(
+            tail.is_empty(),
+            "viewer {i} missed {tail:?}; {:?}",
+            viewers[i].node.stats()
+        );
+        let window = (killed_at..end).filter(|s| got.contains(s)).count() as u64;
+        assert!(
+            window * 10 >= (end - killed_at) * 9,
+            "viewer {i}: {window} of {}",
+            end - killed_at
+        );
+    }
+    let phone = viewers[7].node.stats();
+    let dp = phone.data_plane.expect("a data plane");
+    assert_eq!(dp.children, 0);
+    assert_eq!(
+        dp.shards_sent, 0,
+        "the receive-only viewer sent shards: {dp:?}"
+    );
+    for viewer in &viewers {
+        viewer.node.shutdown(Duration::ZERO);
+    }
+    publisher.node.shutdown(Duration::ZERO);
 }

@@ -30,6 +30,8 @@ use crate::core::{Channel, Limits, Message};
 
 /// Most listen addresses of a peer passed on in redirects.
 const MAX_INFO_ADDRS: usize = 8;
+/// Times our media stream to one peer is re-opened while connected before giving up.
+const MEDIA_RETRIES: u32 = 3;
 /// While a data plane has queued messages, its writers are refilled at least this often.
 const MEDIA_FLUSH: Duration = Duration::from_millis(5);
 
@@ -329,6 +331,8 @@ pub(crate) struct EventLoop {
     peer_info: HashMap<PeerId, Bytes>,
     /// Peers the data plane caught misbehaving: disconnected, never accepted again.
     banned: HashSet<PeerId>,
+    /// Our media streams re-opened per peer.
+    media_retries: HashMap<PeerId, u32>,
     max_peers: usize,
 }
 
@@ -384,6 +388,7 @@ impl EventLoop {
             signing,
             peer_info: HashMap::new(),
             banned: HashSet::new(),
+            media_retries: HashMap::new(),
             max_peers: parts.max_peers,
         })
     }
@@ -1117,7 +1122,22 @@ impl EventLoop {
                 };
                 media.opened(peer, writer);
             }
-            MediaEvent::Down { peer } => self.media_down(peer),
+            MediaEvent::Down { peer } => {
+                // Our stream ended while the connection lives on (a race with a second
+                // connection, a reset): open another; the data plane keeps the peer and its
+                // queue meanwhile. Peers that do not speak the protocol fail again and again:
+                // a few tries, then they are dropped from the data plane.
+                let tries = self.media_retries.entry(peer).or_default();
+                *tries += 1;
+                if self.swarm.is_connected(&peer) && *tries <= MEDIA_RETRIES {
+                    if let Some(media) = self.media.as_mut() {
+                        media.close(&peer);
+                        media.open(peer);
+                    }
+                } else {
+                    self.media_down(peer);
+                }
+            }
             MediaEvent::Frame { peer, bytes } => {
                 bump(&self.stats.media_frames_received);
                 if self.inbound_loss.as_mut().is_some_and(LossHook::drops) {
@@ -1137,6 +1157,7 @@ impl EventLoop {
     }
 
     fn media_down(&mut self, peer: PeerId) {
+        self.media_retries.remove(&peer);
         if let Some(media) = self.media.as_mut() {
             media.close(&peer);
         }

@@ -1998,6 +1998,10 @@ impl<P: PeerKey> DataPlane<P> {
     }
 
     fn on_pull(&mut self, from: P, pull: DpPull) {
+        // A receive-only peer uploads no media, pulls included (the puller tries another).
+        if !self.can_forward() && !self.is_publisher() {
+            return;
+        }
         let Some(key) = pull.key.as_ref().map(ObjectKey::from_proto) else {
             return;
         };
