@@ -20,7 +20,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo"
 fi
 
 CARGO_FUZZ_VERSION=0.13.2
-TARGETS=(wire_decode reassembly playout subscriber)
+TARGETS=(wire_decode reassembly playout subscriber dataplane)
 # Inputs run per target in the check, from an empty corpus with a fixed seed: the same
 # inputs on every run of one build, so the check cannot pass or fail by luck. Seconds each.
 SMOKE_RUNS=${FUZZ_SMOKE_RUNS:-100000}

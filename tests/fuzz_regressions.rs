@@ -16,11 +16,12 @@ use std::path::{Path, PathBuf};
 /// A harness: one fuzz case.
 type Run = fn(&[u8]);
 
-const TARGETS: [(&str, Run); 4] = [
+const TARGETS: [(&str, Run); 5] = [
     ("wire_decode", harness::wire_decode::run),
     ("reassembly", harness::reassembly::run),
     ("playout", harness::playout::run),
     ("subscriber", harness::subscriber::run),
+    ("dataplane", harness::dataplane::run),
 ];
 
 fn inputs(dir: &Path) -> Vec<PathBuf> {
@@ -93,4 +94,9 @@ fn playout() {
 #[test]
 fn subscriber() {
     check("subscriber");
+}
+
+#[test]
+fn dataplane() {
+    check("dataplane");
 }

@@ -940,7 +940,7 @@ async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_fo
         let end = tokio::time::Instant::now() + Duration::from_millis(ms);
         while tokio::time::Instant::now() < end {
             tick.tick().await;
-            if *sequence % 30 == 0 {
+            if sequence.is_multiple_of(30) {
                 let _ = publisher
                     .node
                     .publish(STREAM, Channel::Control, catalog(epoch, *sequence));

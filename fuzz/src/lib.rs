@@ -5,6 +5,7 @@
 //! `tests/fuzz_regressions.rs` includes this file by path and replays the saved inputs of
 //! `fuzz/regressions/<target>/` through the same functions.
 
+pub mod dataplane;
 pub mod input;
 pub mod playout;
 pub mod reassembly;

@@ -30,6 +30,8 @@ use crate::core::{Channel, Limits, Message};
 
 /// Most listen addresses of a peer passed on in redirects.
 const MAX_INFO_ADDRS: usize = 8;
+/// Media events handled per event-loop iteration at most.
+const MEDIA_BATCH: usize = 64;
 /// Times our media stream to one peer is re-opened while connected before giving up.
 const MEDIA_RETRIES: u32 = 3;
 /// While a data plane has queued messages, its writers are refilled at least this often.
@@ -435,7 +437,17 @@ impl EventLoop {
                     if listening_flush.is_some() => self.flush_listening(),
                 _ = maintenance.tick() => self.maintenance(),
                 event = recv_opt(&mut self.media_events) => match event {
-                    Some(event) => self.handle_media_event(event),
+                    Some(event) => {
+                        self.handle_media_event(event);
+                        // Frames come in bursts (a frame is ~16 shards): take what is
+                        // queued before the per-iteration work (timers, flushing writers).
+                        for _ in 0..MEDIA_BATCH {
+                            match self.media_events.as_mut().map(mpsc::Receiver::try_recv) {
+                                Some(Ok(event)) => self.handle_media_event(event),
+                                _ => break,
+                            }
+                        }
+                    }
                     None => self.media_events = None,
                 },
                 () = tokio::time::sleep_until(plane_deadline), if planes_running => {
@@ -1149,7 +1161,7 @@ impl EventLoop {
                     return;
                 };
                 if let Some(plane) = self.planes.get_mut(stream) {
-                    plane.handle_message(now, peer, &bytes);
+                    plane.handle_message(now, peer, bytes);
                 }
             }
         }

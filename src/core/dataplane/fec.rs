@@ -58,7 +58,7 @@ impl Layout {
         if self.length > max_object || self.length == 0 {
             return Err(FecError::Layout("length"));
         }
-        if self.shard_len % 2 != 0
+        if !self.shard_len.is_multiple_of(2)
             || self.shard_len < self.length.div_ceil(self.data)
             || self.shard_len > self.length.div_ceil(self.data) + 2
         {

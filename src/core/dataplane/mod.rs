@@ -440,6 +440,8 @@ pub struct DataPlane<P: PeerKey> {
     next_graft_any: Instant,
     /// Objects with enough shards waiting for their decode grace.
     pending_decodes: BTreeSet<ObjectKey>,
+    /// Newest complete frame per (track, layer).
+    newest_complete: HashMap<(u32, u32), u64>,
     stats: DataPlaneStats,
 }
 
@@ -504,6 +506,7 @@ impl<P: PeerKey> DataPlane<P> {
             fast_repair_until: now,
             next_graft_any: now,
             pending_decodes: BTreeSet::new(),
+            newest_complete: HashMap::new(),
             stats: DataPlaneStats::default(),
             config,
         };
@@ -555,6 +558,7 @@ impl<P: PeerKey> DataPlane<P> {
             self.objects.clear();
             self.frames.clear();
             self.newest.clear();
+            self.newest_complete.clear();
             self.first.clear();
         }
     }
@@ -711,7 +715,9 @@ impl<P: PeerKey> DataPlane<P> {
     }
 
     /// A data-plane message from `from`.
-    pub fn handle_message(&mut self, now: Instant, from: P, bytes: &[u8]) {
+    ///
+    /// Shard payloads are slices of `bytes` (no copy).
+    pub fn handle_message(&mut self, now: Instant, from: P, bytes: Bytes) {
         self.last_now = now;
         if self.banned.contains(&from) || !self.peers.contains_key(&from) {
             return;
@@ -1036,6 +1042,10 @@ impl<P: PeerKey> DataPlane<P> {
 
     fn note_frame(&mut self, now: Instant, key: &ObjectKey, fragments: u32, complete: bool) {
         let layer = (key.track, key.layer);
+        if complete {
+            let newest = self.newest_complete.entry(layer).or_insert(key.sequence);
+            *newest = (*newest).max(key.sequence);
+        }
         let newest = self.newest.entry(layer).or_insert(key.sequence);
         *newest = (*newest).max(key.sequence);
         self.first.entry(layer).or_insert(key.sequence);
@@ -1720,7 +1730,9 @@ impl<P: PeerKey> DataPlane<P> {
         let target = P::from_bytes(&redirect.peer).filter(|p| *p != self.me);
         match target {
             Some(target)
-                if self.stripes[si].redirects % RESTART_AFTER_REDIRECTS != 0
+                if !self.stripes[si]
+                    .redirects
+                    .is_multiple_of(RESTART_AFTER_REDIRECTS)
                     && !self.banned.contains(&target) =>
             {
                 self.stripes[si].next_candidate = Some(target);
@@ -1925,6 +1937,7 @@ impl<P: PeerKey> DataPlane<P> {
         } else {
             self.config.repair_delay
         };
+        let newest_complete = &self.newest_complete;
         for (key, obj) in &mut self.objects {
             if obj.complete.is_some() || obj.missed {
                 continue;
@@ -1939,7 +1952,17 @@ impl<P: PeerKey> DataPlane<P> {
                 self.stats.objects_missed += 1;
                 continue;
             }
-            if age < repair_delay
+            // A later frame of its layer is complete already: this one lost something on the
+            // way, no need to wait the whole repair delay.
+            let overtaken = newest_complete
+                .get(&(key.track, key.layer))
+                .is_some_and(|&newest| newest > key.sequence);
+            let delay = if overtaken {
+                FAST_REPAIR_DELAY.min(repair_delay)
+            } else {
+                repair_delay
+            };
+            if age < delay
                 || obj
                     .last_pull
                     .is_some_and(|at| now.saturating_duration_since(at) < self.config.pull_retry)

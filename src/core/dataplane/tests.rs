@@ -221,7 +221,7 @@ impl Net {
                 *self.down_kind.entry((to, kind)).or_default() += bytes.len() as u64;
             }
             if let Some(node) = self.nodes.get_mut(&to) {
-                node.handle_message(now, from, &bytes);
+                node.handle_message(now, from, bytes.clone());
             }
         }
         let ids: Vec<u32> = self.nodes.keys().copied().collect();
@@ -682,7 +682,8 @@ fn a_relay_that_replays_old_objects_is_banned() {
     let config = DataPlaneConfig::default();
     let mut net = Net::new(config.clone());
     viewers(&mut net, 10, &config);
-    let recorded: std::rc::Rc<std::cell::RefCell<Vec<(u32, Vec<u8>)>>> = Default::default();
+    type Recorded = std::rc::Rc<std::cell::RefCell<Vec<(u32, Vec<u8>)>>>;
+    let recorded: Recorded = Default::default();
     let sink = recorded.clone();
     net.tamper = Some(Box::new(move |_, to, raw: &mut Vec<u8>| {
         if let Ok(m) = DpMessage::decode(&raw[..])
@@ -725,7 +726,7 @@ fn a_relay_that_replays_old_objects_is_banned() {
     let before = node.stats().replays;
     let peer = *node.peers().next().unwrap();
     let raw = recorded.borrow()[0].1.clone();
-    node.handle_message(net.now, peer, &raw);
+    node.handle_message(net.now, peer, Bytes::from(raw));
     assert_eq!(node.stats().replays, before + 1);
 }
 
@@ -790,7 +791,7 @@ fn garbage_input_is_counted_never_a_panic() {
                 (rng >> 33) as u8
             })
             .collect();
-        node.handle_message(now, peer, &bytes);
+        node.handle_message(now, peer, Bytes::from(bytes.clone()));
     }
     // The peer was banned on its first malformed message.
     assert!(node.stats().peers_banned <= 1);
