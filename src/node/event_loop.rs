@@ -339,7 +339,7 @@ pub(crate) struct EventLoop {
 }
 
 impl EventLoop {
-    pub(crate) fn new(mut parts: Parts) -> Result<Self, NodeError> {
+    pub(crate) fn new(parts: Parts) -> Result<Self, NodeError> {
         let listening_deadline = Instant::now() + LISTENING_DEADLINE;
         let (media, media_events) = match parts.data_plane {
             DataPlaneMode::Trees => {
@@ -355,8 +355,6 @@ impl EventLoop {
             ..DataPlaneConfig::default()
         };
         let signing = signing_key(&parts.keypair);
-        // Nothing else of the swarm is borrowed mutably before this point.
-        let _ = &mut parts.swarm;
         Ok(Self {
             swarm: parts.swarm,
             peer_id: parts.peer_id,

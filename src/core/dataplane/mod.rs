@@ -64,6 +64,9 @@ pub const MAX_OBJECT_LEN: usize = 1 << 20;
 const MAX_OBJECTS: usize = 8192;
 /// Shards held per object while its manifest has not arrived.
 const MAX_UNVERIFIED: usize = 64;
+/// Bytes of such shards held over all objects: what a peer sending shards of objects that
+/// have no manifest can make us hold (about 10 s of a 3 Mbit/s stream).
+const MAX_UNVERIFIED_BYTES: usize = 4 * 1024 * 1024;
 /// A manifest this many frames older than the newest of its layer, and not wanted, is a replay.
 const REPLAY_WINDOW: u64 = 512;
 /// Layers tracked per peer's have announcement.
@@ -292,6 +295,8 @@ pub struct DataPlaneStats {
     /// Objects given up: still incomplete at their deadline.
     pub objects_missed: u64,
     pub messages_malformed: u64,
+    /// Shards dropped because too many waited for their manifest.
+    pub unverified_dropped: u64,
     pub manifests_forged: u64,
     pub shards_altered: u64,
     pub replays: u64,
@@ -442,6 +447,8 @@ pub struct DataPlane<P: PeerKey> {
     pending_decodes: BTreeSet<ObjectKey>,
     /// Newest complete frame per (track, layer).
     newest_complete: HashMap<(u32, u32), u64>,
+    /// Bytes of shards waiting for their manifest (bounded by `MAX_UNVERIFIED_BYTES`).
+    unverified_bytes: usize,
     stats: DataPlaneStats,
 }
 
@@ -507,6 +514,7 @@ impl<P: PeerKey> DataPlane<P> {
             next_graft_any: now,
             pending_decodes: BTreeSet::new(),
             newest_complete: HashMap::new(),
+            unverified_bytes: 0,
             stats: DataPlaneStats::default(),
             config,
         };
@@ -619,11 +627,11 @@ impl<P: PeerKey> DataPlane<P> {
         if self.peers.remove(&peer).is_none() {
             return;
         }
-        self.forget_peer(now, peer);
+        self.forget_peer(peer);
         self.maintain_tree(now);
     }
 
-    fn forget_peer(&mut self, now: Instant, peer: P) {
+    fn forget_peer(&mut self, peer: P) {
         for s in 0..self.config.stripes {
             let stripe = &mut self.stripes[usize::from(s)];
             if stripe.parent == Some(peer) {
@@ -644,7 +652,6 @@ impl<P: PeerKey> DataPlane<P> {
                 self.send_subscription(s);
             }
         }
-        let _ = now;
     }
 
     /// Publisher: sends `object` (one encoded `Fragment` of `epoch`) down the trees.
@@ -773,7 +780,7 @@ impl<P: PeerKey> DataPlane<P> {
         for obj in self.objects.values_mut() {
             obj.unverified.retain(|(p, _, _)| *p != peer);
         }
-        self.forget_peer(now, peer);
+        self.forget_peer(peer);
         self.outputs.push_back(Output::Disconnect { peer, reason });
         self.maintain_tree(now);
     }
@@ -807,8 +814,14 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         }
         if obj.manifest.is_none() {
-            if obj.unverified.len() < MAX_UNVERIFIED {
+            let len = shard.data.len();
+            if obj.unverified.len() < MAX_UNVERIFIED
+                && self.unverified_bytes + len <= MAX_UNVERIFIED_BYTES
+            {
                 obj.unverified.push((from, shard.index, shard.data));
+                self.unverified_bytes += len;
+            } else {
+                self.stats.unverified_dropped += 1;
             }
             return;
         }
@@ -959,6 +972,8 @@ impl<P: PeerKey> DataPlane<P> {
         });
         obj.manifest_from = Some(from);
         let pending = std::mem::take(&mut obj.unverified);
+        let held: usize = pending.iter().map(|(_, _, data)| data.len()).sum();
+        self.unverified_bytes = self.unverified_bytes.saturating_sub(held);
         self.note_frame(now, &key, fragments, false);
         self.forward_manifest(key);
         for (peer, index, data) in pending {
@@ -1192,7 +1207,11 @@ impl<P: PeerKey> DataPlane<P> {
     }
 
     fn send_join(&mut self, s: u8, to: P) {
-        self.stats.joins_sent += 1;
+        if self.stripes[usize::from(s)].parent.is_some() {
+            self.stats.grafts_sent += 1;
+        } else {
+            self.stats.joins_sent += 1;
+        }
         let wanted = self.wanted_in(s);
         let join = DpJoin {
             stripe: u32::from(s),
@@ -1360,8 +1379,6 @@ impl<P: PeerKey> DataPlane<P> {
             // One move at a time: each costs shards in flight and reshapes a subtree.
             self.next_graft_any = now + GRAFT_INTERVAL / 4;
             self.stripes[si].joining = Some((target, now, true));
-            self.stats.grafts_sent += 1;
-            self.stats.joins_sent -= 1;
             self.send_join(s, target);
         }
     }
@@ -2147,6 +2164,12 @@ impl<P: PeerKey> DataPlane<P> {
         let retain = self.config.retain;
         self.objects
             .retain(|_, o| now.saturating_duration_since(o.first_seen) < retain);
+        // Recounted here (cleared lists, bans and expiry all release their bytes).
+        self.unverified_bytes = self
+            .objects
+            .values()
+            .flat_map(|o| o.unverified.iter().map(|(_, _, data)| data.len()))
+            .sum();
         self.frames.retain(|_, f| {
             f.first_seen
                 .is_none_or(|at| now.saturating_duration_since(at) < retain)

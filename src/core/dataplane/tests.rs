@@ -865,3 +865,30 @@ fn fewer_viewers_than_stripes_fully_connected() {
         );
     }
 }
+
+/// Shards of objects whose manifest never comes are held within a byte budget.
+#[test]
+fn shards_without_a_manifest_are_held_within_a_budget() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 2, &config);
+    let now = net.now;
+    let node = net.nodes.get_mut(&1).unwrap();
+    let peer = *node.peers().next().unwrap();
+    let shard = vec![7u8; 200_000];
+    for sequence in 0..2000u64 {
+        let bytes = node.encode(Body::Shard(DpShard {
+            key: Some(DpKey {
+                track: 0,
+                layer: 0,
+                sequence,
+                fragment: 0,
+            }),
+            index: 0,
+            data: shard.clone().into(),
+        }));
+        node.handle_message(now, peer, bytes);
+    }
+    assert!(node.unverified_bytes <= MAX_UNVERIFIED_BYTES);
+    assert!(node.stats().unverified_dropped > 1900);
+}
