@@ -188,7 +188,10 @@ fn frozen_viewer_costs_the_publisher_bounded_memory_and_resumes() {
     }
     let publisher_stats = publisher.stats("pub");
     let sent = publisher_stats.get::<u64>("payload-bytes").unwrap();
-    let drops = publisher_stats.get::<u64>("send-queue-drops").unwrap();
+    // Media goes on the data plane, whose per-peer queue sheds (`media-shed`); gossipsub's
+    // queue (`send-queue-drops`) carries only the control channel now.
+    let drops = publisher_stats.get::<u64>("send-queue-drops").unwrap()
+        + publisher_stats.get::<u64>("media-shed").unwrap();
     let growth = rss_peak.saturating_sub(rss_before);
     eprintln!(
         "publisher RSS {} MB -> peak {} MB during the freeze (+{} MB); {} MB published in all; \
