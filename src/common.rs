@@ -27,6 +27,8 @@ pub struct NetworkSettings {
     pub stats_interval_ms: u32,
     /// kbit/s offered for forwarding media: -1 unlimited, 0 receive only.
     pub upload_capacity_kbps: i64,
+    /// `gossipsub` or `trees` (see `node::DataPlaneMode`).
+    pub data_plane: String,
 }
 
 impl Default for NetworkSettings {
@@ -40,6 +42,7 @@ impl Default for NetworkSettings {
             kademlia: DEFAULT_KADEMLIA,
             stats_interval_ms: DEFAULT_STATS_INTERVAL_MS,
             upload_capacity_kbps: -1,
+            data_plane: "gossipsub".into(),
         }
     }
 }
@@ -100,6 +103,17 @@ fn network_properties() -> Vec<glib::ParamSpec> {
             .nick("Kademlia")
             .blurb("Find more peers of the stream through the Kademlia DHT")
             .default_value(DEFAULT_KADEMLIA)
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecString::builder("data-plane")
+            .nick("Data plane")
+            .blurb(
+                "What carries media: gossipsub (the default: each viewer receives and relays \
+                 about five copies) or trees (striped, erasure-coded push trees: about one copy \
+                 down and up per viewer; a viewer that stepped down for loss does not step back \
+                 up yet). Every peer of a stream must use the same",
+            )
+            .default_value(Some("gossipsub"))
             .mutable_ready()
             .build(),
         glib::ParamSpecInt64::builder("upload-capacity")
@@ -178,6 +192,12 @@ impl NetworkSettings {
             "upload-capacity" => {
                 self.upload_capacity_kbps = value.get().expect("type checked upstream")
             }
+            "data-plane" => {
+                self.data_plane = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .unwrap_or_else(|| "gossipsub".into())
+            }
             "stats-interval" => {
                 self.stats_interval_ms = value.get().expect("type checked upstream")
             }
@@ -200,6 +220,7 @@ impl NetworkSettings {
             "mdns" => self.mdns.to_value(),
             "kademlia" => self.kademlia.to_value(),
             "upload-capacity" => self.upload_capacity_kbps.to_value(),
+            "data-plane" => self.data_plane.to_value(),
             "stats-interval" => self.stats_interval_ms.to_value(),
             _ => return None,
         })
@@ -234,6 +255,15 @@ impl NetworkSettings {
         config.kademlia = self.kademlia;
         config.max_transmit_size = max_transmit_size;
         config.upload_capacity_kbps = u64::try_from(self.upload_capacity_kbps).ok();
+        config.data_plane = match self.data_plane.as_str() {
+            "gossipsub" => node::DataPlaneMode::Gossipsub,
+            "trees" => node::DataPlaneMode::Trees,
+            other => {
+                return Err(NodeError::InvalidConfig(format!(
+                    "data-plane {other:?}: expected gossipsub or trees"
+                )));
+            }
+        };
         Ok(config)
     }
 }

@@ -114,9 +114,39 @@ fn viewer_plays_through_another_viewer() {
         "p2plivesrc name=b topic={topic} bootstrap={addr} decode=false {LOOPBACK} ! fakesink"
     )));
     let relay_addr = first.listening_addr("b", JOIN);
-    // C knows only B (mDNS and the DHT are off): it joins the trees through B.
+    // C knows only B: mDNS and the DHT are off, so everything it plays came through B.
     let second = Running::start(launch(&format!(
         "p2plivesrc name=c topic={topic} bootstrap={relay_addr} decode=false {LOOPBACK} \
+         ! appsink name=out sync=false"
+    )));
+    let frames = record_appsink(&second.by_name("out"));
+    assert!(
+        wait_for(&frames, 30, JOIN),
+        "C got {} frames",
+        frames.lock().unwrap().len()
+    );
+    assert!(frames.lock().unwrap()[0].keyframe);
+    let stats = second.stats("c");
+    assert_eq!(
+        stats.get::<u64>("connected-peers").unwrap(),
+        1,
+        "C is connected to B only: {stats}"
+    );
+}
+
+#[test]
+fn viewer_plays_through_another_viewer_with_the_trees() {
+    let topic = unique_topic("relay-trees");
+    let (_publisher, addr) = publisher(&h264_source(15), &topic, "data-plane=trees");
+    let first = Running::start(launch(&format!(
+        "p2plivesrc name=b topic={topic} bootstrap={addr} decode=false data-plane=trees {LOOPBACK} \
+         ! fakesink"
+    )));
+    let relay_addr = first.listening_addr("b", JOIN);
+    // C knows only B (mDNS and the DHT are off): it joins the trees through B.
+    let second = Running::start(launch(&format!(
+        "p2plivesrc name=c topic={topic} bootstrap={relay_addr} decode=false data-plane=trees \
+         {LOOPBACK} \
          ! appsink name=out sync=false"
     )));
     let frames = record_appsink(&second.by_name("out"));

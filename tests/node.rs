@@ -27,8 +27,19 @@ fn init_tracing() {
         .try_init();
 }
 
+/// A node on 127.0.0.1 with media over gossipsub: most tests here check that data plane's
+/// promises (authors, relays, counters per message); the trees have their own test below and
+/// `src/core/dataplane/tests.rs`.
 fn local_config(bootstrap: &[&Multiaddr], kademlia: bool) -> NodeConfig {
+    let mut config = trees_config(bootstrap, kademlia);
+    config.data_plane = node::DataPlaneMode::Gossipsub;
+    config
+}
+
+/// A node on 127.0.0.1 with the media data plane (the trees).
+fn trees_config(bootstrap: &[&Multiaddr], kademlia: bool) -> NodeConfig {
     let mut config = NodeConfig::new(Keypair::generate_ed25519());
+    config.data_plane = node::DataPlaneMode::Trees;
     config.listen =
         node::parse_multiaddrs("/ip4/127.0.0.1/udp/0/quic-v1, /ip4/127.0.0.1/tcp/0").unwrap();
     config.bootstrap = bootstrap.iter().map(|addr| (*addr).clone()).collect();
@@ -906,14 +917,14 @@ fn sized_fragment(epoch: u64, sequence: u64, size: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_forward_nothing() {
     init_tracing();
-    let publisher = Peer::start(local_config(&[], false)).await;
+    let publisher = Peer::start(trees_config(&[], false)).await;
     publisher.node.announce_stream(STREAM).unwrap();
     let mut viewers: Vec<Peer> = Vec::new();
     for i in 0..8 {
         let mut bootstrap = vec![publisher.tcp_addr().clone()];
         bootstrap.extend(viewers.iter().rev().take(2).map(|v| v.tcp_addr().clone()));
         let refs: Vec<&Multiaddr> = bootstrap.iter().collect();
-        let mut config = local_config(&refs, false);
+        let mut config = trees_config(&refs, false);
         if i == 7 {
             config.upload_capacity_kbps = Some(0);
         }

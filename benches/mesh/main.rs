@@ -8,10 +8,10 @@
 //! ```
 //!
 //! Modes:
-//! - `p2plive`: the node as configured by default: the media data plane (striped push trees,
-//!   erasure coding, pull repair, signed manifests; `core::dataplane`), gossipsub for the
-//!   control channel only; each viewer subscribes to the layer it plays.
-//! - `p2plive-gossipsub`: the previous default, media over media-tuned gossipsub (reference).
+//! - `p2plive`: the media data plane (`DataPlaneMode::Trees`: striped push trees, erasure
+//!   coding, pull repair, signed manifests; `core::dataplane`), gossipsub for the control
+//!   channel only; each viewer subscribes to the layer it plays.
+//! - `p2plive-gossipsub`: the node's default data plane, media over media-tuned gossipsub.
 //! - `gossipsub-default`: the same nodes with rust-libp2p's gossipsub defaults (mesh 6, flood
 //!   publish) and every viewer receiving every layer, as with all layers on one topic.
 //! - `unicast`: every viewer connects to the publisher only and the publisher flood-publishes,
@@ -35,9 +35,9 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
-    /// The project's data plane as configured by default (the trees).
+    /// The project's media data plane (the trees).
     P2plive,
-    /// Media over media-tuned gossipsub, the data plane before the trees.
+    /// Media over media-tuned gossipsub (the node's default data plane).
     P2pliveGossipsub,
     /// rust-libp2p gossipsub defaults (mesh 6, flood publish), every layer to every viewer.
     GossipsubDefault,

@@ -137,7 +137,7 @@ fn node_config(mode: Mode, bootstrap: Vec<Multiaddr>, publisher: bool) -> NodeCo
     config.bootstrap = bootstrap;
     config.mdns = false;
     match mode {
-        Mode::P2plive => {}
+        Mode::P2plive => config.data_plane = DataPlaneMode::Trees,
         Mode::P2pliveGossipsub => config.data_plane = DataPlaneMode::Gossipsub,
         Mode::GossipsubDefault => {
             config.data_plane = DataPlaneMode::Gossipsub;

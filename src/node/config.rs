@@ -30,15 +30,17 @@ pub enum GossipsubProfile {
     Libp2pDefaults,
 }
 
-/// Which data plane carries media.
+/// Which data plane carries media. Every peer of a stream must use the same one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DataPlaneMode {
-    /// Striped push trees with erasure coding over `/p2plive/media/1` (the default; see
-    /// [`crate::core::dataplane`]). Gossipsub carries only the control channel.
-    #[default]
+    /// Striped push trees with erasure coding over `/p2plive/media/1` (see
+    /// [`crate::core::dataplane`]); gossipsub carries only the control channel. About one
+    /// copy of the stream down and up per viewer. Not the default yet: a viewer that stepped
+    /// down for loss does not step back up (docs/PERFORMANCE.md).
     Trees,
-    /// Every channel over gossipsub: each viewer receives and relays about `D` copies. Kept as
-    /// the mesh benchmark's reference.
+    /// Every channel over gossipsub (the default): each viewer receives and relays about `D`
+    /// copies.
+    #[default]
     Gossipsub,
 }
 
@@ -89,7 +91,7 @@ pub struct NodeConfig {
     pub gossipsub_profile: GossipsubProfile,
     /// Test and benchmark hook (see [`InboundLoss`]); `None` (the default) drops nothing.
     pub inbound_loss: Option<InboundLoss>,
-    /// Which data plane carries media. Default [`DataPlaneMode::Trees`].
+    /// Which data plane carries media. Default [`DataPlaneMode::Gossipsub`].
     pub data_plane: DataPlaneMode,
     /// Upload (kbit/s) this node offers for forwarding media to other viewers: `None`
     /// unlimited (the default), `Some(0)` receive only. The trees never give it more children

@@ -77,6 +77,8 @@ const SPARE_AFTER_REDIRECTS: u32 = 4;
 const RESTART_AFTER_REDIRECTS: u32 = 12;
 /// Between two graft attempts in one stripe.
 const GRAFT_INTERVAL: Duration = Duration::from_secs(2);
+/// What a child that adds a layer gets of the objects already seen (their stripe's share).
+const CATCH_UP: Duration = Duration::from_millis(300);
 /// After a parent change, pulls wait only `FAST_REPAIR_DELAY`, for this long.
 const FAST_REPAIR: Duration = Duration::from_millis(500);
 const FAST_REPAIR_DELAY: Duration = Duration::from_millis(15);
@@ -1807,10 +1809,67 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         }
         let layers: BTreeSet<(u32, u32)> = sub.layers.iter().map(|l| (l.track, l.layer)).collect();
+        let mut added = layers.clone();
         if let Some(peer) = self.peers.get_mut(&from) {
-            peer.subs.insert(s, layers);
+            if let Some(old) = peer.subs.insert(s, layers) {
+                added.retain(|l| !old.contains(l));
+            }
         }
         self.send_subscription(s);
+        self.catch_up(from, s, &added);
+    }
+
+    /// A child just asked for `layers` in stripe `s`: it gets this stripe's share of the
+    /// objects of those layers we saw in the last `CATCH_UP`, so the first frames after a
+    /// layer switch are whole instead of waiting for pulls.
+    fn catch_up(&mut self, child: P, s: u8, layers: &BTreeSet<(u32, u32)>) {
+        if layers.is_empty() {
+            return;
+        }
+        let now = self.last_now;
+        let stripes = self.config.stripes;
+        let mut sends = Vec::new();
+        for (key, obj) in self.objects.range(..).rev() {
+            if now.saturating_duration_since(obj.first_seen) > CATCH_UP {
+                continue;
+            }
+            if !layers.contains(&(key.track, key.layer)) {
+                continue;
+            }
+            let Some(manifest) = &obj.manifest else {
+                continue;
+            };
+            let layout = manifest.layout;
+            let shards: Vec<Option<Bytes>> = match &obj.complete {
+                Some(object) => match fec::encode(object, &layout) {
+                    Ok(all) => all.into_iter().map(Some).collect(),
+                    Err(_) => continue,
+                },
+                None => obj.shards.clone(),
+            };
+            if stripe_of(key, 0, stripes) == s {
+                sends.push(Body::Manifest(manifest.proto.clone()));
+            }
+            for (i, shard) in shards.into_iter().enumerate() {
+                if let Some(data) = shard
+                    && stripe_of(key, i as u32, stripes) == s
+                {
+                    sends.push(Body::Shard(DpShard {
+                        key: Some(key.to_proto()),
+                        index: i as u32,
+                        data,
+                    }));
+                }
+            }
+        }
+        for body in sends {
+            let layer = match &body {
+                Body::Shard(shard) => shard.key.as_ref().map_or(0, |k| k.layer),
+                _ => 0,
+            };
+            let bytes = self.encode(body);
+            self.enqueue(child, Class::Media { layer }, bytes);
+        }
     }
 
     /// Sends our parent in `s` what we and our children in `s` want, if it changed.
