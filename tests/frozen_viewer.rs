@@ -188,10 +188,10 @@ fn frozen_viewer_costs_the_publisher_bounded_memory_and_resumes() {
     }
     let publisher_stats = publisher.stats("pub");
     let sent = publisher_stats.get::<u64>("payload-bytes").unwrap();
-    // Media goes on the data plane, whose per-peer queue sheds (`media-shed`); gossipsub's
-    // queue (`send-queue-drops`) carries only the control channel now.
+    // Gossipsub's queue (`send-queue-drops`); with data-plane=trees, the data plane's per-peer
+    // queue sheds instead (`media-shed`, absent otherwise).
     let drops = publisher_stats.get::<u64>("send-queue-drops").unwrap()
-        + publisher_stats.get::<u64>("media-shed").unwrap();
+        + publisher_stats.get::<u64>("media-shed").unwrap_or(0);
     let growth = rss_peak.saturating_sub(rss_before);
     eprintln!(
         "publisher RSS {} MB -> peak {} MB during the freeze (+{} MB); {} MB published in all; \

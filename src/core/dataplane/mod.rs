@@ -1810,10 +1810,10 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let layers: BTreeSet<(u32, u32)> = sub.layers.iter().map(|l| (l.track, l.layer)).collect();
         let mut added = layers.clone();
-        if let Some(peer) = self.peers.get_mut(&from) {
-            if let Some(old) = peer.subs.insert(s, layers) {
-                added.retain(|l| !old.contains(l));
-            }
+        if let Some(peer) = self.peers.get_mut(&from)
+            && let Some(old) = peer.subs.insert(s, layers)
+        {
+            added.retain(|l| !old.contains(l));
         }
         self.send_subscription(s);
         self.catch_up(from, s, &added);
