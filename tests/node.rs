@@ -892,25 +892,6 @@ fn address_lists_parse_with_clear_errors() {
     assert_eq!(ok[0].iter().last(), Some(Protocol::P2p(peer)));
 }
 
-fn sized_fragment(epoch: u64, sequence: u64, size: usize) -> Vec<u8> {
-    let payload = vec![(sequence % 251) as u8; size];
-    wire::encode(&Message::Fragment(Fragment {
-        epoch,
-        track: 0,
-        layer: 0,
-        sequence,
-        index: 0,
-        count: 1,
-        header: Some(FrameHeader {
-            pts_ns: Some(sequence * 33_333_333),
-            keyframe: true,
-            frame_size: size as u32,
-            ..Default::default()
-        }),
-        payload: payload.into(),
-    }))
-}
-
 /// The media data plane between real nodes: a viewer that forwards to others is killed, and
 /// every other viewer keeps receiving (the trees repair; pulls fill the gap); a receive-only
 /// viewer forwards no media and still receives everything.
@@ -958,7 +939,7 @@ async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_fo
             }
             let _ = publisher
                 .node
-                .publish(STREAM, MEDIA, sized_fragment(epoch, *sequence, 6000));
+                .publish(STREAM, MEDIA, large_fragment(epoch, *sequence, 6000));
             *sequence += 1;
             for (viewer, got) in viewers.iter_mut().zip(received.iter_mut()) {
                 while let Ok(event) = viewer.events.try_recv() {

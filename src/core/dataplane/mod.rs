@@ -1911,10 +1911,18 @@ impl<P: PeerKey> DataPlane<P> {
             if !self.subscription.contains(&id) {
                 continue;
             }
-            // Frames the neighbour completed that we never saw a sign of, since we started.
+            // Frames the neighbour completed that we never saw a sign of, since we started
+            // and within what we still track (a have reaches 64 frames back, over 8 s on a
+            // 7.5 fps temporal layer: older ones are gone everywhere, pulling them is waste).
             let Some(&first) = self.first.get(&id) else {
                 continue;
             };
+            let oldest_kept = self
+                .frames
+                .range((id.0, id.1, 0)..=(id.0, id.1, u64::MAX))
+                .next()
+                .map_or(first, |((_, _, seq), _)| *seq);
+            let first = first.max(oldest_kept);
             let mut seqs = Vec::new();
             if layer.latest_complete {
                 seqs.push(layer.latest);
