@@ -106,18 +106,24 @@ fn raw_video_is_encoded_and_decoded_at_its_size() {
     assert!(viewer.problems().is_empty(), "{:?}", viewer.problems());
 }
 
-#[test]
-fn viewer_plays_through_another_viewer() {
-    let topic = unique_topic("relay");
-    let (_publisher, addr) = publisher(&h264_source(15), &topic, "");
+/// A publisher, viewer B bootstrapping from it and viewer C knowing only B (mDNS and the DHT
+/// are off), all on `data_plane`; returns them once C has played 30 frames, the first a
+/// keyframe.
+fn relay_chain(data_plane: &str) -> (Running, Running, Running) {
+    let topic = unique_topic(&format!("relay-{data_plane}"));
+    let (publisher, addr) = publisher(
+        &h264_source(15),
+        &topic,
+        &format!("data-plane={data_plane}"),
+    );
     let first = Running::start(launch(&format!(
-        "p2plivesrc name=b topic={topic} bootstrap={addr} decode=false {LOOPBACK} ! fakesink"
+        "p2plivesrc name=b topic={topic} bootstrap={addr} decode=false \
+         data-plane={data_plane} {LOOPBACK} ! fakesink"
     )));
     let relay_addr = first.listening_addr("b", JOIN);
-    // C knows only B: mDNS and the DHT are off, so everything it plays came through B.
     let second = Running::start(launch(&format!(
-        "p2plivesrc name=c topic={topic} bootstrap={relay_addr} decode=false {LOOPBACK} \
-         ! appsink name=out sync=false"
+        "p2plivesrc name=c topic={topic} bootstrap={relay_addr} decode=false \
+         data-plane={data_plane} {LOOPBACK} ! appsink name=out sync=false"
     )));
     let frames = record_appsink(&second.by_name("out"));
     assert!(
@@ -126,6 +132,13 @@ fn viewer_plays_through_another_viewer() {
         frames.lock().unwrap().len()
     );
     assert!(frames.lock().unwrap()[0].keyframe);
+    (publisher, first, second)
+}
+
+#[test]
+fn viewer_plays_through_another_viewer() {
+    let (_publisher, _first, second) = relay_chain("gossipsub");
+    // On gossipsub C finds nobody else: everything it plays came through B.
     let stats = second.stats("c");
     assert_eq!(
         stats.get::<u64>("connected-peers").unwrap(),
@@ -136,27 +149,9 @@ fn viewer_plays_through_another_viewer() {
 
 #[test]
 fn viewer_plays_through_another_viewer_with_the_trees() {
-    let topic = unique_topic("relay-trees");
-    let (_publisher, addr) = publisher(&h264_source(15), &topic, "data-plane=trees");
-    let first = Running::start(launch(&format!(
-        "p2plivesrc name=b topic={topic} bootstrap={addr} decode=false data-plane=trees {LOOPBACK} \
-         ! fakesink"
-    )));
-    let relay_addr = first.listening_addr("b", JOIN);
-    // C knows only B (mDNS and the DHT are off): it joins the trees through B.
-    let second = Running::start(launch(&format!(
-        "p2plivesrc name=c topic={topic} bootstrap={relay_addr} decode=false data-plane=trees \
-         {LOOPBACK} \
-         ! appsink name=out sync=false"
-    )));
-    let frames = record_appsink(&second.by_name("out"));
-    assert!(
-        wait_for(&frames, 30, JOIN),
-        "C got {} frames",
-        frames.lock().unwrap().len()
-    );
-    assert!(frames.lock().unwrap()[0].keyframe);
-    // B forwards: with one publisher slot per stripe, C's parents in some stripes are B.
+    let (_publisher, first, _second) = relay_chain("trees");
+    // C joins the trees through B (redirects may connect it to the publisher too); with one
+    // publisher slot per stripe, B is C's parent in some stripes: B forwards.
     let relay = first.stats("b");
     assert!(
         relay.get::<u64>("shards-sent").unwrap() > 0
