@@ -80,6 +80,7 @@ fn message(kind: u8, tag: u32, r: &mut Reader) -> Option<DpMessage> {
             layers: vec![DpTrackLayer { track: 0, layer: 0 }],
             flexible: r.byte()? % 2 == 0,
             graft: r.byte()? % 2 == 0,
+            room: u32::from(r.byte()? % 40),
         }),
         3 => Body::Accept(DpAccept {
             stripe: u32::from(r.byte()? % 20),
@@ -102,6 +103,7 @@ fn message(kind: u8, tag: u32, r: &mut Reader) -> Option<DpMessage> {
                 latest_complete: r.byte()? % 2 == 0,
             }],
             depths: (0..r.byte()? % 20).map(u32::from).collect(),
+            room: u32::from(r.byte()? % 40),
         }),
         7 => Body::Pull(DpPull {
             key: Some(key(r)?),
@@ -155,7 +157,7 @@ pub fn run(data: &[u8]) {
         },
         config,
     );
-    viewer.set_subscription(BTreeSet::from([(0, 0)]));
+    viewer.set_subscription(now, BTreeSet::from([(0, 0)]));
     publisher.handle_peer_up(now, VIEWER, Bytes::new());
     viewer.handle_peer_up(now, PUBLISHER, Bytes::new());
     let tag = gstp2plive::core::dataplane::stream_tag("fuzz");

@@ -1083,7 +1083,7 @@ impl EventLoop {
         if let Some(plane) = self.planes.get_mut(stream)
             && !plane.is_publisher()
         {
-            plane.set_subscription(layers);
+            plane.set_subscription(std::time::Instant::now(), layers);
         }
     }
 

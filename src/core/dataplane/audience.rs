@@ -11,6 +11,11 @@ pub const LATENCY_BUCKETS_MS: [u32; 11] = [
     100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10_000,
 ];
 
+/// Upper bounds (‰) of the shard-loss histogram's buckets; the last bucket is everything
+/// above. Fine below 5 %, where one parity shard more or less matters most.
+pub const SHARD_LOSS_BUCKETS_PERMILLE: [u32; 12] =
+    [0, 5, 10, 20, 30, 40, 50, 60, 80, 100, 150, 200];
+
 /// One viewer's report for one interval (counts are for that interval).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalReport {
@@ -36,6 +41,9 @@ pub struct Summary {
     pub late: u64,
     pub lost: u64,
     pub recovered: u64,
+    /// Peers per shard-loss bucket ([`SHARD_LOSS_BUCKETS_PERMILLE`], then one for above);
+    /// empty if no peer measured any.
+    pub shard_loss_histogram: Vec<u32>,
 }
 
 /// Bounds of a decoded report: at most this many layer entries.
@@ -57,7 +65,47 @@ impl Summary {
             late: report.late,
             lost: report.lost,
             recovered: report.recovered,
+            shard_loss_histogram: Vec::new(),
         }
+    }
+
+    /// Adds one peer whose parents' pushes lost `loss` (0..=1) of the shards.
+    pub fn add_shard_loss(&mut self, loss: f64) {
+        let permille = (loss.clamp(0.0, 1.0) * 1000.0).round() as u32;
+        let bucket = SHARD_LOSS_BUCKETS_PERMILLE
+            .iter()
+            .position(|&b| permille <= b)
+            .unwrap_or(SHARD_LOSS_BUCKETS_PERMILLE.len());
+        self.shard_loss_histogram
+            .resize(SHARD_LOSS_BUCKETS_PERMILLE.len() + 1, 0);
+        self.shard_loss_histogram[bucket] = self.shard_loss_histogram[bucket].saturating_add(1);
+    }
+
+    /// The shard loss (0..=1) at or below which `q` (0..=1) of the measuring peers are: the
+    /// upper bound of the bucket that holds that quantile (1.0 for the last); `None` if no
+    /// peer measured any.
+    pub fn shard_loss_quantile(&self, q: f64) -> Option<f64> {
+        let total: u64 = self
+            .shard_loss_histogram
+            .iter()
+            .map(|&c| u64::from(c))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &count) in self.shard_loss_histogram.iter().enumerate() {
+            seen += u64::from(count);
+            if seen >= rank {
+                return Some(
+                    SHARD_LOSS_BUCKETS_PERMILLE
+                        .get(i)
+                        .map_or(1.0, |&b| f64::from(b) / 1000.0),
+                );
+            }
+        }
+        None
     }
 
     pub fn merge(&mut self, other: &Summary) {
@@ -83,6 +131,17 @@ impl Summary {
         self.late = self.late.saturating_add(other.late);
         self.lost = self.lost.saturating_add(other.lost);
         self.recovered = self.recovered.saturating_add(other.recovered);
+        if !other.shard_loss_histogram.is_empty() {
+            self.shard_loss_histogram
+                .resize(SHARD_LOSS_BUCKETS_PERMILLE.len() + 1, 0);
+            for (a, b) in self
+                .shard_loss_histogram
+                .iter_mut()
+                .zip(&other.shard_loss_histogram)
+            {
+                *a = a.saturating_add(*b);
+            }
+        }
     }
 
     /// The latency (ms) below which `q` (0..=1) of the viewers are: the upper bound of the
@@ -120,6 +179,7 @@ impl Summary {
             late: self.late,
             lost: self.lost,
             recovered: self.recovered,
+            shard_loss_histogram: self.shard_loss_histogram.clone(),
         }
     }
 
@@ -137,6 +197,12 @@ impl Summary {
             late: report.late,
             lost: report.lost,
             recovered: report.recovered,
+            shard_loss_histogram: report
+                .shard_loss_histogram
+                .iter()
+                .copied()
+                .take(SHARD_LOSS_BUCKETS_PERMILLE.len() + 1)
+                .collect(),
             ..Summary::default()
         };
         summary

@@ -14,7 +14,8 @@ pub struct Layout {
     pub length: usize,
     /// Data shards `k` (1..=60).
     pub data: usize,
-    /// Parity shards `m` (1..=4).
+    /// Parity shards `m`: at least [`Layout::base_parity`]; more when the publisher measured
+    /// loss (`data + parity` ≤ [`MAX_SHARDS`]).
     pub parity: usize,
     /// Bytes of every shard (even, as reed-solomon-simd requires).
     pub shard_len: usize,
@@ -38,9 +39,8 @@ impl Layout {
     /// stripes`, so no stripe carries more than `m` shards of one object and the loss of one
     /// whole stripe is always rebuilt from parity, at a cost of about `1 / (stripes − 1)`.
     pub fn for_object(length: usize, stripes: usize, target_shard: usize) -> Layout {
-        let stripes = stripes.max(2);
         let data = length.div_ceil(target_shard.max(2)).clamp(1, 60);
-        let parity = data.div_ceil(stripes - 1).clamp(1, MAX_SHARDS - data);
+        let parity = Self::base_parity(data, stripes);
         let shard_len = length.div_ceil(data).max(2).next_multiple_of(2);
         Layout {
             length,
@@ -48,6 +48,13 @@ impl Layout {
             parity,
             shard_len,
         }
+    }
+
+    /// The parity without measured loss: `⌈data / (stripes − 1)⌉` (1 at least), enough to
+    /// rebuild one whole lost stripe.
+    pub fn base_parity(data: usize, stripes: usize) -> usize {
+        data.div_ceil(stripes.max(2) - 1)
+            .clamp(1, MAX_SHARDS - data.min(MAX_SHARDS - 1))
     }
 
     /// Checks a layout received from the network against the limits.

@@ -75,6 +75,9 @@ const MAX_HAVE_LAYERS: usize = 32;
 /// stripe without any forwarder is still served), and after which a joiner starts over.
 const SPARE_AFTER_REDIRECTS: u32 = 4;
 const RESTART_AFTER_REDIRECTS: u32 = 12;
+/// Free child slots a joiner needs to take the root slot of a stripe from a root child
+/// that neither forwards there nor has room.
+const SPARE_ROOT_ROOM: u32 = 4;
 /// Between two graft attempts in one stripe.
 const GRAFT_INTERVAL: Duration = Duration::from_secs(2);
 /// What a child that adds a layer gets of the objects already seen (their stripe's share).
@@ -85,6 +88,24 @@ const FAST_REPAIR_DELAY: Duration = Duration::from_millis(15);
 /// How long an object with enough shards waits for a missing data shard before it is
 /// decoded with parity (shards of one object travel different stripes and arrive spread).
 const DECODE_GRACE: Duration = Duration::from_millis(3);
+/// An object's pushed shards are counted for the shard-loss measure this long after its
+/// first sign (shards still on their way by then are as good as lost for playout).
+const LOSS_SAMPLE_AGE: Duration = Duration::from_millis(1000);
+/// A stripe's shards count for the shard-loss measure only if its parent was the same this
+/// long before the object's first sign (what a parent change loses is not link loss).
+const STABLE_PARENT: Duration = Duration::from_millis(200);
+/// The publisher sizes parity for this quantile of its peers' shard loss (the median): loss
+/// on most links is what parity is for; the lossier half rely on pulls. A higher quantile
+/// lets a few capacity-limited relays, whose children miss what they shed, raise everyone's
+/// load, which makes them shed more (a feedback loop seen in the unit tests).
+const PARITY_QUANTILE: f64 = 0.5;
+/// Parity is sized so that an object loses more shards than it has parity with at most this
+/// probability at the measured loss (binomial tail); the rest is pulled.
+const PARITY_RESIDUAL: f64 = 0.01;
+/// A lower loss measure lowers the parity only after this long (a raise is immediate).
+const PARITY_HOLD: Duration = Duration::from_secs(10);
+/// Media queued longer than this for one peer is shed (see `queue`): later than a pull.
+const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
 /// Backoff (ms) after a refused join: this plus up to as much again, at random.
 const JOIN_BACKOFF_MS: u64 = 100;
 
@@ -207,6 +228,10 @@ pub struct DataPlaneConfig {
     pub queue_bytes: usize,
     /// Stream rate assumed (kbit/s) for the capacity rule until one is measured.
     pub assumed_stream_kbps: u64,
+    /// Publisher: size the parity of each object from the shard loss its audience measures
+    /// (reported up the feedback tree), instead of always `⌈k / (stripes − 1)⌉`; with extra
+    /// parity the manifest travels in two stripes. See [`parity_for_loss`].
+    pub adaptive_parity: bool,
     /// Seed of the core's own random choices (peer picks): deterministic runs.
     pub seed: u64,
 }
@@ -231,6 +256,7 @@ impl Default for DataPlaneConfig {
             keyframe_coalesce: Duration::from_millis(500),
             queue_bytes: 512 * 1024,
             assumed_stream_kbps: 4000,
+            adaptive_parity: true,
             seed: 1,
         }
     }
@@ -319,6 +345,11 @@ pub struct DataPlaneStats {
     pub peers: usize,
     /// Deepest path to the root over the stripes (hops).
     pub depth: usize,
+    /// Viewer: share (‰) of the shards its parents pushed that did not arrive, over the
+    /// last report interval with data.
+    pub shard_loss_permille: u32,
+    /// Publisher: the shard loss (‰) its parity is sized for (0: the base parity).
+    pub parity_loss_permille: u32,
 }
 
 struct Manifest {
@@ -342,6 +373,11 @@ struct Object<P> {
     missed: bool,
     /// Enough shards, some data shard missing: decode at this time unless it comes.
     decode_at: Option<Instant>,
+    /// Shards that came from the parent of their stripe (bit i: shard i): what was pushed,
+    /// not pulled. Measures the loss on the way from the parents (see `adaptive_parity`).
+    pushed: u64,
+    /// Counted in the shard-loss measure already.
+    sampled: bool,
 }
 
 impl<P> Object<P> {
@@ -358,6 +394,8 @@ impl<P> Object<P> {
             last_pull: None,
             missed: false,
             decode_at: None,
+            pushed: 0,
+            sampled: false,
         }
     }
 }
@@ -383,10 +421,14 @@ struct Peer {
     report: Option<(Instant, Summary)>,
     /// Its depth in each stripe, from its last have (0: unknown or not attached).
     depths: Vec<u32>,
+    /// Children it can still take, from its last join or have.
+    room: u32,
 }
 
 struct Stripe<P> {
     parent: Option<P>,
+    /// Since when `parent` is this parent.
+    parent_since: Instant,
     /// A join sent (or waiting for a connection) and when.
     joining: Option<(P, Instant, bool)>,
     next_candidate: Option<P>,
@@ -405,6 +447,59 @@ struct Stripe<P> {
     sent_subs: Option<BTreeSet<(u32, u32)>>,
 }
 
+/// The stripes an object's manifest travels in: the stripe of shard 0, and with more parity
+/// than the base (the publisher measured loss) also that of shard 1, so that one lost
+/// manifest does not hold every shard of the object until a pull brings it.
+fn manifest_stripes(key: &ObjectKey, layout: &Layout, stripes: u8) -> Vec<u8> {
+    let first = stripe_of(key, 0, stripes);
+    let second = stripe_of(key, 1, stripes);
+    if layout.parity > Layout::base_parity(layout.data, usize::from(stripes)) && second != first {
+        vec![first, second]
+    } else {
+        vec![first]
+    }
+}
+
+/// Parity shards `m` for `data` data shards such that more than `m` of the `data + m`
+/// shards are lost with probability at most `residual` when each is lost independently with
+/// probability `loss` (the binomial tail); at most `data` (a loss that needs more is left to
+/// pulls). 0 when `loss` is 0.
+pub fn parity_for_loss(data: usize, loss: f64, residual: f64) -> usize {
+    if loss <= 0.0 || data == 0 {
+        return 0;
+    }
+    let p = loss.min(0.5);
+    for m in 0..=data {
+        let n = data + m;
+        // P(X <= m) for X ~ Binomial(n, p).
+        let mut term = (1.0 - p).powi(n as i32);
+        let mut cdf = term;
+        for i in 1..=m {
+            term *= (n - i + 1) as f64 / i as f64 * p / (1.0 - p);
+            cdf += term;
+        }
+        if 1.0 - cdf <= residual {
+            return m;
+        }
+    }
+    data
+}
+
+/// Whether an object of `key`'s layer first seen at `first_seen` is played: its layer is
+/// subscribed, and it is at most `CATCH_UP` older than the subscription.
+fn plays(
+    subscription: &BTreeSet<(u32, u32)>,
+    subscribed_at: &HashMap<(u32, u32), Instant>,
+    key: &ObjectKey,
+    first_seen: Instant,
+) -> bool {
+    let layer = (key.track, key.layer);
+    subscription.contains(&layer)
+        && subscribed_at
+            .get(&layer)
+            .is_none_or(|&at| first_seen + CATCH_UP >= at)
+}
+
 /// The data plane of one stream at one peer. See the module documentation.
 pub struct DataPlane<P: PeerKey> {
     config: DataPlaneConfig,
@@ -419,6 +514,16 @@ pub struct DataPlane<P: PeerKey> {
     stripes: Vec<Stripe<P>>,
     interior: Option<u8>,
     subscription: BTreeSet<(u32, u32)>,
+    /// When each subscribed layer was (last) added: a relay holds older objects of a layer
+    /// it forwards but did not play; those are neither pulled nor delivered when it starts
+    /// playing that layer (they would arrive late in a burst), only the last `CATCH_UP`.
+    subscribed_at: HashMap<(u32, u32), Instant>,
+    /// Shards expected and missing (not pushed by the stripe's parent) of the objects played
+    /// since the last report.
+    shard_loss: (u64, u64),
+    /// Publisher: the shard loss parity is sized for, and when it was last set.
+    parity_loss: f64,
+    parity_loss_at: Instant,
     objects: BTreeMap<ObjectKey, Object<P>>,
     frames: BTreeMap<(u32, u32, u64), FrameState>,
     /// Newest sequence seen per (track, layer), and the first (pulls start there).
@@ -437,8 +542,15 @@ pub struct DataPlane<P: PeerKey> {
     tokens: f64,
     tokens_at: Instant,
     rng: u64,
-    /// The latest `now` seen (timers are relative to it).
+    /// The latest `now` seen.
     last_now: Instant,
+    /// The last run of the timers (periodic ticks are relative to it).
+    last_timeout: Instant,
+    /// Media last pushed by any parent, and since when it flows without a pause of
+    /// `parent_silence` (before the stream starts, or after a pause, every stripe's parent
+    /// was silent: none of them is to blame when the first shards arrive).
+    last_pushed: Instant,
+    flow_since: Instant,
     /// Some object may still need a pull (cleared when a scan finds none).
     repair_pending: bool,
     /// Until then, pulls go out without waiting `repair_delay` (a parent just changed).
@@ -468,6 +580,7 @@ impl<P: PeerKey> DataPlane<P> {
         let stripes = (0..config.stripes)
             .map(|_| Stripe {
                 parent: None,
+                parent_since: now,
                 joining: None,
                 next_candidate: None,
                 children: BTreeSet::new(),
@@ -495,6 +608,10 @@ impl<P: PeerKey> DataPlane<P> {
             stripes,
             interior: None,
             subscription: BTreeSet::new(),
+            subscribed_at: HashMap::new(),
+            shard_loss: (0, 0),
+            parity_loss: 0.0,
+            parity_loss_at: now,
             objects: BTreeMap::new(),
             frames: BTreeMap::new(),
             newest: HashMap::new(),
@@ -511,6 +628,9 @@ impl<P: PeerKey> DataPlane<P> {
             tokens_at: now,
             rng,
             last_now: now,
+            last_timeout: now,
+            last_pushed: now,
+            flow_since: now,
             repair_pending: false,
             fast_repair_until: now,
             next_graft_any: now,
@@ -575,7 +695,18 @@ impl<P: PeerKey> DataPlane<P> {
 
     /// The (track, layer) pairs this viewer plays; only those are delivered, and only those
     /// (and what its children want) are asked from its parents.
-    pub fn set_subscription(&mut self, layers: BTreeSet<(u32, u32)>) {
+    pub fn set_subscription(&mut self, now: Instant, layers: BTreeSet<(u32, u32)>) {
+        self.last_now = self.last_now.max(now);
+        for &layer in layers.difference(&self.subscription) {
+            self.subscribed_at.insert(layer, now);
+            // Pulls of frames announced by haves start from what is new now, not from the
+            // first frame this peer ever relayed of the layer.
+            match self.newest.get(&layer) {
+                Some(&newest) => self.first.insert(layer, newest),
+                None => self.first.remove(&layer),
+            };
+        }
+        self.subscribed_at.retain(|layer, _| layers.contains(layer));
         self.subscription = layers;
         for s in 0..self.config.stripes {
             self.send_subscription(s);
@@ -608,6 +739,7 @@ impl<P: PeerKey> DataPlane<P> {
             can_forward: false,
             report: None,
             depths: Vec::new(),
+            room: 0,
         });
         if !info.is_empty() {
             entry.info = info;
@@ -668,11 +800,16 @@ impl<P: PeerKey> DataPlane<P> {
         if self.epoch != Some(epoch) {
             self.set_epoch(epoch);
         }
-        let layout = Layout::for_object(
+        let mut layout = Layout::for_object(
             object.len(),
             usize::from(self.config.stripes),
             self.config.target_shard_bytes,
         );
+        if self.config.adaptive_parity && self.parity_loss > 0.0 {
+            layout.parity = parity_for_loss(layout.data, self.parity_loss, PARITY_RESIDUAL)
+                .clamp(layout.parity, layout.data.max(layout.parity))
+                .min(fec::MAX_SHARDS - layout.data);
+        }
         let Ok(shards) = fec::encode(&object, &layout) else {
             return;
         };
@@ -799,8 +936,13 @@ impl<P: PeerKey> DataPlane<P> {
         self.stats.shards_received += 1;
         self.note_rate(now, shard.data.len());
         let s = stripe_of(&key, shard.index, self.config.stripes);
-        if self.stripes[usize::from(s)].parent == Some(from) {
+        let pushed = self.stripes[usize::from(s)].parent == Some(from);
+        if pushed {
             self.stripes[usize::from(s)].last_data = now;
+            if now.saturating_duration_since(self.last_pushed) >= self.config.parent_silence {
+                self.flow_since = now;
+            }
+            self.last_pushed = now;
         }
         if !self.objects.contains_key(&key) {
             if self.objects.len() >= MAX_OBJECTS || self.is_old(&key) {
@@ -811,6 +953,9 @@ impl<P: PeerKey> DataPlane<P> {
             self.repair_pending = true;
         }
         let obj = self.objects.get_mut(&key).expect("inserted above");
+        if pushed {
+            obj.pushed |= 1 << shard.index;
+        }
         if obj.complete.is_some() {
             self.stats.shards_duplicate += 1;
             return;
@@ -1018,6 +1163,7 @@ impl<P: PeerKey> DataPlane<P> {
         let object = Bytes::from(object);
         obj.complete = Some(object.clone());
         let from = obj.manifest_from;
+        let first_seen = obj.first_seen;
         let fragments = manifest.proto.fragments;
         if rebuilt {
             self.stats.objects_rebuilt += 1;
@@ -1048,13 +1194,18 @@ impl<P: PeerKey> DataPlane<P> {
             obj.unverified.clear();
         }
         self.note_frame(now, &key, fragments, true);
-        if self.subscription.contains(&(key.track, key.layer))
+        if self.plays(&key, first_seen)
             && let Some(from) = from
         {
             self.stats.objects_delivered += 1;
             self.outputs
                 .push_back(Output::Deliver { key, object, from });
         }
+    }
+
+    /// Whether the object `key` (first seen at `first_seen`) is one this peer plays.
+    fn plays(&self, key: &ObjectKey, first_seen: Instant) -> bool {
+        plays(&self.subscription, &self.subscribed_at, key, first_seen)
     }
 
     fn note_frame(&mut self, now: Instant, key: &ObjectKey, fragments: u32, complete: bool) {
@@ -1113,12 +1264,14 @@ impl<P: PeerKey> DataPlane<P> {
     }
 
     fn forward_manifest(&mut self, key: ObjectKey) {
-        let s = stripe_of(&key, 0, self.config.stripes);
         let Some(manifest) = self.objects.get(&key).and_then(|o| o.manifest.as_ref()) else {
             return;
         };
         let body = Body::Manifest(manifest.proto.clone());
-        let targets = self.wanting_children(s, &key);
+        let mut targets = BTreeSet::new();
+        for s in manifest_stripes(&key, &manifest.layout, self.config.stripes) {
+            targets.extend(self.wanting_children(s, &key));
+        }
         if targets.is_empty() {
             return;
         }
@@ -1193,6 +1346,11 @@ impl<P: PeerKey> DataPlane<P> {
                 .is_none_or(|i| self.stripes[usize::from(i)].children.is_empty())
     }
 
+    /// Children this peer can still take over all stripes.
+    fn room(&self) -> u32 {
+        u32::try_from(self.max_children().saturating_sub(self.total_children())).unwrap_or(u32::MAX)
+    }
+
     fn can_forward(&self) -> bool {
         self.config.upload_capacity_kbps != Some(0)
     }
@@ -1222,6 +1380,7 @@ impl<P: PeerKey> DataPlane<P> {
             redirects: self.stripes[usize::from(s)].redirects,
             flexible: self.is_flexible(),
             graft: self.stripes[usize::from(s)].parent.is_some(),
+            room: self.room(),
             layers: wanted
                 .iter()
                 .map(|&(track, layer)| DpTrackLayer { track, layer })
@@ -1284,9 +1443,13 @@ impl<P: PeerKey> DataPlane<P> {
                     self.stripes[si].refused.insert(peer, now);
                 }
             }
+            // Silent since the stream (re)started flowing, or since this parent took us.
+            let heard = self.stripes[si]
+                .last_data
+                .max(self.flow_since)
+                .max(self.stripes[si].parent_since);
             if let Some(parent) = self.stripes[si].parent
-                && newest_data.saturating_duration_since(self.stripes[si].last_data)
-                    >= self.config.parent_silence
+                && newest_data.saturating_duration_since(heard) >= self.config.parent_silence
             {
                 // A parent that stopped forwarding while the stream flows: graft elsewhere.
                 self.enqueue_control(
@@ -1449,6 +1612,7 @@ impl<P: PeerKey> DataPlane<P> {
         if let Some(peer) = self.peers.get_mut(&from) {
             peer.interior = their_interior;
             peer.can_forward = join.can_forward;
+            peer.room = join.room;
             // Used if it becomes our child here (accept_child keeps it).
             peer.subs.insert(s, layers);
         }
@@ -1497,6 +1661,33 @@ impl<P: PeerKey> DataPlane<P> {
             && self.max_children() > 0
         {
             self.evict_spare_child(None, 1);
+        }
+        // A stripe no viewer forwards in (few viewers, or their capacity spent) hangs off
+        // whoever took the root slot, possibly a peer with no room left, and starves: such
+        // a root child gives its slot to a joiner with room to spare.
+        if self.is_publisher()
+            && !capable
+            && join.can_forward
+            && join.room >= SPARE_ROOT_ROOM
+            && self.stripes[si].children.len() >= self.config.root_slots
+        {
+            let full_leaf = self.stripes[si]
+                .children
+                .iter()
+                .find(|c| {
+                    self.peers
+                        .get(c)
+                        .is_some_and(|p| p.interior != Some(s) && p.room == 0)
+                })
+                .copied();
+            if let Some(leaf) = full_leaf {
+                self.stripes[si].children.remove(&leaf);
+                if let Some(peer) = self.peers.get_mut(&leaf) {
+                    peer.subs.remove(&s);
+                }
+                self.redirect(s, leaf, from);
+                return self.accept_child(s, from);
+            }
         }
         let room = if self.is_publisher() {
             self.stripes[si].children.len() < self.config.root_slots
@@ -1661,6 +1852,9 @@ impl<P: PeerKey> DataPlane<P> {
             );
         }
         let old = self.stripes[si].parent.replace(from);
+        if old != Some(from) {
+            self.stripes[si].parent_since = now;
+        }
         if let Some(old) = old
             && old != from
         {
@@ -1847,7 +2041,7 @@ impl<P: PeerKey> DataPlane<P> {
                 },
                 None => obj.shards.clone(),
             };
-            if stripe_of(key, 0, stripes) == s {
+            if manifest_stripes(key, &layout, stripes).contains(&s) {
                 sends.push(Body::Manifest(manifest.proto.clone()));
             }
             for (i, shard) in shards.into_iter().enumerate() {
@@ -1952,6 +2146,7 @@ impl<P: PeerKey> DataPlane<P> {
                 .map(|l| ((l.track, l.layer), l))
                 .collect();
             peer.depths = have.depths.into_iter().take(64).collect();
+            peer.room = have.room;
         }
         for key in learned {
             if self.objects.len() < MAX_OBJECTS && !self.is_old(&key) {
@@ -1998,7 +2193,12 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let layers: Vec<DpHaveLayer> = per_layer.into_values().take(MAX_HAVE_LAYERS).collect();
         let depths = self.stripes.iter().map(|s| s.path.len() as u32).collect();
-        let bytes = self.encode(Body::Have(DpHave { layers, depths }));
+        let room = self.room();
+        let bytes = self.encode(Body::Have(DpHave {
+            layers,
+            depths,
+            room,
+        }));
         let neighbours: BTreeSet<P> = self
             .stripes
             .iter()
@@ -2016,17 +2216,24 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let mut pulls = Vec::new();
         let mut pending = false;
-        let repair_delay = if now < self.fast_repair_until {
-            FAST_REPAIR_DELAY.min(self.config.repair_delay)
-        } else {
-            self.config.repair_delay
-        };
+        let repair_delay = self.config.repair_delay;
+        // Stripes without a parent, or with one that changed within FAST_REPAIR: what is
+        // missing there was probably lost in the change, not still on its way down.
+        let stripes = self.config.stripes;
+        let changed: u64 = self
+            .stripes
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| {
+                st.parent.is_none() || now.saturating_duration_since(st.parent_since) < FAST_REPAIR
+            })
+            .fold(0, |bits, (i, _)| bits | (1 << i));
         let newest_complete = &self.newest_complete;
         for (key, obj) in &mut self.objects {
             if obj.complete.is_some() || obj.missed {
                 continue;
             }
-            if !self.subscription.contains(&(key.track, key.layer)) {
+            if !plays(&self.subscription, &self.subscribed_at, key, obj.first_seen) {
                 continue;
             }
             pending = true;
@@ -2041,7 +2248,14 @@ impl<P: PeerKey> DataPlane<P> {
             let overtaken = newest_complete
                 .get(&(key.track, key.layer))
                 .is_some_and(|&newest| newest > key.sequence);
-            let delay = if overtaken {
+            let in_changed = |i: u32| changed & (1 << stripe_of(key, i, stripes)) != 0;
+            let lost_in_change = match &obj.manifest {
+                Some(m) => (0..m.layout.total() as u32).any(|i| {
+                    obj.shards.get(i as usize).is_some_and(Option::is_none) && in_changed(i)
+                }),
+                None => in_changed(0),
+            };
+            let delay = if overtaken || lost_in_change {
                 FAST_REPAIR_DELAY.min(repair_delay)
             } else {
                 repair_delay
@@ -2061,21 +2275,16 @@ impl<P: PeerKey> DataPlane<P> {
                         .iter()
                         .fold(u64::MAX, |bits, (_, i, _)| bits & !(1u64 << (i % 64))),
                 ),
-                Some(m) => {
-                    let need = m.layout.data.saturating_sub(obj.received);
-                    let mut bits = 0u64;
-                    let mut picked = 0;
-                    for (i, shard) in obj.shards.iter().enumerate() {
-                        if picked > need {
-                            break;
-                        }
-                        if shard.is_none() {
-                            bits |= 1 << i;
-                            picked += 1;
-                        }
-                    }
-                    (false, bits)
-                }
+                // Every missing shard: the holder sends as many as complete `data` (the
+                // bits it is not asked for are the ones we hold).
+                Some(_) => (
+                    false,
+                    obj.shards
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, shard)| shard.is_none())
+                        .fold(0u64, |bits, (i, _)| bits | (1 << i)),
+                ),
             };
             obj.last_pull = Some(now);
             pulls.push((*key, want_manifest, shards));
@@ -2089,8 +2298,18 @@ impl<P: PeerKey> DataPlane<P> {
                 .filter(|(_, p)| self.peer_has(p, &key))
                 .map(|(id, _)| *id)
                 .collect();
+            // Else the parent of a stripe where it is missing: it is upstream of that loss,
+            // pulls in turn from its own parent if it lacks it too, and pushes the shards
+            // down once it rebuilt the object, so a loss near the root is repaired from the
+            // top (ultimately from the publisher) instead of among peers that all lack it.
+            let first_missing = (0..64u32).find(|i| shards & (1 << i) != 0).unwrap_or(0);
+            let upstream =
+                self.stripes[usize::from(stripe_of(&key, first_missing, stripes))].parent;
             let parents: Vec<P> = self.stripes.iter().filter_map(|s| s.parent).collect();
-            let target = self.pick(&holders).or_else(|| self.pick(&parents));
+            let target = self
+                .pick(&holders)
+                .or(upstream)
+                .or_else(|| self.pick(&parents));
             let Some(target) = target else { continue };
             self.stats.pulls_sent += 1;
             self.enqueue_control(
@@ -2131,7 +2350,6 @@ impl<P: PeerKey> DataPlane<P> {
             let held = layout.total() - wanted.len();
             (wanted, layout.data.saturating_sub(held))
         };
-        let wanted: Vec<usize> = wanted.into_iter().take(needed).collect();
         let shards: Vec<Option<Bytes>> = match &obj.complete {
             Some(object) => match fec::encode(object, &layout) {
                 Ok(all) => all.into_iter().map(Some).collect(),
@@ -2139,6 +2357,12 @@ impl<P: PeerKey> DataPlane<P> {
             },
             None => obj.shards.clone(),
         };
+        // Of those asked, the ones we have (a relay may still lack some), data first.
+        let wanted: Vec<usize> = wanted
+            .into_iter()
+            .filter(|&i| shards.get(i).is_some_and(Option::is_some))
+            .take(needed)
+            .collect();
         self.stats.pulls_served += 1;
         if pull.manifest {
             let bytes = self.encode(Body::Manifest(manifest_proto));
@@ -2186,6 +2410,12 @@ impl<P: PeerKey> DataPlane<P> {
             .as_ref()
             .map(Summary::from_local)
             .unwrap_or_default();
+        let (expected, missing) = std::mem::take(&mut self.shard_loss);
+        if expected > 0 {
+            let loss = missing as f64 / expected as f64;
+            self.stats.shard_loss_permille = (loss * 1000.0).round() as u32;
+            summary.add_shard_loss(loss);
+        }
         for child in &self.stripes[usize::from(FEEDBACK_STRIPE)].children {
             if let Some((at, report)) = self.peers.get(child).and_then(|p| p.report.as_ref())
                 && now.saturating_duration_since(*at) < fresh
@@ -2194,9 +2424,10 @@ impl<P: PeerKey> DataPlane<P> {
             }
         }
         if self.is_publisher() {
+            self.update_parity(now, &summary);
             self.outputs.push_back(Output::Audience(summary));
         } else if let Some(parent) = self.stripes[usize::from(FEEDBACK_STRIPE)].parent
-            && summary.viewers > 0
+            && (summary.viewers > 0 || !summary.shard_loss_histogram.is_empty())
         {
             self.enqueue_control(parent, Body::Report(summary.to_proto()));
         }
@@ -2207,6 +2438,7 @@ impl<P: PeerKey> DataPlane<P> {
     /// Runs the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        self.last_timeout = now;
         self.run_decodes(now);
         self.maintain_tree(now);
         if now >= self.next_have {
@@ -2228,6 +2460,9 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         }
         self.next_expire = now + Duration::from_millis(250);
+        if !self.is_publisher() {
+            self.sample_shard_loss(now);
+        }
         let retain = self.config.retain;
         self.objects
             .retain(|_, o| now.saturating_duration_since(o.first_seen) < retain);
@@ -2243,23 +2478,73 @@ impl<P: PeerKey> DataPlane<P> {
         });
     }
 
+    /// Counts the shards pushed to us of the objects played that are `LOSS_SAMPLE_AGE` old,
+    /// in the stripes whose parent was the same since before the object started: a shard
+    /// missing there was lost on the link (or at the parent), not in a tree change.
+    fn sample_shard_loss(&mut self, now: Instant) {
+        let stripes = self.config.stripes;
+        for (key, obj) in &mut self.objects {
+            if obj.sampled || now.saturating_duration_since(obj.first_seen) < LOSS_SAMPLE_AGE {
+                continue;
+            }
+            obj.sampled = true;
+            // Without a manifest the object's size is unknown; the pulls count its loss.
+            let Some(manifest) = &obj.manifest else {
+                continue;
+            };
+            if !plays(&self.subscription, &self.subscribed_at, key, obj.first_seen) {
+                continue;
+            }
+            for i in 0..manifest.layout.total() as u32 {
+                let stripe = &self.stripes[usize::from(stripe_of(key, i, stripes))];
+                if stripe.parent.is_none() || stripe.parent_since + STABLE_PARENT > obj.first_seen {
+                    continue;
+                }
+                self.shard_loss.0 += 1;
+                if obj.pushed & (1 << i) == 0 {
+                    self.shard_loss.1 += 1;
+                }
+            }
+        }
+    }
+
+    /// Publisher: the parity to use from the audience's shard loss (see
+    /// [`DataPlaneConfig::adaptive_parity`]): a higher loss raises it at once, a lower one
+    /// lowers it after `PARITY_HOLD`; no measure keeps it.
+    fn update_parity(&mut self, now: Instant, audience: &Summary) {
+        let Some(loss) = audience.shard_loss_quantile(PARITY_QUANTILE) else {
+            return;
+        };
+        if loss >= self.parity_loss
+            || now.saturating_duration_since(self.parity_loss_at) >= PARITY_HOLD
+        {
+            if loss != self.parity_loss {
+                tracing::debug!(loss, "parity sized for a new shard loss");
+            }
+            self.parity_loss = loss;
+            self.parity_loss_at = now;
+        }
+    }
+
     /// When [`DataPlane::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Instant {
         let mut next = self.next_have.min(self.next_report).min(self.next_expire);
+        // Ticks count from the last run, not from the last message: a steady flow of
+        // messages must not keep postponing them.
         if !self.pending_decodes.is_empty() {
-            next = next.min(self.last_now + DECODE_GRACE);
+            next = next.min(self.last_timeout + DECODE_GRACE);
         }
         if self.repair_pending && !self.is_publisher() {
-            let tick = if self.last_now < self.fast_repair_until {
+            let tick = if self.last_timeout < self.fast_repair_until {
                 Duration::from_millis(5)
             } else {
                 Duration::from_millis(20)
             };
-            next = next.min(self.last_now + tick);
+            next = next.min(self.last_timeout + tick);
         }
         let joining = self.stripes.iter().any(|s| s.parent.is_none());
         if joining && !self.is_publisher() {
-            next = next.min(self.last_now + Duration::from_millis(100));
+            next = next.min(self.last_timeout + Duration::from_millis(100));
         }
         next
     }
@@ -2270,6 +2555,9 @@ impl<P: PeerKey> DataPlane<P> {
 
     /// The next message for `peer`, if any and if the upload capacity allows it now.
     pub fn poll_transmit(&mut self, now: Instant, peer: P) -> Option<Bytes> {
+        if let Some(cutoff) = now.checked_sub(MAX_QUEUE_DELAY) {
+            self.peers.get_mut(&peer)?.queue.shed_queued_before(cutoff);
+        }
         let len = self.peers.get(&peer)?.queue.front_len()?;
         if let Some(capacity) = self.config.upload_capacity_kbps.filter(|c| *c > 0) {
             let rate = capacity as f64 * 1000.0 / 8.0;
@@ -2350,6 +2638,7 @@ impl<P: PeerKey> DataPlane<P> {
         stats.peers = self.peers.len();
         stats.shed = self.peers.values().map(|p| p.queue.shed).sum::<u64>() + self.stats.shed;
         stats.depth = self.stripes.iter().map(|s| s.path.len()).max().unwrap_or(0);
+        stats.parity_loss_permille = (self.parity_loss * 1000.0).round() as u32;
         stats
     }
 
@@ -2370,7 +2659,7 @@ impl<P: PeerKey> DataPlane<P> {
     fn enqueue(&mut self, to: P, class: Class, bytes: Bytes) {
         let max = self.config.queue_bytes;
         if let Some(peer) = self.peers.get_mut(&to) {
-            peer.queue.push(class, bytes, max);
+            peer.queue.push(class, bytes, max, self.last_now);
         }
     }
 }

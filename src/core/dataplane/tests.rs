@@ -101,7 +101,7 @@ impl Net {
                 ..config
             },
         );
-        plane.set_subscription(BTreeSet::from([(0, 0)]));
+        plane.set_subscription(self.now, BTreeSet::from([(0, 0)]));
         self.nodes.insert(id, plane);
         for &b in bootstrap {
             self.connect(id, b);
@@ -505,6 +505,16 @@ fn upload_capacity_bounds_children_and_rate() {
     let t0 = net.now.duration_since(net.start);
     net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
     let t1 = net.now.duration_since(net.start);
+    // While the stream flows (once it stops, the measured rate decays and room opens).
+    for id in (2..=24).step_by(2) {
+        assert!(
+            net.nodes[&id].stats().children <= 4,
+            "{} children, max {} rate {}",
+            net.nodes[&id].stats().children,
+            net.nodes[&id].max_children(),
+            net.nodes[&id].rate_bytes
+        );
+    }
     net.run(Duration::from_secs(2), None);
     for id in (2..=24).step_by(2) {
         let kbps = net.up.get(&id).copied().unwrap_or(0) as f64 * 8.0 / 6.0 / 1000.0;
@@ -512,13 +522,6 @@ fn upload_capacity_bounds_children_and_rate() {
         assert!(
             kbps <= 1000.0 + 16.0 * 8.0 / 6.0,
             "viewer {id} sent {kbps:.0} kbit/s"
-        );
-        assert!(
-            net.nodes[&id].stats().children <= 4,
-            "{} children, max {} rate {}",
-            net.nodes[&id].stats().children,
-            net.nodes[&id].max_children(),
-            net.nodes[&id].rate_bytes
         );
     }
     for id in 1..=24 {
@@ -891,4 +894,88 @@ fn shards_without_a_manifest_are_held_within_a_budget() {
     }
     assert!(node.unverified_bytes <= MAX_UNVERIFIED_BYTES);
     assert!(node.stats().unverified_dropped > 1900);
+}
+
+#[test]
+fn parity_for_loss_follows_the_binomial_tail() {
+    assert_eq!(parity_for_loss(12, 0.0, 0.01), 0);
+    // 13 shards at 5 % loss: P(more than 1 lost) = 0.135; 15 shards: P(more than 3) = 0.0055.
+    assert_eq!(parity_for_loss(12, 0.05, 0.01), 3);
+    assert_eq!(parity_for_loss(12, 0.01, 0.01), 1);
+    assert!(parity_for_loss(12, 0.2, 0.01) > parity_for_loss(12, 0.1, 0.01));
+    // Never more parity than data.
+    assert_eq!(parity_for_loss(2, 0.5, 1e-9), 2);
+}
+
+/// Runs 20 viewers with 5 % loss for 10 s of 12.5 kB frames; returns the net, the pulls sent
+/// and the delivery over the last 5 s (the parity follows the loss after a few seconds: the
+/// measure, then the reports merged hop by hop up the feedback tree).
+fn lossy_run(adaptive_parity: bool) -> (Net, u64, (usize, usize)) {
+    let config = DataPlaneConfig {
+        adaptive_parity,
+        ..DataPlaneConfig::default()
+    };
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 20, &config);
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    assert_eq!(net.nodes[&PUBLISHER].stats().parity_loss_permille, 0);
+    for id in 1..=20 {
+        net.loss.insert(id, 0.05);
+    }
+    net.run(Duration::from_secs(5), Some((FRAME, 12_500)));
+    let pulls_before: u64 = (1..=20).map(|id| net.nodes[&id].stats().pulls_sent).sum();
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(5), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    let pulls: u64 = (1..=20).map(|id| net.nodes[&id].stats().pulls_sent).sum();
+    let (mut ok, mut all) = (0, 0);
+    for id in 1..=20 {
+        let (o, a) = net.delivery(id, t0, t1 - Duration::from_secs(1));
+        ok += o;
+        all += a;
+    }
+    (net, pulls - pulls_before, (ok, all))
+}
+
+fn newest_parity(net: &Net) -> usize {
+    let publisher = &net.nodes[&PUBLISHER];
+    let (_, obj) = publisher.objects.iter().next_back().expect("published");
+    obj.manifest.as_ref().expect("own manifest").layout.parity
+}
+
+#[test]
+fn parity_rises_with_the_audiences_loss_and_falls_back() {
+    let (mut fixed, fixed_pulls, _) = lossy_run(false);
+    assert_eq!(newest_parity(&fixed), 1);
+    let (mut net, pulls, (ok, all)) = lossy_run(true);
+    // Every peer measures about 5 % (the manifest and control are lost too).
+    let measured = net.nodes[&7].stats().shard_loss_permille;
+    assert!(
+        (20..=90).contains(&measured),
+        "viewer 7 measured {measured} ‰"
+    );
+    let sized_for = net.nodes[&PUBLISHER].stats().parity_loss_permille;
+    assert!((30..=100).contains(&sized_for), "sized for {sized_for} ‰");
+    // k = 12: three or four parity shards instead of one.
+    assert!(
+        (3..=5).contains(&newest_parity(&net)),
+        "{}",
+        newest_parity(&net)
+    );
+    assert!(
+        pulls * 2 < fixed_pulls,
+        "pulls with adaptive parity {pulls}, with the base parity {fixed_pulls}"
+    );
+    assert!(ok * 1000 >= all * 999, "{ok} of {all}");
+    net.assert_all_intact();
+    // Without loss the parity goes back to the base after the hold.
+    for id in 1..=20 {
+        net.loss.remove(&id);
+        fixed.loss.remove(&id);
+    }
+    net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
+    assert!(newest_parity(&net) >= 3, "held for PARITY_HOLD");
+    net.run(Duration::from_secs(10), Some((FRAME, 12_500)));
+    assert_eq!(newest_parity(&net), 1);
+    assert_eq!(net.nodes[&PUBLISHER].stats().parity_loss_permille, 0);
 }
