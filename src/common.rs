@@ -42,7 +42,7 @@ impl Default for NetworkSettings {
             kademlia: DEFAULT_KADEMLIA,
             stats_interval_ms: DEFAULT_STATS_INTERVAL_MS,
             upload_capacity_kbps: -1,
-            data_plane: "gossipsub".into(),
+            data_plane: "trees".into(),
         }
     }
 }
@@ -108,12 +108,12 @@ fn network_properties() -> Vec<glib::ParamSpec> {
         glib::ParamSpecString::builder("data-plane")
             .nick("Data plane")
             .blurb(
-                "What carries media: gossipsub (the default: each viewer receives and relays \
-                 about five copies) or trees (striped, erasure-coded push trees: about one copy \
-                 down and up per viewer; a viewer that stepped down for loss does not step back \
-                 up yet). Every peer of a stream must use the same",
+                "What carries media: trees (the default: striped, erasure-coded push trees, \
+                 about one copy down and up per viewer) or gossipsub (media over gossipsub: \
+                 each viewer receives and relays about five copies; the benchmark's \
+                 reference). Every peer of a stream must use the same",
             )
-            .default_value(Some("gossipsub"))
+            .default_value(Some("trees"))
             .mutable_ready()
             .build(),
         glib::ParamSpecInt64::builder("upload-capacity")
@@ -196,7 +196,7 @@ impl NetworkSettings {
                 self.data_plane = value
                     .get::<Option<String>>()
                     .expect("type checked upstream")
-                    .unwrap_or_else(|| "gossipsub".into())
+                    .unwrap_or_else(|| "trees".into())
             }
             "stats-interval" => {
                 self.stats_interval_ms = value.get().expect("type checked upstream")

@@ -182,9 +182,13 @@ fn a_lossy_viewer_steps_down_keeps_playing_and_steps_back_up() {
                     .flatten()
             })
             .collect();
-    assert_eq!(
-        reasons.first().map(String::as_str),
-        Some("loss"),
+    // On the trees, pulls repair most losses, but past the latency: the step down is then
+    // for lateness. Either way it is the network's fault, never a local stall.
+    assert!(
+        matches!(
+            reasons.first().map(String::as_str),
+            Some("loss" | "lateness")
+        ),
         "{reasons:?}"
     );
     assert_eq!(

@@ -35,12 +35,11 @@ pub enum GossipsubProfile {
 pub enum DataPlaneMode {
     /// Striped push trees with erasure coding over `/p2plive/media/1` (see
     /// [`crate::core::dataplane`]); gossipsub carries only the control channel. About one
-    /// copy of the stream down and up per viewer. Not the default yet: a viewer that stepped
-    /// down for loss does not step back up (docs/PERFORMANCE.md).
-    Trees,
-    /// Every channel over gossipsub (the default): each viewer receives and relays about `D`
-    /// copies.
+    /// copy of the stream down and up per viewer. The default.
     #[default]
+    Trees,
+    /// Every channel over gossipsub, media included: each viewer receives and relays about
+    /// `D` copies. Kept as the benchmark's reference and for peers of older versions.
     Gossipsub,
 }
 
@@ -91,7 +90,7 @@ pub struct NodeConfig {
     pub gossipsub_profile: GossipsubProfile,
     /// Test and benchmark hook (see [`InboundLoss`]); `None` (the default) drops nothing.
     pub inbound_loss: Option<InboundLoss>,
-    /// Which data plane carries media. Default [`DataPlaneMode::Gossipsub`].
+    /// Which data plane carries media. Default [`DataPlaneMode::Trees`].
     pub data_plane: DataPlaneMode,
     /// Upload (kbit/s) this node offers for forwarding media to other viewers: `None`
     /// unlimited (the default), `Some(0)` receive only. The trees never give it more children
