@@ -40,6 +40,12 @@ pub struct AbrConfig {
     pub downgrade_window: Duration,
     /// Fewest frames expected in the window before it is judged.
     pub min_window_frames: u64,
+    /// Share of the shards the data plane's parents push that this viewer's link loses
+    /// ([`Abr::set_link_loss`]) that triggers a step down, held over half the window. The
+    /// trees repair such loss (parity, pulls), so frames stay whole and in time while the
+    /// link, often congested, carries ever more repair traffic: the loss itself is the
+    /// signal.
+    pub downgrade_link_loss: f64,
     /// Time without trouble before a probe of the next layer up.
     pub upgrade_cooldown: Duration,
     /// How long a probed layer must arrive in time before it is taken.
@@ -58,6 +64,7 @@ impl Default for AbrConfig {
             downgrade_loss_threshold: 0.1,
             downgrade_window: Duration::from_secs(2),
             min_window_frames: 10,
+            downgrade_link_loss: 0.15,
             upgrade_cooldown: Duration::from_secs(10),
             probe_duration: Duration::from_secs(3),
             max_probe_backoff: Duration::from_secs(160),
@@ -148,6 +155,10 @@ pub struct Abr {
     probe: Option<Probe>,
     /// Counts of the played layers per sample, newest last.
     window: VecDeque<(Instant, LayerCounts)>,
+    /// The link's shard loss as last measured (0..=1), if the data plane measures it.
+    link_loss: Option<f64>,
+    /// That measure per sample since the last change, newest last.
+    link_window: VecDeque<(Instant, f64)>,
     /// When the played layers were last in trouble or last changed.
     stable_since: Instant,
     next_probe_at: Instant,
@@ -189,6 +200,8 @@ impl Abr {
             rung,
             probe: None,
             window: VecDeque::new(),
+            link_loss: None,
+            link_window: VecDeque::new(),
             stable_since: now,
             failed_probes: 0,
             stats: AbrStats::default(),
@@ -257,6 +270,13 @@ impl Abr {
         }
     }
 
+    /// The share (0..=1) of the shards pushed to this viewer that its link lost, as the data
+    /// plane measures it (`None`: not measured, e.g. media over gossipsub). Taken at each
+    /// sample.
+    pub fn set_link_loss(&mut self, loss: Option<f64>) {
+        self.link_loss = loss;
+    }
+
     /// Takes the counts of one interval, per layer id (layers not received are absent).
     /// Returns whether the chosen layer or the probe changed.
     pub fn on_sample(&mut self, now: Instant, samples: &[(u32, LayerCounts)]) -> bool {
@@ -292,8 +312,26 @@ impl Abr {
             total.add(counts);
         }
         let expected = total.received + total.lost_network();
-        let troubled = expected >= self.config.min_window_frames.max(1)
+        let frames_troubled = expected >= self.config.min_window_frames.max(1)
             && bad_share(&total) >= self.config.downgrade_loss_threshold;
+        if let Some(loss) = self.link_loss {
+            self.link_window.push_back((now, loss));
+        }
+        while self
+            .link_window
+            .front()
+            .is_some_and(|(at, _)| *at + self.config.downgrade_window <= now)
+        {
+            self.link_window.pop_front();
+        }
+        // Judged once it spans half the window since the last change, so one step down is
+        // taken per half window while the loss lasts, not all at once.
+        let link_troubled = self.link_window.front().is_some_and(|(first, _)| {
+            now.saturating_duration_since(*first) >= self.config.downgrade_window / 2
+        }) && self.link_window.iter().map(|(_, l)| l).sum::<f64>()
+            / self.link_window.len().max(1) as f64
+            >= self.config.downgrade_link_loss;
+        let troubled = frames_troubled || link_troubled;
 
         if troubled {
             self.stable_since = now;
@@ -304,7 +342,7 @@ impl Abr {
             }
             if self.rung > 0 {
                 self.stats.steps_down += 1;
-                let reason = if total.lost_network() >= total.late_network() {
+                let reason = if link_troubled || total.lost_network() >= total.late_network() {
                     self.stats.steps_down_loss += 1;
                     LayerChangeReason::Loss
                 } else {
@@ -397,6 +435,7 @@ impl Abr {
     fn switch_to(&mut self, now: Instant, rung: usize) {
         self.rung = rung.min(self.ladder.len().saturating_sub(1));
         self.window.clear();
+        self.link_window.clear();
         self.stable_since = now;
         self.next_probe_at = self.next_probe_at.max(now + self.config.upgrade_cooldown);
     }
@@ -657,5 +696,28 @@ mod tests {
         abr.set_fixed(t0, None);
         run(&mut abr, t0, MS * 250, |_| (3, 0));
         assert_eq!(layer_id(&abr), 1);
+    }
+
+    #[test]
+    fn a_lossy_link_steps_down_even_when_repair_keeps_frames_whole() {
+        let t0 = Instant::now();
+        let mut abr = Abr::new(t0, &ladder(), config());
+        let now = run(&mut abr, t0, Duration::from_secs(60), |_| (0, 0));
+        assert_eq!(layer_id(&abr), 5);
+        // Every frame arrives, but the link loses a third of the shards: a step down per
+        // half window (1 s), the reason is loss.
+        abr.set_link_loss(Some(0.33));
+        let now = run(&mut abr, now, MS * 750, |_| (0, 0));
+        assert_eq!(layer_id(&abr), 5, "judged only over half a window");
+        let now = run(&mut abr, now, MS * 500, |_| (0, 0));
+        assert_eq!(layer_id(&abr), 4);
+        assert_eq!(abr.stats().last_reason, Some(LayerChangeReason::Loss));
+        let now = run(&mut abr, now, Duration::from_secs(6), |_| (0, 0));
+        assert_eq!(layer_id(&abr), 0);
+        // A little loss is the trees' business (parity), not a reason to step down; and
+        // once the loss is gone the probes succeed again.
+        abr.set_link_loss(Some(0.05));
+        run(&mut abr, now, Duration::from_secs(60), |_| (0, 0));
+        assert_eq!(layer_id(&abr), 5);
     }
 }

@@ -11,8 +11,8 @@
 //! waits for their time.
 //!
 //! A missing frame never stalls a track: it is given up shortly before the next buffered
-//! frame is due, or `jitter_tolerance` after a later frame arrived, or when the buffer is
-//! full. Playback then resumes at the next keyframe.
+//! frame is due, or `gap_wait` after a later frame arrived, or when the buffer is full.
+//! Playback then resumes at the next keyframe.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -44,9 +44,14 @@ pub struct PlayoutConfig {
     pub latency: Duration,
     /// Most frames buffered per track.
     pub buffer_size: usize,
-    /// How long a gap may wait once a later frame arrived; also how late a frame may be
-    /// before the clock is rebased.
+    /// How late a frame may be before the clock is rebased; a gap waits at least this long
+    /// once a later frame arrived.
     pub jitter_tolerance: Duration,
+    /// How long a gap may wait once a later frame arrived (at least `jitter_tolerance`, and
+    /// never past the next frame's deadline). Long enough for the data plane to pull a lost
+    /// shard again (a round trip or two): giving a frame up costs the rest of its GOP,
+    /// waiting within the deadline costs nothing.
+    pub gap_wait: Duration,
 }
 
 impl Default for PlayoutConfig {
@@ -55,6 +60,7 @@ impl Default for PlayoutConfig {
             latency: Duration::from_millis(300),
             buffer_size: 256,
             jitter_tolerance: Duration::from_millis(60),
+            gap_wait: Duration::from_millis(200),
         }
     }
 }
@@ -721,7 +727,7 @@ impl GroupPlayout {
             .filter(|buffered| self.eligible(buffered))
             .map(|buffered| buffered.arrival)
             .min()?;
-        let by_arrival = earliest_arrival + config.jitter_tolerance;
+        let by_arrival = earliest_arrival + config.jitter_tolerance.max(config.gap_wait);
         let by_deadline = deadline(config, clock, &first.frame).map(|deadline| {
             deadline
                 .checked_sub(GAP_DEADLINE_MARGIN)
@@ -1376,13 +1382,13 @@ mod tests {
     }
 
     #[test]
-    fn reordering_within_the_jitter_tolerance_is_restored() {
+    fn reordering_within_the_gap_wait_is_restored() {
         let t0 = Instant::now();
         let mut playout = playout(PlayoutConfig::default());
         playout.push(t0, video(0, 100));
         playout.push(t0 + MS * 80, video(2, 100));
-        // Waits for 1 at most the jitter tolerance after 2 arrived.
-        assert_eq!(playout.poll_timeout(), Some(t0 + MS * 140));
+        // Waits for 1 at most the gap wait (200 ms) after 2 arrived.
+        assert_eq!(playout.poll_timeout(), Some(t0 + MS * 280));
         playout.handle_timeout(t0 + MS * 100);
         playout.push(t0 + MS * 100, video(1, 100));
         let output = run(&mut playout, vec![]);
@@ -1396,9 +1402,9 @@ mod tests {
     #[test]
     fn gap_is_given_up_before_the_next_frame_is_due() {
         let t0 = Instant::now();
-        // A tolerance longer than the latency: the deadline decides.
+        // A gap wait longer than the latency: the deadline decides.
         let mut playout = playout(PlayoutConfig {
-            jitter_tolerance: Duration::from_secs(5),
+            gap_wait: Duration::from_secs(5),
             ..PlayoutConfig::default()
         });
         playout.push(t0, video(0, 1));

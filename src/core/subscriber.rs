@@ -32,9 +32,10 @@ pub struct SubscriberConfig {
     pub latency: Duration,
     /// Most frames buffered per track.
     pub buffer_size: usize,
-    /// How long a gap may wait once a later frame arrived; how late a frame may be before
-    /// the clock is rebased.
+    /// How late a frame may be before the clock is rebased (a gap waits at least this long).
     pub jitter_tolerance: Duration,
+    /// How long a gap may wait once a later frame arrived ([`PlayoutConfig::gap_wait`]).
+    pub gap_wait: Duration,
     /// How long an incomplete frame waits for its missing fragments.
     pub fragment_timeout: Duration,
     /// Most incomplete frames held.
@@ -56,6 +57,7 @@ impl Default for SubscriberConfig {
             latency: playout.latency,
             buffer_size: playout.buffer_size,
             jitter_tolerance: playout.jitter_tolerance,
+            gap_wait: playout.gap_wait,
             fragment_timeout: reassembly.fragment_timeout,
             max_pending_frames: reassembly.max_pending_frames,
             max_pending_bytes: reassembly.max_pending_bytes,
@@ -71,6 +73,7 @@ impl SubscriberConfig {
             latency: self.latency,
             buffer_size: self.buffer_size,
             jitter_tolerance: self.jitter_tolerance,
+            gap_wait: self.gap_wait,
         }
     }
 

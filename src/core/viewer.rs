@@ -202,6 +202,15 @@ impl Viewer {
     }
 
     /// The capture-to-render latency the element measures (wall clocks), for reports.
+    /// The share (0..=1) of pushed shards this viewer's link loses, from the data plane
+    /// (`None` when not measured); every track's layer controller takes it into account
+    /// ([`Abr::set_link_loss`]).
+    pub fn set_link_loss(&mut self, loss: Option<f64>) {
+        for abr in self.abrs.values_mut() {
+            abr.set_link_loss(loss);
+        }
+    }
+
     pub fn set_measured_latency(&mut self, latency: Duration) {
         self.latency = Some(latency);
     }

@@ -244,8 +244,10 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
         glib::ParamSpecUInt::builder("jitter-tolerance")
             .nick("Jitter tolerance")
             .blurb(
-                "Milliseconds a missing frame is waited for after a later one arrived, before \
-                 playback skips to the next keyframe",
+                "Milliseconds a frame may be late before the playout clock moves later; a \
+                 missing frame is waited for after a later one arrived at least this long (and \
+                 200 ms by default, within the next frame's deadline, while the data plane \
+                 pulls it again) before playback skips to the next keyframe",
             )
             .maximum(10_000)
             .default_value(DEFAULT_JITTER_TOLERANCE_MS)
@@ -1073,8 +1075,12 @@ struct Driver {
     fixed_layers: BTreeMap<u32, Option<u32>>,
 }
 
+/// How often the data plane's link-loss measure is handed to the layer controllers.
+const LINK_LOSS_PERIOD: std::time::Duration = std::time::Duration::from_millis(250);
+
 async fn drive(mut driver: Driver) {
     let mut stats_tick = common::stats_ticker(driver.settings.net.stats_interval_ms);
+    let mut next_link_loss = Instant::now();
     loop {
         let deadline = driver.viewer.poll_timeout();
         tokio::select! {
@@ -1090,7 +1096,17 @@ async fn drive(mut driver: Driver) {
                 }
             }
         }
-        driver.viewer.handle_timeout(Instant::now());
+        let now = Instant::now();
+        if now >= next_link_loss {
+            next_link_loss = now + LINK_LOSS_PERIOD;
+            let loss = driver
+                .node
+                .stats()
+                .data_plane
+                .map(|dp| f64::from(dp.shard_loss_permille) / 1000.0);
+            driver.viewer.set_link_loss(loss);
+        }
+        driver.viewer.handle_timeout(now);
         if !driver.drain_viewer() {
             break;
         }

@@ -212,7 +212,8 @@ pub struct DataPlaneConfig {
     pub repair_delay: Duration,
     /// Nothing is pulled later than this after an object's first sign (its deadline).
     pub deadline: Duration,
-    /// Between two pulls of one object.
+    /// Between two pulls of one object at most; sooner (twice the smoothed pull round trip
+    /// plus 10 ms, at least 20 ms) once answers were timed.
     pub pull_retry: Duration,
     /// Move to a neighbour at least two hops closer to the root when one has room
     /// (Plumtree's optimisation, by hops): lower delay, at the cost of a few shards in flight
@@ -378,6 +379,8 @@ struct Object<P> {
     pushed: u64,
     /// Counted in the shard-loss measure already.
     sampled: bool,
+    /// The peer of the last pull, until its first answer times the round trip.
+    pulled_from: Option<P>,
 }
 
 impl<P> Object<P> {
@@ -396,6 +399,7 @@ impl<P> Object<P> {
             decode_at: None,
             pushed: 0,
             sampled: false,
+            pulled_from: None,
         }
     }
 }
@@ -521,6 +525,8 @@ pub struct DataPlane<P: PeerKey> {
     /// Shards expected and missing (not pushed by the stripe's parent) of the objects played
     /// since the last report.
     shard_loss: (u64, u64),
+    /// Smoothed round trip of pulls (RFC 6298's SRTT, alpha 1/8), once one was timed.
+    pull_rtt: Option<Duration>,
     /// Publisher: the shard loss parity is sized for, and when it was last set.
     parity_loss: f64,
     parity_loss_at: Instant,
@@ -610,6 +616,7 @@ impl<P: PeerKey> DataPlane<P> {
             subscription: BTreeSet::new(),
             subscribed_at: HashMap::new(),
             shard_loss: (0, 0),
+            pull_rtt: None,
             parity_loss: 0.0,
             parity_loss_at: now,
             objects: BTreeMap::new(),
@@ -955,6 +962,16 @@ impl<P: PeerKey> DataPlane<P> {
         let obj = self.objects.get_mut(&key).expect("inserted above");
         if pushed {
             obj.pushed |= 1 << shard.index;
+        }
+        if obj.pulled_from == Some(from)
+            && let Some(at) = obj.last_pull
+        {
+            obj.pulled_from = None;
+            let sample = now.saturating_duration_since(at);
+            self.pull_rtt = Some(match self.pull_rtt {
+                Some(srtt) => (srtt * 7 + sample) / 8,
+                None => sample,
+            });
         }
         if obj.complete.is_some() {
             self.stats.shards_duplicate += 1;
@@ -2217,6 +2234,12 @@ impl<P: PeerKey> DataPlane<P> {
         let mut pulls = Vec::new();
         let mut pending = false;
         let repair_delay = self.config.repair_delay;
+        // A lost pull or answer is retried after about two round trips, not a fixed 200 ms:
+        // on a short path that is the difference between a late frame and one in time.
+        let pull_retry = self.pull_rtt.map_or(self.config.pull_retry, |rtt| {
+            (rtt * 2 + Duration::from_millis(10))
+                .clamp(Duration::from_millis(20), self.config.pull_retry)
+        });
         // Stripes without a parent, or with one that changed within FAST_REPAIR: what is
         // missing there was probably lost in the change, not still on its way down.
         let stripes = self.config.stripes;
@@ -2263,7 +2286,7 @@ impl<P: PeerKey> DataPlane<P> {
             if age < delay
                 || obj
                     .last_pull
-                    .is_some_and(|at| now.saturating_duration_since(at) < self.config.pull_retry)
+                    .is_some_and(|at| now.saturating_duration_since(at) < pull_retry)
             {
                 continue;
             }
@@ -2311,6 +2334,9 @@ impl<P: PeerKey> DataPlane<P> {
                 .or(upstream)
                 .or_else(|| self.pick(&parents));
             let Some(target) = target else { continue };
+            if let Some(obj) = self.objects.get_mut(&key) {
+                obj.pulled_from = Some(target);
+            }
             self.stats.pulls_sent += 1;
             self.enqueue_control(
                 target,
