@@ -385,7 +385,9 @@ pub fn node_stats_fields(
             .field("objects-missed", dp.objects_missed)
             .field("pulls-sent", dp.pulls_sent)
             .field("pulls-served", dp.pulls_served)
-            .field("media-shed", dp.shed),
+            .field("media-shed", dp.shed)
+            .field("shard-loss-permille", dp.shard_loss_permille)
+            .field("parity-loss-permille", dp.parity_loss_permille),
         None => builder,
     }
 }

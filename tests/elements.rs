@@ -158,6 +158,10 @@ fn viewer_plays_through_another_viewer_with_the_trees() {
             && relay.get::<u64>("tree-children").unwrap() > 0,
         "B forwards media to C: {relay}"
     );
+    // On loopback nothing is lost: the measured link loss is (near) 0, so no step down for
+    // loss and no extra parity.
+    let loss = relay.get::<u32>("shard-loss-permille").unwrap();
+    assert!(loss < 50, "B measures {loss} ‰ lost on loopback: {relay}");
 }
 
 #[test]
