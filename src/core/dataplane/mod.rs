@@ -213,7 +213,8 @@ pub struct DataPlaneConfig {
     /// Nothing is pulled later than this after an object's first sign (its deadline).
     pub deadline: Duration,
     /// Between two pulls of one object at most; sooner (twice the smoothed pull round trip
-    /// plus 10 ms, at least 20 ms) once answers were timed.
+    /// plus 10 ms, at least 20 ms, doubled after each unanswered pull) once answers were
+    /// timed.
     pub pull_retry: Duration,
     /// Move to a neighbour at least two hops closer to the root when one has room
     /// (Plumtree's optimisation, by hops): lower delay, at the cost of a few shards in flight
@@ -381,6 +382,8 @@ struct Object<P> {
     sampled: bool,
     /// The peer of the last pull, until its first answer times the round trip.
     pulled_from: Option<P>,
+    /// Pulls sent for it that got no answer yet (an answer resets it).
+    pulls: u32,
 }
 
 impl<P> Object<P> {
@@ -400,6 +403,7 @@ impl<P> Object<P> {
             pushed: 0,
             sampled: false,
             pulled_from: None,
+            pulls: 0,
         }
     }
 }
@@ -967,6 +971,7 @@ impl<P: PeerKey> DataPlane<P> {
             && let Some(at) = obj.last_pull
         {
             obj.pulled_from = None;
+            obj.pulls = 0;
             let sample = now.saturating_duration_since(at);
             self.pull_rtt = Some(match self.pull_rtt {
                 Some(srtt) => (srtt * 7 + sample) / 8,
@@ -2283,10 +2288,15 @@ impl<P: PeerKey> DataPlane<P> {
             } else {
                 repair_delay
             };
+            // Each unanswered pull doubles the wait before the next one (RFC 6298 §5.5's
+            // backoff), up to `pull_retry`: an object nobody near can serve costs a few
+            // pulls before its deadline, not one every round trip.
+            let backoff = (pull_retry * (1u32 << obj.pulls.saturating_sub(1).min(4)))
+                .min(self.config.pull_retry);
             if age < delay
                 || obj
                     .last_pull
-                    .is_some_and(|at| now.saturating_duration_since(at) < pull_retry)
+                    .is_some_and(|at| now.saturating_duration_since(at) < backoff)
             {
                 continue;
             }
@@ -2310,6 +2320,7 @@ impl<P: PeerKey> DataPlane<P> {
                 ),
             };
             obj.last_pull = Some(now);
+            obj.pulls = obj.pulls.saturating_add(1);
             pulls.push((*key, want_manifest, shards));
         }
         self.repair_pending = pending;

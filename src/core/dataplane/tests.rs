@@ -979,3 +979,39 @@ fn parity_rises_with_the_audiences_loss_and_falls_back() {
     assert_eq!(newest_parity(&net), 1);
     assert_eq!(net.nodes[&PUBLISHER].stats().parity_loss_permille, 0);
 }
+
+/// An object nobody can serve (every shard of it vanishes, answers included): each viewer
+/// pulls it a few times before its deadline, backing off, not once per round trip.
+#[test]
+fn pulls_of_an_object_nobody_can_serve_back_off() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 10, &config);
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    let gone = net.sequence + 5;
+    let pulls: std::rc::Rc<std::cell::RefCell<HashMap<u32, u64>>> = Default::default();
+    let counted = pulls.clone();
+    net.tamper = Some(Box::new(move |from, _, raw: &mut Vec<u8>| {
+        let Ok(m) = DpMessage::decode(&raw[..]) else {
+            return true;
+        };
+        match m.body {
+            Some(Body::Shard(s)) => s.key.is_none_or(|k| k.sequence != gone),
+            Some(Body::Pull(p)) => {
+                if p.key.is_some_and(|k| k.sequence == gone) {
+                    *counted.borrow_mut().entry(from).or_default() += 1;
+                }
+                true
+            }
+            _ => true,
+        }
+    }));
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    let pulls = pulls.borrow();
+    assert!(!pulls.is_empty(), "the lost object was pulled");
+    // About 1.45 s between the first pull and the deadline: with retries every 2 RTT + 10 ms
+    // (30 ms here) that would be ~48 pulls; doubling, up to 200 ms, makes it about 10.
+    for (viewer, count) in pulls.iter() {
+        assert!(*count <= 12, "viewer {viewer} pulled it {count} times");
+    }
+}
