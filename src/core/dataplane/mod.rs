@@ -102,6 +102,8 @@ const PARITY_QUANTILE: f64 = 0.5;
 /// Parity is sized so that an object loses more shards than it has parity with at most this
 /// probability at the measured loss (binomial tail); the rest is pulled.
 const PARITY_RESIDUAL: f64 = 0.01;
+/// The highest shard loss parity is sized for (the last histogram bucket's bound).
+const MAX_PARITY_LOSS: f64 = 0.2;
 /// A lower loss measure lowers the parity only after this long (a raise is immediate).
 const PARITY_HOLD: Duration = Duration::from_secs(10);
 /// Media queued longer than this for one peer is shed (see `queue`): later than a pull.
@@ -2552,6 +2554,9 @@ impl<P: PeerKey> DataPlane<P> {
         let Some(loss) = audience.shard_loss_quantile(PARITY_QUANTILE) else {
             return;
         };
+        // Beyond MAX_PARITY_LOSS parity would cost more than the stream; such viewers step
+        // down their layer (ABR takes the link loss) and pull the rest.
+        let loss = loss.min(MAX_PARITY_LOSS);
         if loss >= self.parity_loss
             || now.saturating_duration_since(self.parity_loss_at) >= PARITY_HOLD
         {

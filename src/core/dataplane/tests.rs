@@ -1015,3 +1015,19 @@ fn pulls_of_an_object_nobody_can_serve_back_off() {
         assert!(*count <= 12, "viewer {viewer} pulled it {count} times");
     }
 }
+
+#[test]
+fn parity_is_sized_for_at_most_twenty_percent_loss() {
+    let mut net = Net::new(DataPlaneConfig::default());
+    let mut audience = Summary::default();
+    audience.add_shard_loss(0.5);
+    let now = net.now;
+    let publisher = net.nodes.get_mut(&PUBLISHER).unwrap();
+    publisher.update_parity(now, &audience);
+    // Above the last bucket (20 %) the loss is capped: parity for 20 %, not for 100 %.
+    assert_eq!(publisher.stats().parity_loss_permille, 200);
+    net.publish(12_500);
+    let parity = newest_parity(&net);
+    assert_eq!(parity, parity_for_loss(12, 0.2, PARITY_RESIDUAL));
+    assert!(parity < 12, "{parity}");
+}
