@@ -215,8 +215,8 @@ pub struct DataPlaneConfig {
     /// Nothing is pulled later than this after an object's first sign (its deadline).
     pub deadline: Duration,
     /// Between two pulls of one object at most; sooner (twice the smoothed pull round trip
-    /// plus 10 ms, at least 20 ms, doubled after each unanswered pull) once answers were
-    /// timed.
+    /// plus 10 ms, at least 20 ms, doubled after the third unanswered pull) once answers
+    /// were timed.
     pub pull_retry: Duration,
     /// Move to a neighbour at least two hops closer to the root when one has room
     /// (Plumtree's optimisation, by hops): lower delay, at the cost of a few shards in flight
@@ -2290,10 +2290,11 @@ impl<P: PeerKey> DataPlane<P> {
             } else {
                 repair_delay
             };
-            // Each unanswered pull doubles the wait before the next one (RFC 6298 §5.5's
-            // backoff), up to `pull_retry`: an object nobody near can serve costs a few
-            // pulls before its deadline, not one every round trip.
-            let backoff = (pull_retry * (1u32 << obj.pulls.saturating_sub(1).min(4)))
+            // After three unanswered pulls, each doubles the wait before the next one (RFC
+            // 6298 §5.5's backoff), up to `pull_retry`: a loss is usually repaired by the
+            // first retries, and an object nobody near can serve costs about ten pulls
+            // before its deadline, not one every round trip.
+            let backoff = (pull_retry * (1u32 << obj.pulls.saturating_sub(3).min(4)))
                 .min(self.config.pull_retry);
             if age < delay
                 || obj
