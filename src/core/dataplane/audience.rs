@@ -16,6 +16,21 @@ pub const LATENCY_BUCKETS_MS: [u32; 11] = [
 pub const SHARD_LOSS_BUCKETS_PERMILLE: [u32; 12] =
     [0, 5, 10, 20, 30, 40, 50, 60, 80, 100, 150, 200];
 
+/// The index of the bucket of `histogram` (counts per bucket) that holds the `q` (0..=1)
+/// quantile; `None` if it counts nothing.
+fn quantile_bucket(histogram: &[u32], q: f64) -> Option<usize> {
+    let total: u64 = histogram.iter().map(|&c| u64::from(c)).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    histogram.iter().position(|&count| {
+        seen += u64::from(count);
+        seen >= rank
+    })
+}
+
 /// One viewer's report for one interval (counts are for that interval).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalReport {
@@ -85,27 +100,11 @@ impl Summary {
     /// upper bound of the bucket that holds that quantile (1.0 for the last); `None` if no
     /// peer measured any.
     pub fn shard_loss_quantile(&self, q: f64) -> Option<f64> {
-        let total: u64 = self
-            .shard_loss_histogram
-            .iter()
-            .map(|&c| u64::from(c))
-            .sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, &count) in self.shard_loss_histogram.iter().enumerate() {
-            seen += u64::from(count);
-            if seen >= rank {
-                return Some(
-                    SHARD_LOSS_BUCKETS_PERMILLE
-                        .get(i)
-                        .map_or(1.0, |&b| f64::from(b) / 1000.0),
-                );
-            }
-        }
-        None
+        quantile_bucket(&self.shard_loss_histogram, q).map(|i| {
+            SHARD_LOSS_BUCKETS_PERMILLE
+                .get(i)
+                .map_or(1.0, |&b| f64::from(b) / 1000.0)
+        })
     }
 
     pub fn merge(&mut self, other: &Summary) {
@@ -147,19 +146,8 @@ impl Summary {
     /// The latency (ms) below which `q` (0..=1) of the viewers are: the upper bound of the
     /// bucket that holds that quantile (`None` with no viewers).
     pub fn latency_quantile_ms(&self, q: f64) -> Option<u32> {
-        let total: u64 = self.latency_histogram.iter().map(|&c| u64::from(c)).sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = (q.clamp(0.0, 1.0) * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, &count) in self.latency_histogram.iter().enumerate() {
-            seen += u64::from(count);
-            if seen >= rank {
-                return Some(LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(u32::MAX));
-            }
-        }
-        None
+        quantile_bucket(&self.latency_histogram, q)
+            .map(|i| LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(u32::MAX))
     }
 
     pub fn to_proto(&self) -> DpReport {
