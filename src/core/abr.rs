@@ -300,13 +300,7 @@ impl Abr {
             }
         }
         self.window.push_back((now, counts));
-        while self
-            .window
-            .front()
-            .is_some_and(|(at, _)| *at + self.config.downgrade_window <= now)
-        {
-            self.window.pop_front();
-        }
+        prune(&mut self.window, now, self.config.downgrade_window);
         let mut total = LayerCounts::default();
         for (_, counts) in &self.window {
             total.add(counts);
@@ -317,13 +311,7 @@ impl Abr {
         if let Some(loss) = self.link_loss {
             self.link_window.push_back((now, loss));
         }
-        while self
-            .link_window
-            .front()
-            .is_some_and(|(at, _)| *at + self.config.downgrade_window <= now)
-        {
-            self.link_window.pop_front();
-        }
+        prune(&mut self.link_window, now, self.config.downgrade_window);
         // Judged once it spans half the window since the last change, so one step down is
         // taken per half window while the loss lasts, not all at once.
         let link_troubled = self.link_window.front().is_some_and(|(first, _)| {
@@ -438,6 +426,13 @@ impl Abr {
         self.link_window.clear();
         self.stable_since = now;
         self.next_probe_at = self.next_probe_at.max(now + self.config.upgrade_cooldown);
+    }
+}
+
+/// Drops the samples of `window` (oldest first) that are `span` old or older at `now`.
+fn prune<T>(window: &mut VecDeque<(Instant, T)>, now: Instant, span: Duration) {
+    while window.front().is_some_and(|(at, _)| *at + span <= now) {
+        window.pop_front();
     }
 }
 

@@ -31,6 +31,16 @@ fn quantile_bucket(histogram: &[u32], q: f64) -> Option<usize> {
     })
 }
 
+/// Adds `other`'s counts to `into`'s bucket by bucket, `into` grown to `len` buckets.
+fn add_buckets(into: &mut Vec<u32>, other: &[u32], len: usize) {
+    if into.len() < len {
+        into.resize(len, 0);
+    }
+    for (a, b) in into.iter_mut().zip(other) {
+        *a = a.saturating_add(*b);
+    }
+}
+
 /// One viewer's report for one interval (counts are for that interval).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalReport {
@@ -115,31 +125,22 @@ impl Summary {
                 *entry = entry.saturating_add(*count);
             }
         }
-        if self.latency_histogram.len() < LATENCY_BUCKETS_MS.len() + 1 {
-            self.latency_histogram
-                .resize(LATENCY_BUCKETS_MS.len() + 1, 0);
-        }
-        for (a, b) in self
-            .latency_histogram
-            .iter_mut()
-            .zip(&other.latency_histogram)
-        {
-            *a = a.saturating_add(*b);
-        }
+        add_buckets(
+            &mut self.latency_histogram,
+            &other.latency_histogram,
+            LATENCY_BUCKETS_MS.len() + 1,
+        );
         self.received = self.received.saturating_add(other.received);
         self.late = self.late.saturating_add(other.late);
         self.lost = self.lost.saturating_add(other.lost);
         self.recovered = self.recovered.saturating_add(other.recovered);
+        // Empty when nobody below measured any: it stays empty (no measure), not zeros.
         if !other.shard_loss_histogram.is_empty() {
-            self.shard_loss_histogram
-                .resize(SHARD_LOSS_BUCKETS_PERMILLE.len() + 1, 0);
-            for (a, b) in self
-                .shard_loss_histogram
-                .iter_mut()
-                .zip(&other.shard_loss_histogram)
-            {
-                *a = a.saturating_add(*b);
-            }
+            add_buckets(
+                &mut self.shard_loss_histogram,
+                &other.shard_loss_histogram,
+                SHARD_LOSS_BUCKETS_PERMILLE.len() + 1,
+            );
         }
     }
 

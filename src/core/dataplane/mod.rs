@@ -1705,12 +1705,7 @@ impl<P: PeerKey> DataPlane<P> {
                 })
                 .copied();
             if let Some(leaf) = full_leaf {
-                self.stripes[si].children.remove(&leaf);
-                if let Some(peer) = self.peers.get_mut(&leaf) {
-                    peer.subs.remove(&s);
-                }
-                self.redirect(s, leaf, from);
-                return self.accept_child(s, from);
+                return self.replace_child(s, leaf, from);
             }
         }
         let room = if self.is_publisher() {
@@ -1746,14 +1741,7 @@ impl<P: PeerKey> DataPlane<P> {
                 .find(|c| self.peers.get(c).is_none_or(|p| p.interior != Some(s)))
                 .copied();
             if let Some(leaf) = leaf {
-                self.stripes[si].children.remove(&leaf);
-                if let Some(peer) = self.peers.get_mut(&leaf) {
-                    peer.subs.remove(&s);
-                }
-                self.redirect(s, leaf, from);
-                self.accept_child(s, from);
-                self.send_subscription(s);
-                return;
+                return self.replace_child(s, leaf, from);
             }
         }
         // Push down to a child that forwards here. A peer that does not forward here sends
@@ -1784,6 +1772,17 @@ impl<P: PeerKey> DataPlane<P> {
             Some(target) if target != from => self.redirect(s, from, target),
             _ => self.refuse(s, from),
         }
+    }
+
+    /// `joiner` takes `child`'s place in `s`; `child` is sent to rejoin under `joiner`.
+    fn replace_child(&mut self, s: u8, child: P, joiner: P) {
+        self.stripes[usize::from(s)].children.remove(&child);
+        if let Some(peer) = self.peers.get_mut(&child) {
+            peer.subs.remove(&s);
+        }
+        self.redirect(s, child, joiner);
+        // Also sends our own parent the subscription without `child`'s layers.
+        self.accept_child(s, joiner);
     }
 
     fn redirect(&mut self, s: u8, to: P, target: P) {
