@@ -565,7 +565,7 @@ pub struct DataPlane<P: PeerKey> {
     flow_since: Instant,
     /// Some object may still need a pull (cleared when a scan finds none).
     repair_pending: bool,
-    /// Until then, pulls go out without waiting `repair_delay` (a parent just changed).
+    /// Until then (a parent just changed) the repair timer ticks every 5 ms, not 20 ms.
     fast_repair_until: Instant,
     /// No graft in any stripe before this.
     next_graft_any: Instant,
@@ -1319,8 +1319,9 @@ impl<P: PeerKey> DataPlane<P> {
             .collect()
     }
 
-    /// A stripe changed parent: shards in flight may be lost, so what is missing is pulled
-    /// at once for a while instead of after `repair_delay`.
+    /// A stripe changed parent: shards in flight there may be lost, so for a while the
+    /// repair timer ticks faster (what is missing in that stripe is pulled after
+    /// `FAST_REPAIR_DELAY`, see `pull_missing`).
     fn parent_changed(&mut self) {
         self.stats.parent_changes += 1;
         self.fast_repair_until = self.last_now + FAST_REPAIR;
