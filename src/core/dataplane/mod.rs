@@ -238,6 +238,13 @@ pub struct DataPlaneConfig {
     pub adaptive_parity: bool,
     /// Seed of the core's own random choices (peer picks): deterministic runs.
     pub seed: u64,
+    /// **Simulator only; no security.** Shard digests and manifest signatures use a cheap
+    /// non-cryptographic stand-in ([`auth::digest_with`], [`auth::sign_with`]) instead of
+    /// SHA-256 and ed25519, so that `p2plive-sim` can run 10^5 peers on one machine. Every
+    /// check still runs (a shard is used only if its digest matches the manifest), but
+    /// anyone can forge. Peers with different settings cannot talk. The node and the
+    /// elements never set it.
+    pub insecure_simulated_auth: bool,
 }
 
 impl Default for DataPlaneConfig {
@@ -262,6 +269,7 @@ impl Default for DataPlaneConfig {
             assumed_stream_kbps: 4000,
             adaptive_parity: true,
             seed: 1,
+            insecure_simulated_auth: false,
         }
     }
 }
@@ -365,11 +373,18 @@ struct Manifest {
 struct Object<P> {
     manifest: Option<Manifest>,
     manifest_from: Option<P>,
+    /// Shard payloads (slices of the messages they came in: no copy).
     shards: Vec<Option<Bytes>>,
+    /// The encoded message of each shard held: the one it arrived in, forwarded verbatim to
+    /// every child (one allocation per shard however many peers relay it), or the one we
+    /// encoded for it.
+    wire: Vec<Option<Bytes>>,
     received: usize,
-    unverified: Vec<(P, u32, Bytes)>,
-    /// The object, once complete.
-    complete: Option<Bytes>,
+    /// Shards waiting for the manifest: sender, index, payload, message.
+    unverified: Vec<(P, u32, Bytes, Option<Bytes>)>,
+    /// Enough shards arrived (and were rebuilt if needed). The shards stay (they serve pulls
+    /// and catch-ups), the assembled object does not: it goes to the driver and is dropped.
+    complete: bool,
     first_seen: Instant,
     /// Shards forwarded to children (bit i: shard i).
     forwarded: u64,
@@ -394,9 +409,10 @@ impl<P> Object<P> {
             manifest: None,
             manifest_from: None,
             shards: Vec::new(),
+            wire: Vec::new(),
             received: 0,
             unverified: Vec::new(),
-            complete: None,
+            complete: false,
             first_seen: now,
             forwarded: 0,
             last_pull: None,
@@ -826,7 +842,11 @@ impl<P: PeerKey> DataPlane<P> {
         let Ok(shards) = fec::encode(&object, &layout) else {
             return;
         };
-        let digests: Vec<[u8; auth::DIGEST_LEN]> = shards.iter().map(|s| auth::digest(s)).collect();
+        let simulated = self.config.insecure_simulated_auth;
+        let digests: Vec<[u8; auth::DIGEST_LEN]> = shards
+            .iter()
+            .map(|s| auth::digest_with(simulated, s))
+            .collect();
         let digest_bytes: Vec<u8> = digests.iter().flatten().copied().collect();
         let fragments = fragment_count(&object).unwrap_or(1);
         let signed = auth::signed_bytes(
@@ -839,7 +859,7 @@ impl<P: PeerKey> DataPlane<P> {
             fragments,
             &digest_bytes,
         );
-        let signature = auth::sign(&signing, &signed);
+        let signature = auth::sign_with(simulated, &signing, &signed);
         let proto = DpManifest {
             epoch,
             key: Some(key.to_proto()),
@@ -858,17 +878,14 @@ impl<P: PeerKey> DataPlane<P> {
             digests,
         });
         obj.received = layout.total();
+        obj.wire = vec![None; shards.len()];
         obj.shards = shards.into_iter().map(Some).collect();
-        obj.complete = Some(object);
+        obj.complete = true;
         self.objects.insert(key, obj);
         self.note_frame(now, &key, fragments, true);
         self.forward_manifest(key);
         for i in 0..layout.total() as u32 {
             self.forward_shard(key, i);
-        }
-        // The publisher keeps the object (for pulls), not its shards.
-        if let Some(obj) = self.objects.get_mut(&key) {
-            obj.shards.clear();
         }
         self.expire(now);
     }
@@ -884,6 +901,7 @@ impl<P: PeerKey> DataPlane<P> {
         if bytes.len() > MAX_MESSAGE_LEN {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         }
+        let wire = bytes.clone();
         let Ok(message) = DpMessage::decode(bytes) else {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         };
@@ -892,7 +910,7 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         }
         match message.body {
-            Some(Body::Shard(shard)) => self.on_shard(now, from, shard),
+            Some(Body::Shard(shard)) => self.on_shard(now, from, shard, wire),
             Some(Body::Manifest(manifest)) => self.on_manifest(now, from, manifest),
             Some(Body::Join(join)) => self.on_join(now, from, join),
             Some(Body::Accept(accept)) => self.on_accept(now, from, accept),
@@ -930,7 +948,7 @@ impl<P: PeerKey> DataPlane<P> {
         self.stats.peers_banned += 1;
         self.peers.remove(&peer);
         for obj in self.objects.values_mut() {
-            obj.unverified.retain(|(p, _, _)| *p != peer);
+            obj.unverified.retain(|(p, _, _, _)| *p != peer);
         }
         self.forget_peer(peer);
         self.outputs.push_back(Output::Disconnect { peer, reason });
@@ -939,7 +957,7 @@ impl<P: PeerKey> DataPlane<P> {
 
     // ---- media --------------------------------------------------------------------------
 
-    fn on_shard(&mut self, now: Instant, from: P, shard: DpShard) {
+    fn on_shard(&mut self, now: Instant, from: P, shard: DpShard, wire: Bytes) {
         let Some(key) = shard.key.as_ref().map(ObjectKey::from_proto) else {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         };
@@ -948,6 +966,10 @@ impl<P: PeerKey> DataPlane<P> {
         }
         self.stats.shards_received += 1;
         self.note_rate(now, shard.data.len());
+        // Forwarded verbatim only if it is exactly what we would encode (no unknown fields a
+        // peer could use to bloat what we relay).
+        let canonical = self.encoded_shard_len(&shard);
+        let wire = (wire.len() == canonical).then_some(wire);
         let s = stripe_of(&key, shard.index, self.config.stripes);
         let pushed = self.stripes[usize::from(s)].parent == Some(from);
         if pushed {
@@ -980,7 +1002,7 @@ impl<P: PeerKey> DataPlane<P> {
                 None => sample,
             });
         }
-        if obj.complete.is_some() {
+        if obj.complete {
             self.stats.shards_duplicate += 1;
             return;
         }
@@ -989,14 +1011,23 @@ impl<P: PeerKey> DataPlane<P> {
             if obj.unverified.len() < MAX_UNVERIFIED
                 && self.unverified_bytes + len <= MAX_UNVERIFIED_BYTES
             {
-                obj.unverified.push((from, shard.index, shard.data));
+                obj.unverified.push((from, shard.index, shard.data, wire));
                 self.unverified_bytes += len;
             } else {
                 self.stats.unverified_dropped += 1;
             }
             return;
         }
-        self.accept_shard(now, from, key, shard.index, shard.data);
+        self.accept_shard(now, from, key, shard.index, shard.data, wire);
+    }
+
+    /// Bytes of the message carrying `shard` as we encode it.
+    fn encoded_shard_len(&self, shard: &DpShard) -> usize {
+        DpMessage {
+            stream: self.tag,
+            body: Some(Body::Shard(shard.clone())),
+        }
+        .encoded_len()
     }
 
     /// Whether `key` is older than anything still tracked for its layer (already expired).
@@ -1006,7 +1037,16 @@ impl<P: PeerKey> DataPlane<P> {
             .is_some_and(|&newest| key.sequence + REPLAY_WINDOW < newest)
     }
 
-    fn accept_shard(&mut self, now: Instant, from: P, key: ObjectKey, index: u32, data: Bytes) {
+    fn accept_shard(
+        &mut self,
+        now: Instant,
+        from: P,
+        key: ObjectKey,
+        index: u32,
+        data: Bytes,
+        wire: Option<Bytes>,
+    ) {
+        let simulated = self.config.insecure_simulated_auth;
         let Some(obj) = self.objects.get_mut(&key) else {
             return;
         };
@@ -1017,14 +1057,15 @@ impl<P: PeerKey> DataPlane<P> {
         if i >= manifest.layout.total() || data.len() != manifest.layout.shard_len {
             return self.misbehaved(now, from, Misbehaviour::AlteredShard);
         }
-        if auth::digest(&data) != manifest.digests[i] {
+        if auth::digest_with(simulated, &data) != manifest.digests[i] {
             return self.misbehaved(now, from, Misbehaviour::AlteredShard);
         }
-        if obj.complete.is_some() || obj.shards[i].is_some() {
+        if obj.complete || obj.shards[i].is_some() {
             self.stats.shards_duplicate += 1;
             return;
         }
         obj.shards[i] = Some(data);
+        obj.wire[i] = wire;
         obj.received += 1;
         let data_count = manifest.layout.data;
         let enough = obj.received >= data_count;
@@ -1055,13 +1096,13 @@ impl<P: PeerKey> DataPlane<P> {
             .filter(|key| {
                 self.objects
                     .get(key)
-                    .is_none_or(|o| o.complete.is_some() || o.decode_at.is_none_or(|at| at <= now))
+                    .is_none_or(|o| o.complete || o.decode_at.is_none_or(|at| at <= now))
             })
             .copied()
             .collect();
         for key in due {
             self.pending_decodes.remove(&key);
-            if self.objects.get(&key).is_some_and(|o| o.complete.is_none()) {
+            if self.objects.get(&key).is_some_and(|o| !o.complete) {
                 self.complete(now, key);
             }
         }
@@ -1102,7 +1143,7 @@ impl<P: PeerKey> DataPlane<P> {
         if self
             .objects
             .get(&key)
-            .is_some_and(|o| o.manifest.is_some() || o.complete.is_some())
+            .is_some_and(|o| o.manifest.is_some() || o.complete)
         {
             self.stats.manifests_received += 1;
             return;
@@ -1136,6 +1177,7 @@ impl<P: PeerKey> DataPlane<P> {
             .collect();
         let obj = self.objects.get_mut(&key).expect("inserted above");
         obj.shards = vec![None; layout.total()];
+        obj.wire = vec![None; layout.total()];
         obj.manifest = Some(Manifest {
             proto: m,
             layout,
@@ -1143,13 +1185,13 @@ impl<P: PeerKey> DataPlane<P> {
         });
         obj.manifest_from = Some(from);
         let pending = std::mem::take(&mut obj.unverified);
-        let held: usize = pending.iter().map(|(_, _, data)| data.len()).sum();
+        let held: usize = pending.iter().map(|(_, _, data, _)| data.len()).sum();
         self.unverified_bytes = self.unverified_bytes.saturating_sub(held);
         self.note_frame(now, &key, fragments, false);
         self.forward_manifest(key);
-        for (peer, index, data) in pending {
+        for (peer, index, data, wire) in pending {
             if !self.banned.contains(&peer) {
-                self.accept_shard(now, peer, key, index, data);
+                self.accept_shard(now, peer, key, index, data, wire);
             }
         }
     }
@@ -1168,68 +1210,72 @@ impl<P: PeerKey> DataPlane<P> {
             m.fragments,
             &m.digests,
         );
-        auth::verify(verifying, &signed, &m.signature)
+        auth::verify_with(
+            self.config.insecure_simulated_auth,
+            verifying,
+            &signed,
+            &m.signature,
+        )
     }
 
     /// `key` has enough shards: rebuild, deliver, and forward what the children still miss.
     fn complete(&mut self, now: Instant, key: ObjectKey) {
-        let Some(obj) = self.objects.get_mut(&key) else {
+        let Some(obj) = self.objects.get(&key) else {
             return;
         };
         let Some(manifest) = &obj.manifest else {
             return;
         };
         let layout = manifest.layout;
-        let rebuilt = obj.shards[..layout.data].iter().any(Option::is_none);
-        let Ok(object) = fec::decode(&obj.shards, &layout) else {
-            return;
-        };
-        let object = Bytes::from(object);
-        obj.complete = Some(object.clone());
         let from = obj.manifest_from;
         let first_seen = obj.first_seen;
         let fragments = manifest.proto.fragments;
-        if rebuilt {
-            self.stats.objects_rebuilt += 1;
-        }
         // Shards our children in their stripes have not had from us yet.
-        let forwarded = obj.forwarded;
-        let mut missing = Vec::new();
-        for i in 0..layout.total() as u32 {
-            if forwarded & (1 << i) == 0 && self.children_want(&key, i) {
-                missing.push(i);
+        let missing: Vec<u32> = (0..layout.total() as u32)
+            .filter(|&i| obj.forwarded & (1 << i) == 0 && self.children_want(&key, i))
+            .collect();
+        let regenerate = missing.iter().any(|&i| obj.shards[i as usize].is_none());
+        let plays = plays(&self.subscription, &self.subscribed_at, &key, first_seen);
+        // The object is assembled only to be played or to regenerate shards: a relay of a
+        // layer it does not play just forwards.
+        let object = if plays || regenerate {
+            let Ok(object) = fec::decode(&obj.shards, &layout) else {
+                return;
+            };
+            if obj.shards[..layout.data].iter().any(Option::is_none) {
+                self.stats.objects_rebuilt += 1;
             }
-        }
-        if !missing.is_empty()
-            && let Ok(shards) = fec::encode(&object, &layout)
+            Some(object)
+        } else {
+            None
+        };
+        let obj = self.objects.get_mut(&key).expect("present");
+        obj.complete = true;
+        obj.unverified.clear();
+        if regenerate
+            && let Some(object) = &object
+            && let Ok(shards) = fec::encode(object, &layout)
         {
-            let obj = self.objects.get_mut(&key).expect("present");
             for &i in &missing {
-                obj.shards[i as usize] = Some(shards[i as usize].clone());
-            }
-            for &i in &missing {
-                self.stats.shards_regenerated += 1;
-                self.forward_shard(key, i);
+                let slot = &mut obj.shards[i as usize];
+                if slot.is_none() {
+                    *slot = Some(shards[i as usize].clone());
+                    self.stats.shards_regenerated += 1;
+                }
             }
         }
-        if let Some(obj) = self.objects.get_mut(&key) {
-            // The object serves pulls from now on; its shards are regenerated when asked.
-            obj.shards.clear();
-            obj.unverified.clear();
+        for &i in &missing {
+            self.forward_shard(key, i);
         }
         self.note_frame(now, &key, fragments, true);
-        if self.plays(&key, first_seen)
-            && let Some(from) = from
-        {
+        if plays && let (Some(from), Some(object)) = (from, object) {
             self.stats.objects_delivered += 1;
-            self.outputs
-                .push_back(Output::Deliver { key, object, from });
+            self.outputs.push_back(Output::Deliver {
+                key,
+                object: object.into(),
+                from,
+            });
         }
-    }
-
-    /// Whether the object `key` (first seen at `first_seen`) is one this peer plays.
-    fn plays(&self, key: &ObjectKey, first_seen: Instant) -> bool {
-        plays(&self.subscription, &self.subscribed_at, key, first_seen)
     }
 
     fn note_frame(&mut self, now: Instant, key: &ObjectKey, fragments: u32, complete: bool) {
@@ -1268,23 +1314,47 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         }
         obj.forwarded |= 1 << index;
-        let Some(Some(data)) = obj.shards.get(index as usize) else {
+        if !obj.shards.get(index as usize).is_some_and(Option::is_some) {
             return;
-        };
-        let data = data.clone();
+        }
         let targets = self.wanting_children(s, &key);
         if targets.is_empty() {
             return;
         }
-        let bytes = self.encode(Body::Shard(DpShard {
-            key: Some(key.to_proto()),
-            index,
-            data,
-        }));
+        let Some(bytes) = self.shard_message(&key, index) else {
+            return;
+        };
         for child in targets {
             self.stats.shards_sent += 1;
             self.enqueue(child, Class::Media { layer: key.layer }, bytes.clone());
         }
+    }
+
+    /// The message carrying shard `index` of `key`, if held: the one it arrived in, or one
+    /// encoded now and kept (every later send of it reuses the same bytes).
+    fn shard_message(&mut self, key: &ObjectKey, index: u32) -> Option<Bytes> {
+        let tag = self.tag;
+        let obj = self.objects.get_mut(key)?;
+        let i = index as usize;
+        if let Some(Some(wire)) = obj.wire.get(i) {
+            return Some(wire.clone());
+        }
+        let data = obj.shards.get(i)?.clone()?;
+        let bytes: Bytes = DpMessage {
+            stream: tag,
+            body: Some(Body::Shard(DpShard {
+                key: Some(key.to_proto()),
+                index,
+                data,
+            })),
+        }
+        .encode_to_vec()
+        .into();
+        if obj.wire.len() < obj.shards.len() {
+            obj.wire.resize(obj.shards.len(), None);
+        }
+        obj.wire[i] = Some(bytes.clone());
+        Some(bytes)
     }
 
     fn forward_manifest(&mut self, key: ObjectKey) {
@@ -2058,35 +2128,59 @@ impl<P: PeerKey> DataPlane<P> {
                 continue;
             };
             let layout = manifest.layout;
-            let shards: Vec<Option<Bytes>> = match &obj.complete {
-                Some(object) => match fec::encode(object, &layout) {
-                    Ok(all) => all.into_iter().map(Some).collect(),
-                    Err(_) => continue,
-                },
-                None => obj.shards.clone(),
-            };
-            if manifest_stripes(key, &layout, stripes).contains(&s) {
-                sends.push(Body::Manifest(manifest.proto.clone()));
+            let with_manifest = manifest_stripes(key, &layout, stripes).contains(&s);
+            let indices: Vec<u32> = (0..layout.total() as u32)
+                .filter(|&i| stripe_of(key, i, stripes) == s)
+                .collect();
+            sends.push((*key, with_manifest.then(|| manifest.proto.clone()), indices));
+        }
+        for (key, manifest, indices) in sends {
+            let layer = Class::Media { layer: key.layer };
+            if let Some(manifest) = manifest {
+                let bytes = self.encode(Body::Manifest(manifest));
+                self.enqueue(child, layer, bytes);
             }
-            for (i, shard) in shards.into_iter().enumerate() {
-                if let Some(data) = shard
-                    && stripe_of(key, i as u32, stripes) == s
-                {
-                    sends.push(Body::Shard(DpShard {
-                        key: Some(key.to_proto()),
-                        index: i as u32,
-                        data,
-                    }));
+            if indices.iter().any(|&i| !self.holds_shard(&key, i)) {
+                self.fill_shards(&key);
+            }
+            for i in indices {
+                if let Some(bytes) = self.shard_message(&key, i) {
+                    self.enqueue(child, layer, bytes);
                 }
             }
         }
-        for body in sends {
-            let layer = match &body {
-                Body::Shard(shard) => shard.key.as_ref().map_or(0, |k| k.layer),
-                _ => 0,
-            };
-            let bytes = self.encode(body);
-            self.enqueue(child, Class::Media { layer }, bytes);
+    }
+
+    fn holds_shard(&self, key: &ObjectKey, index: u32) -> bool {
+        self.objects
+            .get(key)
+            .and_then(|o| o.shards.get(index as usize))
+            .is_some_and(Option::is_some)
+    }
+
+    /// A complete object's missing shards, regenerated (for a pull or a catch-up that asks
+    /// for shards we never received): one decode and one encode.
+    fn fill_shards(&mut self, key: &ObjectKey) {
+        let Some(obj) = self.objects.get_mut(key) else {
+            return;
+        };
+        let Some(manifest) = &obj.manifest else {
+            return;
+        };
+        if !obj.complete || obj.shards.iter().all(Option::is_some) {
+            return;
+        }
+        let layout = manifest.layout;
+        let Ok(object) = fec::decode(&obj.shards, &layout) else {
+            return;
+        };
+        let Ok(all) = fec::encode(&object, &layout) else {
+            return;
+        };
+        for (slot, shard) in obj.shards.iter_mut().zip(all) {
+            if slot.is_none() {
+                *slot = Some(shard);
+            }
         }
     }
 
@@ -2260,7 +2354,7 @@ impl<P: PeerKey> DataPlane<P> {
             .fold(0, |bits, (i, _)| bits | (1 << i));
         let newest_complete = &self.newest_complete;
         for (key, obj) in &mut self.objects {
-            if obj.complete.is_some() || obj.missed {
+            if obj.complete || obj.missed {
                 continue;
             }
             if !plays(&self.subscription, &self.subscribed_at, key, obj.first_seen) {
@@ -2309,7 +2403,7 @@ impl<P: PeerKey> DataPlane<P> {
                     true,
                     obj.unverified
                         .iter()
-                        .fold(u64::MAX, |bits, (_, i, _)| bits & !(1u64 << (i % 64))),
+                        .fold(u64::MAX, |bits, (_, i, _, _)| bits & !(1u64 << (i % 64))),
                 ),
                 // Every missing shard: the holder sends as many as complete `data` (the
                 // bits it is not asked for are the ones we hold).
@@ -2390,17 +2484,15 @@ impl<P: PeerKey> DataPlane<P> {
             let held = layout.total() - wanted.len();
             (wanted, layout.data.saturating_sub(held))
         };
-        let shards: Vec<Option<Bytes>> = match &obj.complete {
-            Some(object) => match fec::encode(object, &layout) {
-                Ok(all) => all.into_iter().map(Some).collect(),
-                Err(_) => return,
-            },
-            None => obj.shards.clone(),
-        };
+        let complete = obj.complete;
+        let held = |plane: &Self, i: usize| plane.holds_shard(&key, i as u32);
+        if complete && wanted.iter().take(needed).any(|&i| !held(self, i)) {
+            self.fill_shards(&key);
+        }
         // Of those asked, the ones we have (a relay may still lack some), data first.
         let wanted: Vec<usize> = wanted
             .into_iter()
-            .filter(|&i| shards.get(i).is_some_and(Option::is_some))
+            .filter(|&i| held(self, i))
             .take(needed)
             .collect();
         self.stats.pulls_served += 1;
@@ -2409,12 +2501,7 @@ impl<P: PeerKey> DataPlane<P> {
             self.enqueue(from, Class::Media { layer: key.layer }, bytes);
         }
         for i in wanted {
-            if let Some(Some(data)) = shards.get(i) {
-                let bytes = self.encode(Body::Shard(DpShard {
-                    key: Some(key.to_proto()),
-                    index: i as u32,
-                    data: data.clone(),
-                }));
+            if let Some(bytes) = self.shard_message(&key, i as u32) {
                 self.stats.shards_sent += 1;
                 self.enqueue(from, Class::Media { layer: key.layer }, bytes);
             }
@@ -2510,7 +2597,7 @@ impl<P: PeerKey> DataPlane<P> {
         self.unverified_bytes = self
             .objects
             .values()
-            .flat_map(|o| o.unverified.iter().map(|(_, _, data)| data.len()))
+            .flat_map(|o| o.unverified.iter().map(|(_, _, data, _)| data.len()))
             .sum();
         self.frames.retain(|_, f| {
             f.first_seen

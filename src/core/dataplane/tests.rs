@@ -36,6 +36,8 @@ struct Net {
     disconnected: Vec<(u32, u32, Misbehaviour)>,
     tamper: Option<Tamper>,
     sequence: u64,
+    /// Per shard (object, index): the buffers (addresses) it travelled in.
+    shard_buffers: HashMap<(ObjectKey, u32), BTreeSet<usize>>,
 }
 
 impl Net {
@@ -77,6 +79,7 @@ impl Net {
             disconnected: Vec::new(),
             tamper: None,
             sequence: 0,
+            shard_buffers: HashMap::new(),
         }
     }
 
@@ -206,6 +209,14 @@ impl Net {
             if let Ok(m) = DpMessage::decode(&bytes[..]) {
                 if matches!(m.body, Some(Body::Report(_))) {
                     *self.received_reports.entry(to).or_default() += 1;
+                }
+                if let Some(Body::Shard(shard)) = &m.body
+                    && let Some(key) = &shard.key
+                {
+                    self.shard_buffers
+                        .entry((ObjectKey::from_proto(key), shard.index))
+                        .or_default()
+                        .insert(bytes.as_ptr() as usize);
                 }
                 let kind = match m.body {
                     Some(Body::Shard(_)) => "shard",
@@ -1030,4 +1041,25 @@ fn parity_is_sized_for_at_most_twenty_percent_loss() {
     let parity = newest_parity(&net);
     assert_eq!(parity, parity_for_loss(12, 0.2, PARITY_RESIDUAL));
     assert!(parity < 12, "{parity}");
+}
+
+#[test]
+fn relays_forward_the_shard_message_they_received_verbatim() {
+    // One encoding per shard, however many relays it crosses: without verbatim forwarding
+    // every relay encodes its own copy (about one buffer per forwarding peer).
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 40, &config);
+    net.run(Duration::from_secs(3), None);
+    net.shard_buffers.clear();
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    net.run(Duration::from_secs(1), None);
+    let shards = net.shard_buffers.len();
+    let single = net.shard_buffers.values().filter(|b| b.len() == 1).count();
+    let buffers: usize = net.shard_buffers.values().map(BTreeSet::len).sum();
+    assert!(shards > 1000, "{shards} shards seen");
+    assert!(
+        single * 5 >= shards * 4,
+        "{single} of {shards} shards travelled in one buffer ({buffers} buffers)"
+    );
 }
