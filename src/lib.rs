@@ -23,6 +23,7 @@ pub mod node;
 mod p2plivesink;
 #[cfg(feature = "plugin")]
 mod p2plivesrc;
+pub mod sim;
 
 #[cfg(feature = "plugin")]
 pub use p2plivesink::{LayerLadder, VideoCodec};
