@@ -60,7 +60,11 @@ fn on_a_loopback_network_every_viewer_gets_everything_at_about_one_copy() {
     let report = run(&config);
     assert!(report.delivery.min >= 0.99, "{:?}", report.delivery);
     assert!(report.download_x.mean < 1.35, "{:?}", report.download_x);
-    assert!(report.publisher_upload_x < 2.0, "{}", report.publisher_upload_x);
+    assert!(
+        report.publisher_upload_x < 2.0,
+        "{}",
+        report.publisher_upload_x
+    );
     assert_eq!(report.delivered_altered, 0);
 }
 

@@ -532,7 +532,7 @@ impl<'a> Sim<'a> {
             .max(1.0) as u64;
         let per_gop = self.cfg.bitrate_bps as f64 / 8.0 * self.cfg.gop.as_secs_f64();
         let delta = per_gop / (gop_frames as f64 - 1.0 + self.cfg.keyframe_ratio);
-        let size = if sequence % gop_frames == 0 {
+        let size = if sequence.is_multiple_of(gop_frames) {
             delta * self.cfg.keyframe_ratio
         } else {
             delta

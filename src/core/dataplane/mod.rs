@@ -472,7 +472,7 @@ struct Stripe<P> {
     /// may still be on its way, however long the path (RACK's rule, RFC 8985 §6.2; the
     /// window covers a relay holding shards until their manifest, which travels another
     /// stripe).
-    newest_pushed: BTreeMap<(u32, u32), VecDeque<((u64, u32), Instant)>>,
+    newest_pushed: BTreeMap<(u32, u32), PushHistory>,
     newest_from: Option<P>,
     /// Since when `parent` is this parent.
     parent_since: Instant,
@@ -527,6 +527,9 @@ impl<P: PartialEq + Copy> Stripe<P> {
             .is_some_and(|(_, at)| *at + REORDER_WINDOW <= now)
     }
 }
+
+/// (sequence, fragment) of each object that advanced a stripe's newest push, and when.
+type PushHistory = VecDeque<((u64, u32), Instant)>;
 
 /// The stripes an object's manifest travels in: the stripe of shard 0, and with more parity
 /// than the base (the publisher measured loss) also that of shard 1, so that one lost
