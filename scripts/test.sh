@@ -68,6 +68,26 @@ for output in out.json out.md out-latency-cdf-n3.svg out-amplification.svg out-p
 done
 grep -q '"mode": "unicast"' "$smoke_dir/out.json"
 
+# The simulator, tiny (both data planes, 40 viewers, 2 s window), for the same reason; and
+# its determinism from the command line: the same seed twice, byte-identical JSON.
+section "cargo bench --bench sim (smoke: 40 viewers, 2 s window, run twice)"
+for run in a b; do
+    cargo bench --bench sim -- --viewers 40 --mode p2plive,flood --duration 2s --ramp 1s \
+        --warmup 1s --seed 3 --quiet --json "$smoke_dir/sim-$run.json"
+done
+for output in sim-a.json sim-a.md sim-a-delay-cdf-n40.svg sim-a-amplification.svg sim-a-publisher-upload.svg; do
+    if [[ ! -s $smoke_dir/$output ]]; then
+        echo "sim smoke run did not write $output" >&2
+        exit 1
+    fi
+done
+grep -q '"mode": "flood"' "$smoke_dir/sim-a.json"
+if ! cmp -s "$smoke_dir/sim-a.json" "$smoke_dir/sim-b.json"; then
+    echo "p2plive-sim: the same seed gave different JSON" >&2
+    diff "$smoke_dir/sim-a.json" "$smoke_dir/sim-b.json" | head -20 >&2
+    exit 1
+fi
+
 # The cargo-fuzz targets of the core (fuzz/), so that they cannot rot either: they must
 # build, replay their saved crashes and survive a short fixed-seed run each. Installs
 # cargo-fuzz on a fresh machine; the long runs are `bash scripts/fuzz.sh run`.

@@ -117,6 +117,8 @@ const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
 const REORDER_WINDOW: Duration = Duration::from_millis(60);
 /// Entries of that history per stripe and layer (about 2 s of objects).
 const PUSH_HISTORY: usize = 64;
+/// Share of its upload capacity a viewer spends on answering pulls at most.
+const REPAIR_SHARE: f64 = 0.15;
 /// Backoff (ms) after a refused join: this plus up to as much again, at random.
 const JOIN_BACKOFF_MS: u64 = 100;
 
@@ -344,6 +346,9 @@ pub struct DataPlaneStats {
     pub objects_delivered: u64,
     pub pulls_sent: u64,
     pub pulls_served: u64,
+    /// Pulls not answered: answering would exceed the repair budget (see
+    /// `REPAIR_SHARE`).
+    pub pulls_refused: u64,
     /// Objects given up: still incomplete at their deadline.
     pub objects_missed: u64,
     pub messages_malformed: u64,
@@ -633,6 +638,9 @@ pub struct DataPlane<P: PeerKey> {
     /// Upload pacing (bytes) when the capacity is limited.
     tokens: f64,
     tokens_at: Instant,
+    /// Repair budget (bytes) for answering pulls, and when it was last refilled.
+    repair_tokens: f64,
+    repair_at: Instant,
     rng: u64,
     /// The latest `now` seen.
     last_now: Instant,
@@ -723,6 +731,8 @@ impl<P: PeerKey> DataPlane<P> {
             rate_window: (now, 0),
             tokens: 0.0,
             tokens_at: now,
+            repair_tokens: 0.0,
+            repair_at: now,
             rng,
             last_now: now,
             last_timeout: now,
@@ -2581,6 +2591,16 @@ impl<P: PeerKey> DataPlane<P> {
             (wanted, layout.data.saturating_sub(held))
         };
         let complete = obj.complete;
+        let answer = needed.min(wanted.len()) * layout.shard_len
+            + if pull.manifest {
+                layout.total() * auth::DIGEST_LEN + 128
+            } else {
+                0
+            };
+        if !self.repair_budget(answer) {
+            self.stats.pulls_refused += 1;
+            return;
+        }
         let held = |plane: &Self, i: usize| plane.holds_shard(&key, i as u32);
         if complete && wanted.iter().take(needed).any(|&i| !held(self, i)) {
             self.fill_shards(&key);
@@ -2602,6 +2622,37 @@ impl<P: PeerKey> DataPlane<P> {
                 self.enqueue(from, Class::Media { layer: key.layer }, bytes);
             }
         }
+    }
+
+    /// Takes `bytes` from the repair budget if it has them. Pull answers may use
+    /// `REPAIR_SHARE` of the upload capacity (unlimited, and the publisher: two stream
+    /// copies, which the unit nets' 5 % loss needs): beyond it a peer asked by many stops pushing to its
+    /// children in time (its queues shed what the pulls displace, and the children pull in
+    /// turn, which the simulator showed as a collapse on home uplinks), while a refused
+    /// puller asks another holder.
+    fn repair_budget(&mut self, bytes: usize) -> bool {
+        let now = self.last_now;
+        let stream = if self.rate_bytes > 0.0 {
+            self.rate_bytes
+        } else {
+            self.config.assumed_stream_kbps as f64 * 125.0
+        };
+        let rate = match self.config.upload_capacity_kbps {
+            _ if self.is_publisher() => 2.0 * stream,
+            Some(capacity) if capacity > 0 => capacity as f64 * 125.0 * REPAIR_SHARE,
+            _ => 2.0 * stream,
+        };
+        let elapsed = now.saturating_duration_since(self.repair_at).as_secs_f64();
+        self.repair_at = now;
+        // A burst of 500 ms of the budget (a subtree repairing after its relay left), at
+        // least a large answer.
+        let burst = (rate * 0.5).max(32.0 * 1024.0);
+        self.repair_tokens = (self.repair_tokens + elapsed * rate).min(burst);
+        if self.repair_tokens < bytes as f64 {
+            return false;
+        }
+        self.repair_tokens -= bytes as f64;
+        true
     }
 
     // ---- feedback -----------------------------------------------------------------------
