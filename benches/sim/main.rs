@@ -52,8 +52,8 @@ struct Args {
     /// Viewers (present at once); a comma-separated list runs each size in turn.
     #[arg(long, value_delimiter = ',', default_value = "1000")]
     viewers: Vec<usize>,
-    /// Data planes to run at each size: p2plive (the project's), flood (gossipsub-like
-    /// baseline).
+    /// Data planes to run at each size, comma separated: p2plive (the project's), flood
+    /// (gossipsub-like baseline).
     #[arg(long, value_delimiter = ',', default_value = "p2plive")]
     #[serde(skip)]
     mode: Vec<ModeArg>,
@@ -73,7 +73,7 @@ struct Args {
     /// Keyframe size over a delta frame's.
     #[arg(long, default_value_t = 6.0)]
     keyframe_ratio: f64,
-    /// Length of the measured window (virtual time).
+    /// Length of the measured window (virtual time; durations are like 30s, 500ms, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     duration: Duration,
     /// The initial viewers join at uniform random times over this.
@@ -98,13 +98,14 @@ struct Args {
     /// `0.15:0:10-50:15-40,0.80:2-20:25-300:2-15,0.05:100:500:1-5`.
     #[arg(long)]
     mix: Option<String>,
-    /// The publisher's upload (bit/s).
+    /// The publisher's upload (bit/s, k/M/G suffixes); 20M by default.
     #[arg(long, value_parser = sim::parse_rate)]
     publisher_upload: Option<u64>,
     /// Mean message loss per line (0..1); the preset's by default (residential 0.01).
     #[arg(long)]
     loss: Option<f64>,
-    /// Mean loss burst (messages): 1 is independent loss, more is Gilbert-Elliott.
+    /// Mean loss burst (messages): 1 is independent loss, more is Gilbert-Elliott; the
+    /// preset's by default (residential 2).
     #[arg(long)]
     loss_burst: Option<f64>,
     /// Share of the audience leaving (abruptly) per minute, each replaced by a new viewer
@@ -186,6 +187,21 @@ impl Args {
         }
         if !(1.0..=100.0).contains(&self.keyframe_ratio) {
             return Err("--keyframe-ratio: between 1 and 100".into());
+        }
+        if !(10_000..=100_000_000).contains(&self.bitrate) {
+            return Err("--bitrate: between 10k and 100M".into());
+        }
+        if self
+            .publisher_upload
+            .is_some_and(|up| !(100_000..=100_000_000_000).contains(&up))
+        {
+            return Err("--publisher-upload: between 100k and 100G".into());
+        }
+        if self.gop < Duration::from_secs_f64(1.0 / f64::from(self.fps)) {
+            return Err("--gop: at least one frame".into());
+        }
+        if self.leave_detect < Duration::from_millis(100) {
+            return Err("--leave-detect: at least 100ms".into());
         }
         if self.duration < Duration::from_secs(1) {
             return Err("--duration: at least 1s".into());
@@ -418,15 +434,16 @@ fn markdown(args: &Args, runs: &[SimReport], costs: &[Cost]) -> String {
         out,
         "| N | mode | delivery min / p1 / median | overall | delay p50 / p99 / max ms | hops p50 / max | \
          download × mean / max | upload × mean / max | publisher up × | control | join p50 / p99 ms | \
-         recovery p50 / p99 ms | p99 / bound median / p99 | wall s | peak MiB |"
+         recovery p50 / p99 ms | p99 / bound median / p99 | no frame | up / capacity max | \
+         altered | wall s | peak MiB (process) |"
     );
-    let _ = writeln!(out, "|{}", "---|".repeat(15));
+    let _ = writeln!(out, "|{}", "---|".repeat(18));
     for (r, c) in runs.iter().zip(costs) {
         let _ = writeln!(
             out,
             "| {} | {} | {:.4} / {:.4} / {:.4} | {:.4} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | \
              {:.3} / {:.3} | {:.3} / {:.3} | {:.2} | {:.1} % | {:.0} / {:.0} | {:.0} / {:.0} | \
-             {:.2} / {:.2} | {:.0} | {:.0} |",
+             {:.2} / {:.2} | {} | {:.3} | {} | {:.0} | {:.0} |",
             r.viewers,
             r.mode,
             r.delivery.min,
@@ -450,6 +467,9 @@ fn markdown(args: &Args, runs: &[SimReport], costs: &[Cost]) -> String {
             r.recovery_ms.p99,
             r.delay_over_bound.p50,
             r.delay_over_bound.p99,
+            r.joins_without_frame,
+            r.max_upload_over_capacity,
+            r.delivered_altered,
             c.wall_s,
             c.peak_rss_mib
         );

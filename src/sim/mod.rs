@@ -186,7 +186,7 @@ struct Host {
     down_bytes: u64,
     media_up_bytes: u64,
     frames_ok: u32,
-    delays_ms: Vec<u16>,
+    delays_ms: Vec<f32>,
     /// Frame sequence and objects delivered in time, per slot.
     ring: Vec<(u64, u16)>,
 }
@@ -980,7 +980,7 @@ impl<'a> Sim<'a> {
         }
         let ms = delay as f64 / 1e6;
         self.all_delays.push(ms);
-        host.delays_ms.push(ms.min(65_535.0) as u16);
+        host.delays_ms.push(ms as f32);
         if let Some(h) = hops {
             self.flood_hops.push(f64::from(h));
         }
@@ -1134,9 +1134,11 @@ impl<'a> Sim<'a> {
         let mut max_over_capacity: f64 = 0.0;
         let mut receive_only_media = 0u64;
         let (mut missed, mut pulls) = (self.missed_departed, self.pulls_sent_departed);
-        for (id, host) in self.hosts.iter_mut().enumerate().skip(1) {
+        for host in self.hosts.iter_mut().skip(1) {
+            // A viewer that never got a frame counts from 5 s after it joined (from the start of
+            // the window if it was there before): every frame there is a miss.
             let from = if host.first_delivery == u64::MAX {
-                host.joined_at + NO_FRAME_GRACE_NS
+                (host.joined_at + NO_FRAME_GRACE_NS).min(ws.max(host.joined_at))
             } else {
                 host.first_delivery
             };
@@ -1170,20 +1172,20 @@ impl<'a> Sim<'a> {
                 let class = by_class.entry(host.line.class).or_default();
                 class.0 += up;
                 class.1 += 1;
+                // Against the `upload-capacity` it set (90 % of its line).
                 if self.cfg.capacity_known && host.line.capacity_kbps > 0 {
-                    let allowed = host.line.capacity_kbps as f64 * 1000.0 / 8.0
+                    let allowed = (host.line.capacity_kbps * 9 / 10) as f64 * 1000.0 / 8.0
                         * self.cfg.window.as_secs_f64();
                     max_over_capacity = max_over_capacity.max(host.up_bytes as f64 / allowed);
                 }
             }
             if !host.delays_ms.is_empty() && host.bound_ms > 0.0 {
                 let mut delays = std::mem::take(&mut host.delays_ms);
-                delays.sort_unstable();
+                delays.sort_unstable_by(f32::total_cmp);
                 let p99 = delays
                     [((delays.len() as f64 * 0.99).ceil() as usize).clamp(1, delays.len()) - 1];
                 ratio.push(f64::from(p99) / host.bound_ms);
             }
-            let _ = id;
         }
         if self.cfg.mode == Mode::Flood {
             hops = std::mem::take(&mut self.flood_hops);

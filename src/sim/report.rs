@@ -90,8 +90,8 @@ pub struct SimReport {
     /// Frames published in the window.
     pub frames: u64,
     /// Per viewer: frames complete by the deadline over frames published in the window
-    /// while it watched (from its first frame, or 5 s after it joined if it never got one,
-    /// until a deadline before it left).
+    /// while it watched (from its first frame; if it never got one, from 5 s after it joined
+    /// or the window's start, whichever is first; until a deadline before it left).
     pub delivery: Dist,
     /// All viewers' complete frames over all expected.
     pub delivery_overall: f64,
@@ -124,10 +124,13 @@ pub struct SimReport {
     /// Per viewer: its p99 delay over the one-way propagation delay from the publisher
     /// (the shortest path in the same topology).
     pub delay_over_bound: Dist,
-    /// Highest over viewers of the upload sent in the window over what its
-    /// `upload-capacity` allows in that time (control included; ≤ 1 is within capacity).
+    /// Highest over viewers of the upload sent in the window over what the
+    /// `upload-capacity` it set (90 % of its line) allows in that time (control included;
+    /// ≤ 1 is within capacity; 0 when capacities are unknown). The flood baseline knows no
+    /// capacity: there it shows how far it overruns it.
     pub max_upload_over_capacity: f64,
-    /// Shard bytes sent by receive-only viewers (must be 0).
+    /// Media bytes sent by receive-only viewers (must be 0 for p2plive; the flood baseline
+    /// knows no capacity).
     pub receive_only_media_bytes: u64,
     /// Delivered objects equal to the published ones, and any that were not (must be 0).
     pub delivered_intact: u64,

@@ -874,6 +874,7 @@ impl<P: PeerKey> DataPlane<P> {
     }
 
     fn forget_peer(&mut self, peer: P) {
+        self.ready.retain(|p| *p != peer);
         for s in 0..self.config.stripes {
             let stripe = &mut self.stripes[usize::from(s)];
             if stripe.parent == Some(peer) {
