@@ -113,7 +113,11 @@ const PARITY_HOLD: Duration = Duration::from_secs(10);
 /// Media queued longer than this for one peer is shed (see `queue`): later than a pull.
 const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
 /// How long after a later object came in a stripe a shard still missing there is taken as
-/// lost (see `Stripe::newest_pushed`).
+/// lost (see `Stripe::newest_pushed`): a quarter of the smoothed pull round trip (RACK's
+/// `min_RTT / 4`, RFC 8985 §6.2), between these bounds; the upper one before any pull was
+/// timed. 60 ms covers the reordering the simulator saw on Internet-like paths; on
+/// 127.0.0.1 a few ms do, and a longer wait made repairs miss a 300 ms latency.
+const REORDER_WINDOW_MIN: Duration = Duration::from_millis(5);
 const REORDER_WINDOW: Duration = Duration::from_millis(60);
 /// Entries of that history per stripe and layer (about 2 s of objects).
 const PUSH_HISTORY: usize = 64;
@@ -472,7 +476,7 @@ struct Stripe<P> {
     parent: Option<P>,
     /// Per (track, layer), each time `newest_from` pushed us a later object (sequence,
     /// fragment) than any before in this stripe, and when (the last `PUSH_HISTORY`). A
-    /// shard of an older object still missing `REORDER_WINDOW` after a later one came in
+    /// shard of an older object still missing a reorder window after a later one came in
     /// its stripe was lost, not slow: it is pulled at once, and nothing is pulled while it
     /// may still be on its way, however long the path (RACK's rule, RFC 8985 §6.2; the
     /// window covers a relay holding shards until their manifest, which travels another
@@ -520,8 +524,8 @@ impl<P: PartialEq + Copy> Stripe<P> {
     }
 
     /// Whether the current parent pushed a later object of `key`'s layer than `key` at
-    /// least `REORDER_WINDOW` before `now`.
-    fn overtook(&self, key: &ObjectKey, now: Instant) -> bool {
+    /// least `window` before `now`.
+    fn overtook(&self, key: &ObjectKey, now: Instant, window: Duration) -> bool {
         if self.parent.is_none() || self.newest_from != self.parent {
             return false;
         }
@@ -529,7 +533,7 @@ impl<P: PartialEq + Copy> Stripe<P> {
         self.newest_pushed
             .get(&(key.track, key.layer))
             .and_then(|history| history.iter().find(|(later, _)| *later > position))
-            .is_some_and(|(_, at)| *at + REORDER_WINDOW <= now)
+            .is_some_and(|(_, at)| *at + window <= now)
     }
 }
 
@@ -2441,6 +2445,9 @@ impl<P: PeerKey> DataPlane<P> {
                 st.parent.is_none() || now.saturating_duration_since(st.parent_since) < FAST_REPAIR
             })
             .fold(0, |bits, (i, _)| bits | (1 << i));
+        let reorder = self.pull_rtt.map_or(REORDER_WINDOW, |rtt| {
+            (rtt / 4).clamp(REORDER_WINDOW_MIN, REORDER_WINDOW)
+        });
         let stripe_state = &self.stripes;
         let objects = &mut self.objects;
         self.incomplete.retain(|key| {
@@ -2475,8 +2482,9 @@ impl<P: PeerKey> DataPlane<P> {
                         .parent
                         .is_none_or(|_| stripe_state[usize::from(s)].parent_since >= obj.first_seen)
             };
-            let overtaken =
-                |i: u32| stripe_state[usize::from(stripe_of(key, i, stripes))].overtook(key, now);
+            let overtaken = |i: u32| {
+                stripe_state[usize::from(stripe_of(key, i, stripes))].overtook(key, now, reorder)
+            };
             let lost = |i: u32| in_changed(i) || overtaken(i);
             let lost_now = match &obj.manifest {
                 Some(m) => (0..m.layout.total() as u32)
