@@ -23,6 +23,8 @@
 //!
 //! Under `cargo test --all-targets` (no arguments) the binary only says how to run it.
 
+#[path = "../common/duration.rs"]
+mod duration;
 mod report;
 mod run;
 
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use duration::parse_duration;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum, Serialize)]
@@ -131,27 +134,6 @@ fn parse_bitrate(s: &str) -> Result<u64, String> {
         return Err(format!("bitrate {s} outside 10k..100M"));
     }
     Ok(bits as u64)
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (digits, unit) = if let Some(d) = s.strip_suffix("ms") {
-        (d, 0.001)
-    } else if let Some(d) = s.strip_suffix('s') {
-        (d, 1.0)
-    } else if let Some(d) = s.strip_suffix('m') {
-        (d, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let value: f64 = digits
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: expected e.g. 30s, 500ms, 2m"))?;
-    let secs = value * unit;
-    if !(0.0..=3600.0).contains(&secs) {
-        return Err(format!("duration {s} outside 0..1h"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 impl Args {

@@ -13,6 +13,8 @@
 //!
 //! Under `cargo test --all-targets` (no arguments) the binary only says how to run it.
 
+#[path = "../common/duration.rs"]
+mod duration;
 mod plots;
 
 use std::fmt::Write as _;
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use duration::parse_duration;
 use gstp2plive::core::dataplane::DataPlaneConfig;
 use gstp2plive::sim::network::{NetworkModel, parse_mix};
 use gstp2plive::sim::{self, Mode, SimConfig, SimReport};
@@ -146,27 +149,6 @@ struct Args {
     #[arg(long, hide = true)]
     #[serde(skip)]
     bench: bool,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (digits, unit) = if let Some(d) = s.strip_suffix("ms") {
-        (d, 0.001)
-    } else if let Some(d) = s.strip_suffix('s') {
-        (d, 1.0)
-    } else if let Some(d) = s.strip_suffix('m') {
-        (d, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let value: f64 = digits
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: expected e.g. 30s, 500ms, 2m"))?;
-    let secs = value * unit;
-    if !(0.0..=3600.0).contains(&secs) {
-        return Err(format!("duration {s} outside 0..1h"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 impl Args {

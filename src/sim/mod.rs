@@ -868,11 +868,30 @@ impl<'a> Sim<'a> {
     }
 
     fn send(&mut self, from: u32, to: u32, bytes: Bytes) {
-        let len = wire_len(bytes.len());
         let media = is_media(&bytes);
+        if let Some(arrive) = self.uplink(from, to, wire_len(bytes.len()), media, None) {
+            self.push(arrive, Kind::Arrive { to, from, bytes });
+        }
+    }
+
+    /// Puts `len` bytes on `from`'s uplink towards `to` and counts them: when they reach
+    /// `to`'s line, or `None` if the loss model took them or they would wait in the uplink
+    /// longer than `max_wait_ns` (the flood's forward timeout).
+    fn uplink(
+        &mut self,
+        from: u32,
+        to: u32,
+        len: usize,
+        media: bool,
+        max_wait_ns: Option<u64>,
+    ) -> Option<u64> {
         let in_window = self.in_window();
         let host = &mut self.hosts[from as usize];
         let start = host.up_busy.max(self.now);
+        if max_wait_ns.is_some_and(|wait| start > self.now + wait) {
+            self.dropped_uplink += 1;
+            return None;
+        }
         let done = start + serialisation_ns(len, host.line.up_bps);
         host.up_busy = done;
         if in_window {
@@ -889,9 +908,9 @@ impl<'a> Sim<'a> {
         let arrive = done + (self.propagation_ms(from, to) * 1e6) as u64;
         if self.lose(to) {
             self.lost += 1;
-            return;
+            return None;
         }
-        self.push(arrive, Kind::Arrive { to, from, bytes });
+        Some(arrive)
     }
 
     /// The loss model, one step of the receiver's line.
@@ -1003,32 +1022,12 @@ impl<'a> Sim<'a> {
     // ---- the flood baseline -------------------------------------------------------------------
 
     fn flood_send(&mut self, from: u32, to: u32, message: flood::Message) {
-        let len = message.len as usize;
-        let in_window = self.in_window();
-        let host = &mut self.hosts[from as usize];
-        let start = host.up_busy.max(self.now);
-        // gossipsub drops a forward queued longer than its `forward_queue_duration` (1 s).
-        if start > self.now + flood::FORWARD_QUEUE_NS && from != 0 {
-            self.dropped_uplink += 1;
-            return;
+        // gossipsub drops a forward queued longer than its `forward_queue_duration` (1 s);
+        // the publisher's own messages wait.
+        let max_wait = (from != 0).then_some(flood::FORWARD_QUEUE_NS);
+        if let Some(arrive) = self.uplink(from, to, message.len as usize, true, max_wait) {
+            self.push(arrive, Kind::FloodArrive { to, from, message });
         }
-        let done = start + serialisation_ns(len, host.line.up_bps);
-        host.up_busy = done;
-        if in_window {
-            host.up_bytes += len as u64;
-            host.media_up_bytes += len as u64;
-            self.bytes_sent += len as u64;
-            self.media_bytes_sent += len as u64;
-            if from == 0 {
-                self.publisher_up_bytes += len as u64;
-            }
-        }
-        let arrive = done + (self.propagation_ms(from, to) * 1e6) as u64;
-        if self.lose(to) {
-            self.lost += 1;
-            return;
-        }
-        self.push(arrive, Kind::FloodArrive { to, from, message });
     }
 
     fn flood_arrive(&mut self, to: u32, from: u32, message: flood::Message) {
