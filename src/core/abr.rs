@@ -2,9 +2,10 @@
 //! arrival counts at regular intervals. It steps down one rung of the ladder as soon as the
 //! share of late and lost frames of the played layers over `downgrade_window` reaches
 //! `downgrade_loss_threshold`, and steps up only after `upgrade_cooldown` without trouble
-//! and a probe: the next rung is received (not played) for `probe_duration`, and taken
-//! only if its frames arrived in time while the played ones stayed clean. A failed probe
-//! doubles the wait before the next one, up to `max_probe_backoff`.
+//! and a probe: the next rung is received (not played) for `probe_settle` plus
+//! `probe_duration`, and taken only if its frames arrived in time during `probe_duration`
+//! while the played ones stayed clean. A failed probe doubles the wait before the next one,
+//! up to `max_probe_backoff`.
 //!
 //! The ladder is the track's layers lightest first: the temporal layers of a spatial
 //! layer, then the next spatial layer, so stepping down drops temporal layers before
@@ -48,7 +49,13 @@ pub struct AbrConfig {
     pub downgrade_link_loss: f64,
     /// Time without trouble before a probe of the next layer up.
     pub upgrade_cooldown: Duration,
-    /// How long a probed layer must arrive in time before it is taken.
+    /// Start of a probe whose frames are not judged. Joining a layer brings in the
+    /// frames already under way (the data plane pulls what its new parents announced),
+    /// and these complete after their deadline whatever the link: on 127.0.0.1 three
+    /// of the first ten frames of a probed temporal layer were late, and every probe
+    /// failed. Frames of that span count neither for nor against the probe.
+    pub probe_settle: Duration,
+    /// How long a probed layer must then arrive in time before it is taken.
     pub probe_duration: Duration,
     /// Longest wait between probes after repeated failures.
     pub max_probe_backoff: Duration,
@@ -66,6 +73,7 @@ impl Default for AbrConfig {
             min_window_frames: 10,
             downgrade_link_loss: 0.15,
             upgrade_cooldown: Duration::from_secs(10),
+            probe_settle: Duration::from_secs(1),
             probe_duration: Duration::from_secs(3),
             max_probe_backoff: Duration::from_secs(160),
         }
@@ -345,6 +353,9 @@ impl Abr {
         }
 
         if let Some(probe) = self.probe.as_mut() {
+            if now <= probe.started + self.config.probe_settle {
+                return false;
+            }
             probe.counts.add(&probe_counts);
             let probed = probe.counts;
             let probe_expected = probed.received + probed.lost_network();
@@ -354,7 +365,7 @@ impl Abr {
                 self.fail_probe(now, rung);
                 return true;
             }
-            if now >= probe.started + self.config.probe_duration {
+            if now >= probe.started + self.config.probe_settle + self.config.probe_duration {
                 let rung = probe.rung;
                 self.probe = None;
                 if probed.received == 0 {
@@ -493,6 +504,7 @@ mod tests {
         AbrConfig {
             start: AbrStart::Lowest,
             upgrade_cooldown: Duration::from_secs(4),
+            probe_settle: Duration::ZERO,
             probe_duration: Duration::from_secs(2),
             max_probe_backoff: Duration::from_secs(32),
             ..AbrConfig::default()
@@ -609,6 +621,36 @@ mod tests {
         let stats = abr.stats();
         assert_eq!(stats.probes, stats.probes_failed);
         assert_eq!(stats.steps_up, 0);
+    }
+
+    #[test]
+    fn late_frames_while_a_probe_settles_do_not_fail_it() {
+        let t0 = Instant::now();
+        let settle = AbrConfig {
+            probe_settle: MS * 1000,
+            ..config()
+        };
+        let mut abr = Abr::new(t0, &ladder(), settle.clone());
+        let now = run(&mut abr, t0, Duration::from_secs(4), |_| (0, 0));
+        assert!(abr.probe_layer().is_some());
+        // Half the probed layer's frames are lost during the first second (frames under
+        // way when it was joined), none afterwards.
+        let now = run(&mut abr, now, MS * 1000, |_| (0, 3));
+        assert_eq!(abr.stats().probes_failed, 0);
+        assert!(abr.probe_layer().is_some());
+        // Taken once the judged span (probe_duration after the settle) is clean.
+        let now = run(&mut abr, now, MS * 1750, |_| (0, 0));
+        assert_eq!(layer_id(&abr), 0);
+        run(&mut abr, now, MS * 250, |_| (0, 0));
+        assert_eq!(layer_id(&abr), 1);
+
+        // The same loss past the settle fails the probe.
+        let mut abr = Abr::new(t0, &ladder(), settle);
+        let now = run(&mut abr, t0, Duration::from_secs(4), |_| (0, 0));
+        let now = run(&mut abr, now, MS * 1000, |_| (0, 0));
+        run(&mut abr, now, MS * 250, |_| (0, 3));
+        assert_eq!(abr.stats().probes_failed, 1);
+        assert_eq!(layer_id(&abr), 0);
     }
 
     #[test]
