@@ -2449,13 +2449,11 @@ impl<P: PeerKey> DataPlane<P> {
         });
         let stripe_state = &self.stripes;
         let objects = &mut self.objects;
-        self.incomplete.retain(|key| {
-            objects
-                .get(key)
-                .is_some_and(|obj| !obj.complete && !obj.missed)
-        });
+        // Completion, giving up and expiry take keys out of `incomplete`; anything else found
+        // there is dropped now (without a scan of the whole set every tick).
         for key in &self.incomplete {
-            let Some(obj) = objects.get_mut(key) else {
+            let Some(obj) = objects.get_mut(key).filter(|o| !o.complete && !o.missed) else {
+                given_up.push(*key);
                 continue;
             };
             if !plays(&self.subscription, &self.subscribed_at, key, obj.first_seen) {
@@ -2469,44 +2467,47 @@ impl<P: PeerKey> DataPlane<P> {
                 given_up.push(*key);
                 continue;
             }
-            // A missing shard in a stripe whose parent has since pushed a later object was
-            // lost; one in a stripe whose parent changed may have been lost in the change.
-            // Anything else may still be on its way: it waits `repair_delay`.
-            // (A changed parent matters only to objects that started before the change: the
-            // new parent sends what comes after, in order.)
-            let in_changed = |i: u32| {
-                let s = stripe_of(key, i, stripes);
-                changed & (1 << s) != 0
-                    && stripe_state[usize::from(s)]
-                        .parent
-                        .is_none_or(|_| stripe_state[usize::from(s)].parent_since >= obj.first_seen)
-            };
-            let overtaken = |i: u32| {
-                stripe_state[usize::from(stripe_of(key, i, stripes))].overtook(key, now, reorder)
-            };
-            let lost = |i: u32| in_changed(i) || overtaken(i);
-            let lost_now = match &obj.manifest {
-                Some(m) => (0..m.layout.total() as u32)
-                    .any(|i| obj.shards.get(i as usize).is_some_and(Option::is_none) && lost(i)),
-                None => lost(0),
-            };
-            let delay = if lost_now {
-                FAST_REPAIR_DELAY.min(repair_delay)
-            } else {
-                repair_delay
-            };
             // After three unanswered pulls, each doubles the wait before the next one (RFC
             // 6298 §5.5's backoff), up to `pull_retry`: a loss is usually repaired by the
             // first retries, and an object nobody near can serve costs about ten pulls
             // before its deadline, not one every round trip.
             let backoff = (pull_retry * (1u32 << obj.pulls.saturating_sub(3).min(4)))
                 .min(self.config.pull_retry);
-            if age < delay
+            // The cheap tests first: this runs every tick for every incomplete object.
+            if age < FAST_REPAIR_DELAY.min(repair_delay)
                 || obj
                     .last_pull
                     .is_some_and(|at| now.saturating_duration_since(at) < backoff)
             {
                 continue;
+            }
+            // A missing shard in a stripe whose parent has since pushed a later object was
+            // lost; one in a stripe whose parent changed may have been lost in the change.
+            // Anything else may still be on its way: it waits `repair_delay`.
+            // (A changed parent matters only to objects that started before the change: the
+            // new parent sends what comes after, in order.)
+            if age < repair_delay {
+                let in_changed = |i: u32| {
+                    let s = stripe_of(key, i, stripes);
+                    changed & (1 << s) != 0
+                        && stripe_state[usize::from(s)].parent.is_none_or(|_| {
+                            stripe_state[usize::from(s)].parent_since >= obj.first_seen
+                        })
+                };
+                let overtaken = |i: u32| {
+                    stripe_state[usize::from(stripe_of(key, i, stripes))]
+                        .overtook(key, now, reorder)
+                };
+                let lost = |i: u32| in_changed(i) || overtaken(i);
+                let lost_now = match &obj.manifest {
+                    Some(m) => (0..m.layout.total() as u32).any(|i| {
+                        obj.shards.get(i as usize).is_some_and(Option::is_none) && lost(i)
+                    }),
+                    None => lost(0),
+                };
+                if !lost_now {
+                    continue;
+                }
             }
             let (want_manifest, shards) = match &obj.manifest {
                 // Every shard but those held (unverified) yet.
