@@ -109,6 +109,12 @@ if [[ -z $installed ]]; then
     exit 1
 fi
 echo "installed ${installed#"$meson_tmp/dest"}"
+installed_node=$(find "$meson_tmp/dest" -path '*/bin/p2plive-node' -print -quit)
+if [[ -z $installed_node ]] || ! "$installed_node" --help >/dev/null; then
+    echo "meson install did not install a working bin/p2plive-node" >&2
+    exit 1
+fi
+echo "installed ${installed_node#"$meson_tmp/dest"}"
 
 end_section
 section_name=""

@@ -29,6 +29,8 @@ pub struct NetworkSettings {
     pub upload_capacity_kbps: i64,
     /// `gossipsub` or `trees` (see `node::DataPlaneMode`).
     pub data_plane: String,
+    /// Private-network key file (`node::load_psk`); `None`: a public swarm.
+    pub psk_file: Option<PathBuf>,
 }
 
 impl Default for NetworkSettings {
@@ -43,6 +45,7 @@ impl Default for NetworkSettings {
             stats_interval_ms: DEFAULT_STATS_INTERVAL_MS,
             upload_capacity_kbps: -1,
             data_plane: "trees".into(),
+            psk_file: None,
         }
     }
 }
@@ -90,6 +93,15 @@ fn network_properties() -> Vec<glib::ParamSpec> {
             .blurb(
                 "File holding this peer's key; created if missing so the peer id survives restarts \
                  (default: a new identity each start)",
+            )
+            .mutable_ready()
+            .build(),
+        glib::ParamSpecString::builder("psk-file")
+            .nick("Pre-shared key file")
+            .blurb(
+                "Join a private network: a libp2p swarm key file (/key/swarm/psk/1.0.0/, /base16/, \
+                 64 hex digits; p2plive-node --generate-psk writes one). Only peers with the same \
+                 key can connect; QUIC is not used (default listen becomes TCP only)",
             )
             .mutable_ready()
             .build(),
@@ -187,6 +199,13 @@ impl NetworkSettings {
                     .filter(|s| !s.is_empty())
                     .map(PathBuf::from)
             }
+            "psk-file" => {
+                self.psk_file = value
+                    .get::<Option<String>>()
+                    .expect("type checked upstream")
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            }
             "mdns" => self.mdns = value.get().expect("type checked upstream"),
             "kademlia" => self.kademlia = value.get().expect("type checked upstream"),
             "upload-capacity" => {
@@ -214,6 +233,11 @@ impl NetworkSettings {
             "bootstrap" => self.bootstrap.to_value(),
             "identity-file" => self
                 .identity_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .to_value(),
+            "psk-file" => self
+                .psk_file
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .to_value(),
@@ -250,6 +274,13 @@ impl NetworkSettings {
         };
         let mut config = NodeConfig::new(keypair);
         config.listen = node::parse_multiaddrs(&self.listen)?;
+        if let Some(path) = &self.psk_file {
+            config.psk = Some(node::load_psk(path)?);
+            // The default listen set has QUIC, which a private network cannot use.
+            if config.listen == node::default_listen() {
+                config.listen = node::default_tcp_listen();
+            }
+        }
         config.bootstrap = node::parse_bootstrap(&self.bootstrap)?;
         config.mdns = self.mdns;
         config.kademlia = self.kademlia;
@@ -295,6 +326,28 @@ pub fn announce_listening(
             .build(),
     );
     element.notify("multiaddrs");
+}
+
+/// Posts a warning on the bus: a bootstrap peer cannot be reached (the node keeps trying).
+pub fn warn_bootstrap_unreachable(
+    element: &gst::Element,
+    cat: gst::DebugCategory,
+    peer: &libp2p::PeerId,
+    reason: &str,
+) {
+    gst::warning!(
+        cat,
+        obj = element,
+        "bootstrap peer {peer} unreachable: {reason}"
+    );
+    let _ = element.post_message(
+        gst::message::Warning::builder(
+            gst::ResourceError::OpenReadWrite,
+            &format!("bootstrap peer {peer} unreachable: {reason}"),
+        )
+        .src(element)
+        .build(),
+    );
 }
 
 /// Posts `stats` as a periodic `p2plive-stats` element message.

@@ -2,10 +2,15 @@
 
 use std::time::Duration;
 
+use libp2p::core::Transport as _;
+use libp2p::core::upgrade;
 use libp2p::identity::Keypair;
+use libp2p::pnet::PnetConfig;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{StreamProtocol, Swarm, gossipsub, identify, kad, mdns, noise, ping, tcp, yamux};
+use libp2p::{
+    StreamProtocol, Swarm, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux,
+};
 
 use super::{GossipsubProfile, NodeConfig, NodeError};
 use crate::core::Channel;
@@ -74,6 +79,8 @@ pub(crate) struct Behaviour {
     pub ping: ping::Behaviour,
     pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Circuit relay v2 service ([`NodeConfig::relay_server`]).
+    pub relay: Toggle<relay::Behaviour>,
     /// `/p2plive/media/1` streams (see `media`).
     pub media: libp2p_stream::Behaviour,
 }
@@ -194,23 +201,49 @@ fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, Node
         None
     };
 
+    let relay = config.relay_server.map(|limits| {
+        let mut relay = relay::Behaviour::new(
+            peer_id,
+            relay::Config {
+                max_reservations: limits.max_reservations,
+                max_reservations_per_peer: limits.max_reservations_per_peer,
+                reservation_duration: limits.reservation_duration,
+                max_circuits: limits.max_circuits,
+                max_circuits_per_peer: limits.max_circuits_per_peer,
+                max_circuit_duration: limits.max_circuit_duration,
+                max_circuit_bytes: limits.max_circuit_bytes,
+                // libp2p's per-peer and per-IP rate limits on reservations and circuits.
+                ..relay::Config::default()
+            },
+        );
+        // Serve at once: libp2p would wait for a confirmed external address, which a node
+        // without AutoNAT or `external_addrs` never gets. The operator asked for a relay.
+        relay.set_status(Some(relay::Status::Enable));
+        relay
+    });
+
     Ok(Behaviour {
         gossipsub,
         identify,
         ping: ping::Behaviour::default(),
         kademlia: Toggle::from(kademlia),
         mdns: Toggle::from(mdns),
+        relay: Toggle::from(relay),
         media: libp2p_stream::Behaviour::new(),
     })
 }
 
-/// Builds the swarm (TCP+noise+yamux and QUIC). Must run inside a tokio runtime context.
-/// Every byte read or written on the connections' streams (all protocols) is counted in
-/// `bandwidth` (libp2p's bandwidth metrics).
+/// Builds the swarm (TCP+noise+yamux and QUIC; TCP+pnet+noise+yamux alone on a private
+/// network). Must run inside a tokio runtime context. Every byte read or written on the
+/// connections' streams (all protocols) is counted in `bandwidth` (libp2p's bandwidth
+/// metrics).
 pub(crate) fn build_swarm(
     config: &NodeConfig,
     bandwidth: &mut libp2p::metrics::Registry,
 ) -> Result<Swarm<Behaviour>, NodeError> {
+    if let Some(psk) = config.psk {
+        return build_private_swarm(config, psk, bandwidth);
+    }
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -230,6 +263,45 @@ pub(crate) fn build_swarm(
         .build();
     Ok(swarm)
 }
+
+/// The private-network swarm: every TCP connection runs libp2p's pnet handshake (an
+/// XSalsa20 stream keyed by the pre-shared key, libp2p `pnet/README.md`) before noise, so a
+/// peer with another key or none fails its protocol negotiation right away.
+fn build_private_swarm(
+    config: &NodeConfig,
+    psk: libp2p::pnet::PreSharedKey,
+    bandwidth: &mut libp2p::metrics::Registry,
+) -> Result<Swarm<Behaviour>, NodeError> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)
+                .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default())
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(upgrade::Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(PRIVATE_UPGRADE_TIMEOUT),
+            )
+        })
+        .map_err(|err| NodeError::Build(format!("private tcp transport: {err}")))?
+        .with_bandwidth_metrics(bandwidth)
+        .with_behaviour(|key| {
+            build_behaviour(key, config)
+                .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|err| NodeError::Build(err.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
+
+/// Time for the TCP connect and the pnet, noise and yamux upgrades of one private
+/// connection (what `SwarmBuilder::with_tcp` allows a public one). A peer with another key
+/// often fails only by this timeout: its multistream-select reads noise.
+const PRIVATE_UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,10 @@
 //! Node configuration and the parsers of the address properties the elements expose.
 
+use std::time::Duration;
+
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+pub use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 
 use super::NodeError;
@@ -99,6 +102,75 @@ pub struct NodeConfig {
     /// Most connected peers with [`DataPlaneMode::Trees`]; beyond it, connections that are
     /// not tree edges are closed. Default [`DEFAULT_MAX_PEERS`].
     pub max_peers: usize,
+    /// Serve circuit relay v2 (`/libp2p/circuit/relay/0.2.0/hop`) within these limits, for
+    /// peers that cannot be dialled directly. `None` (the default): no relay service. The
+    /// `p2plive-node` binary turns it on.
+    pub relay_server: Option<RelayServerConfig>,
+    /// Run on a libp2p private network: every TCP connection starts with the pnet handshake
+    /// under this pre-shared key, so a peer without the same key cannot connect. QUIC has no
+    /// such handshake, so a private node listens and dials over TCP only. `None` (the
+    /// default): a public swarm.
+    pub psk: Option<PreSharedKey>,
+    /// Addresses at which others can reach this node although it does not listen on them
+    /// (a public address forwarded to it, a DNS name): advertised through identify, and in
+    /// relay reservations. Default none.
+    pub external_addrs: Vec<Multiaddr>,
+}
+
+/// Limits of the circuit relay v2 service (libp2p `relay::Config`; the protocol is specified
+/// in libp2p's `relay/circuit-v2.md`). The defaults are sized for live media rather than for
+/// libp2p's signalling defaults (2 min and 128 KiB per circuit, which would cut a relayed
+/// viewer off within a second of a 3 Mbit/s stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayServerConfig {
+    /// Reservations held at once, over all peers. Default 128.
+    pub max_reservations: usize,
+    /// Reservations held at once by one peer. Default 4.
+    pub max_reservations_per_peer: usize,
+    /// How long a reservation lasts before the peer must renew it. Default 1 h.
+    pub reservation_duration: Duration,
+    /// Circuits open at once, over all peers. Default 64.
+    pub max_circuits: usize,
+    /// Circuits open at once per peer (as source or destination). Default 8.
+    pub max_circuits_per_peer: usize,
+    /// Lifetime of one circuit; the peers then reconnect (or have upgraded to a direct
+    /// connection). Default 10 min.
+    pub max_circuit_duration: Duration,
+    /// Bytes relayed in each direction of one circuit before it is closed; 0 = unlimited.
+    /// Default 256 MiB (about 11 min of a 3 Mbit/s stream).
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayServerConfig {
+    fn default() -> Self {
+        Self {
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(3600),
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            max_circuit_duration: Duration::from_secs(600),
+            max_circuit_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Reads a libp2p private-network key file: the three lines `/key/swarm/psk/1.0.0/`,
+/// `/base16/` and 64 hexadecimal digits (the format of go-ipfs `swarm.key`, as written by
+/// `ipfs-swarm-key-gen` or `p2plive-node --generate-psk`).
+pub fn load_psk(path: &std::path::Path) -> Result<PreSharedKey, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|err| NodeError::Psk {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    })?;
+    text.trim()
+        .parse()
+        .map_err(|err: libp2p::pnet::KeyParseError| NodeError::Psk {
+            path: path.display().to_string(),
+            reason: format!(
+                "{err} (expected the lines /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits)"
+            ),
+        })
 }
 
 impl NodeConfig {
@@ -120,6 +192,9 @@ impl NodeConfig {
             data_plane: DataPlaneMode::default(),
             upload_capacity_kbps: None,
             max_peers: DEFAULT_MAX_PEERS,
+            relay_server: None,
+            psk: None,
+            external_addrs: Vec::new(),
         }
     }
 
@@ -148,6 +223,16 @@ impl NodeConfig {
         for addr in &self.bootstrap {
             bootstrap_peer(addr)?;
         }
+        if self.psk.is_some()
+            && let Some(addr) = self.listen.iter().chain(&self.bootstrap).find(|a| {
+                a.iter()
+                    .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+            })
+        {
+            return Err(NodeError::InvalidConfig(format!(
+                "{addr}: QUIC cannot carry a private network (pre-shared key); use TCP addresses"
+            )));
+        }
         if let Some(loss) = self.inbound_loss
             && !(0.0..=1.0).contains(&loss.share)
         {
@@ -168,6 +253,16 @@ pub fn default_listen() -> Vec<Multiaddr> {
             .with(Protocol::Ip4([0, 0, 0, 0].into()))
             .with(Protocol::Udp(0))
             .with(Protocol::QuicV1),
+        Multiaddr::empty()
+            .with(Protocol::Ip4([0, 0, 0, 0].into()))
+            .with(Protocol::Tcp(0)),
+    ]
+}
+
+/// `/ip4/0.0.0.0/tcp/0` only: the default listen address of a node on a private network
+/// ([`NodeConfig::psk`]), where QUIC cannot be used.
+pub fn default_tcp_listen() -> Vec<Multiaddr> {
+    vec![
         Multiaddr::empty()
             .with(Protocol::Ip4([0, 0, 0, 0].into()))
             .with(Protocol::Tcp(0)),
@@ -270,5 +365,35 @@ mod tests {
                 "{share}"
             );
         }
+    }
+
+    #[test]
+    fn a_private_network_refuses_quic_and_reads_only_swarm_key_files() {
+        let key = PreSharedKey::new([7; 32]);
+        let private = NodeConfig {
+            psk: Some(key),
+            ..NodeConfig::new(Keypair::generate_ed25519())
+        };
+        let err = private.validate().unwrap_err().to_string();
+        assert!(err.contains("QUIC") && err.contains("TCP"), "{err}");
+        NodeConfig {
+            listen: default_tcp_listen(),
+            ..private
+        }
+        .validate()
+        .unwrap();
+
+        let dir = std::env::temp_dir().join(format!("p2plive-psk-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("swarm.key");
+        std::fs::write(&good, key.to_key_file() + "\n").unwrap();
+        assert_eq!(load_psk(&good).unwrap().to_string(), key.to_string());
+        let bad = dir.join("bad.key");
+        std::fs::write(&bad, "/key/swarm/psk/1.0.0/\n/base16/\nxyz\n").unwrap();
+        let err = load_psk(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.key") && err.contains("64 hex"), "{err}");
+        let err = load_psk(&dir.join("missing.key")).unwrap_err().to_string();
+        assert!(err.contains("missing.key"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -24,6 +24,9 @@ pub enum NodeError {
     /// The identity file exists but does not hold a protobuf-encoded keypair.
     #[error("identity file {} does not hold a valid protobuf-encoded keypair: {reason}", path.display())]
     IdentityDecode { path: PathBuf, reason: String },
+    /// The private-network key file cannot be read or does not hold a key.
+    #[error("pre-shared key file {path}: {reason}")]
+    Psk { path: String, reason: String },
     /// A configuration value is out of range.
     #[error("invalid node configuration: {0}")]
     InvalidConfig(String),

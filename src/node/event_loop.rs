@@ -8,9 +8,10 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
+use libp2p::metrics::Recorder as _;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, relay};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -295,6 +296,10 @@ pub(crate) struct Parts {
     pub upload_capacity_kbps: Option<u64>,
     pub max_peers: usize,
     pub keypair: Keypair,
+    /// libp2p's swarm and protocol metrics, on the node's registry.
+    pub metrics: libp2p::metrics::Metrics,
+    /// Fingerprint of the private-network key, if any (named in connection errors).
+    pub psk_fingerprint: Option<String>,
 }
 
 pub(crate) struct EventLoop {
@@ -336,6 +341,11 @@ pub(crate) struct EventLoop {
     /// Our media streams re-opened per peer.
     media_retries: HashMap<PeerId, u32>,
     max_peers: usize,
+    metrics: libp2p::metrics::Metrics,
+    psk_fingerprint: Option<String>,
+    /// Bootstrap peers whose last dial failure was reported (reported once until they
+    /// connect again).
+    bootstrap_failed: HashSet<PeerId>,
 }
 
 impl EventLoop {
@@ -390,6 +400,9 @@ impl EventLoop {
             banned: HashSet::new(),
             media_retries: HashMap::new(),
             max_peers: parts.max_peers,
+            metrics: parts.metrics,
+            psk_fingerprint: parts.psk_fingerprint,
+            bootstrap_failed: HashSet::new(),
         })
     }
 
@@ -519,6 +532,12 @@ impl EventLoop {
             },
             Command::Unsubscribe { stream, channel } => self.unsubscribe(stream, channel),
         }
+        let streams = self
+            .streams
+            .values()
+            .filter(|s| s.announced || s.joined)
+            .count();
+        self.stats.streams.store(streams, Ordering::Relaxed);
     }
 
     fn join(&mut self, stream: String, publisher: Option<PeerId>, channels: Vec<Channel>) {
@@ -793,6 +812,7 @@ impl EventLoop {
     // ---- swarm events ---------------------------------------------------------------------
 
     fn handle_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
         match event {
             SwarmEvent::Behaviour(event) => self.handle_behaviour_event(event),
             SwarmEvent::NewListenAddr {
@@ -838,6 +858,7 @@ impl EventLoop {
                 ..
             } => {
                 self.dialing.remove(&peer_id);
+                self.bootstrap_failed.remove(&peer_id);
                 if self.banned.contains(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
@@ -872,6 +893,16 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(peer_id) = peer_id {
                     self.dialing.remove(&peer_id);
+                    if self.bootstrap.iter().any(|(b, _)| *b == peer_id)
+                        && self.bootstrap_failed.insert(peer_id)
+                    {
+                        let reason = self.explain_dial_error(&error);
+                        tracing::warn!(%peer_id, %reason, "bootstrap peer unreachable");
+                        self.events.control(Event::BootstrapUnreachable {
+                            peer: peer_id,
+                            reason,
+                        });
+                    }
                 }
                 tracing::debug!(?peer_id, %error, "outgoing connection failed");
             }
@@ -886,7 +917,36 @@ impl EventLoop {
         }
     }
 
+    /// A dial error on one line, with what a private network (pre-shared key) changes: a
+    /// key mismatch shows up only as a protocol negotiation that fails or never ends (the
+    /// other side reads noise), which is also how a black-holed address looks.
+    fn explain_dial_error(&self, error: &libp2p::swarm::DialError) -> String {
+        let chain = super::error_chain(error);
+        let negotiation = chain.contains("negotiat")
+            || chain.contains("ultistream")
+            || chain.contains("andshake");
+        match (&self.psk_fingerprint, negotiation) {
+            (Some(fingerprint), true) => format!(
+                "{chain} (this node is on a private network, pre-shared key fingerprint \
+                 {fingerprint}: if the peer is up, it has another key or none)"
+            ),
+            (None, true) => format!(
+                "{chain} (if the peer is up, it may run a private network: this node then \
+                 needs its pre-shared key, psk-file)"
+            ),
+            (_, false) => chain,
+        }
+    }
+
     fn handle_behaviour_event(&mut self, event: BehaviourEvent) {
+        match &event {
+            BehaviourEvent::Gossipsub(e) => self.metrics.record(e),
+            BehaviourEvent::Identify(e) => self.metrics.record(e),
+            BehaviourEvent::Kademlia(e) => self.metrics.record(e),
+            BehaviourEvent::Ping(e) => self.metrics.record(e),
+            BehaviourEvent::Relay(e) => self.metrics.record(e),
+            BehaviourEvent::Mdns(_) | BehaviourEvent::Media(_) => {}
+        }
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
@@ -953,6 +1013,40 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
+            BehaviourEvent::Relay(event) => self.on_relay_event(event),
+        }
+    }
+
+    /// Keeps the relay service's gauges (reservations and circuits held now).
+    fn on_relay_event(&mut self, event: relay::Event) {
+        let add = |gauge: &std::sync::atomic::AtomicUsize| gauge.fetch_add(1, Ordering::Relaxed);
+        let sub = |gauge: &std::sync::atomic::AtomicUsize| {
+            let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
+        };
+        match event {
+            relay::Event::ReservationReqAccepted {
+                src_peer_id,
+                renewed,
+            } => {
+                tracing::debug!(%src_peer_id, renewed, "relay reservation accepted");
+                if !renewed {
+                    add(&self.stats.relay_reservations);
+                }
+            }
+            relay::Event::ReservationClosed { .. } | relay::Event::ReservationTimedOut { .. } => {
+                sub(&self.stats.relay_reservations)
+            }
+            relay::Event::CircuitReqAccepted {
+                src_peer_id,
+                dst_peer_id,
+            } => {
+                tracing::debug!(%src_peer_id, %dst_peer_id, "relay circuit opened");
+                add(&self.stats.relay_circuits);
+            }
+            relay::Event::CircuitClosed { .. } => sub(&self.stats.relay_circuits),
+            other => tracing::debug!(event = ?other, "relay"),
         }
     }
 

@@ -32,7 +32,8 @@ pub use behaviour::PEER_SEND_QUEUE_BYTES;
 pub use config::{
     DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
     DEFAULT_PUBLISH_CAPACITY, DataPlaneMode, GossipsubProfile, InboundLoss, NodeConfig,
-    default_listen, parse_bootstrap, parse_multiaddrs,
+    PreSharedKey, RelayServerConfig, default_listen, default_tcp_listen, load_psk, parse_bootstrap,
+    parse_multiaddrs,
 };
 pub use error::NodeError;
 pub use identity::load_or_create_identity;
@@ -70,6 +71,10 @@ pub enum Event {
     PublisherLocked { stream: String, publisher: PeerId },
     /// The number of connected peers changed.
     PeersChanged { connected: usize },
+    /// A bootstrap peer could not be reached (reported once until it connects); `reason` is
+    /// the whole error chain, with a hint when a private-network key may be the cause. The
+    /// node keeps redialling it.
+    BootstrapUnreachable { peer: PeerId, reason: String },
     /// Publisher side, [`DataPlaneMode::Trees`]: the whole audience of `stream`, merged up
     /// the feedback tree, once per second.
     Audience {
@@ -130,8 +135,9 @@ impl Node {
 
         // Transports create their sockets and tasks in the runtime's context.
         let _guard = runtime.enter();
-        let mut bandwidth = libp2p::metrics::Registry::default();
-        let mut swarm = behaviour::build_swarm(&config, &mut bandwidth)?;
+        let mut registry = libp2p::metrics::Registry::default();
+        let mut swarm = behaviour::build_swarm(&config, &mut registry)?;
+        let metrics = libp2p::metrics::Metrics::new(&mut registry);
 
         let mut listeners = HashMap::new();
         for addr in &config.listen {
@@ -142,6 +148,10 @@ impl Node {
                     reason: error_chain(&err),
                 })?;
             listeners.insert(id, Default::default());
+        }
+
+        for addr in &config.external_addrs {
+            swarm.add_external_address(addr.clone());
         }
 
         let bootstrap: Vec<(PeerId, Vec<Multiaddr>)> = bootstrap.into_iter().collect();
@@ -174,9 +184,12 @@ impl Node {
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let (shutdown_tx, shutdown_rx) = watch::channel(None);
         let (stopped_tx, stopped_rx) = watch::channel(false);
-        let stats = Arc::new(NodeStats {
-            bandwidth: std::sync::Mutex::new(bandwidth),
-            ..NodeStats::default()
+        let stats = Arc::new_cyclic(|stats| {
+            registry.register_collector(Box::new(stats::Collector(stats.clone())));
+            NodeStats {
+                bandwidth: std::sync::Mutex::new(registry),
+                ..NodeStats::default()
+            }
         });
 
         // Always present, so the share can be changed later; a zero share drops nothing.
@@ -204,6 +217,8 @@ impl Node {
             upload_capacity_kbps: config.upload_capacity_kbps,
             max_peers: config.max_peers,
             keypair: config.keypair.clone(),
+            metrics,
+            psk_fingerprint: config.psk.map(|psk| psk.fingerprint().to_string()),
         })?;
         runtime.spawn(event_loop.run());
 
@@ -330,6 +345,19 @@ impl Node {
             share.clamp(0.0, 1.0)
         };
         self.inbound_loss.store(share.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The node's metrics in the Prometheus (OpenMetrics) text format: libp2p's (bytes per
+    /// transport protocol stack and direction, connections, identify, kademlia, ping,
+    /// gossipsub, relay) and p2plive's own (`p2plive_*`: peers, streams, relay reservations
+    /// and circuits, media messages).
+    pub fn encode_metrics(&self) -> String {
+        let mut text = String::new();
+        if let Ok(registry) = self.stats.bandwidth.lock() {
+            // Writing into a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        }
+        text
     }
 
     /// Current counters.

@@ -26,6 +26,11 @@ pub(crate) struct NodeStats {
     pub media_frames_received: AtomicU64,
     pub media_frames_sent: AtomicU64,
     pub peers_banned: AtomicU64,
+    /// Streams this node takes part in (published, joined or forwarded).
+    pub streams: AtomicUsize,
+    /// Circuit relay v2 service: reservations and circuits held now.
+    pub relay_reservations: AtomicUsize,
+    pub relay_circuits: AtomicUsize,
     /// The data plane's counters (trees mode, the first stream's), refreshed on its timers.
     pub data_plane: Mutex<Option<crate::core::dataplane::DataPlaneStats>>,
     /// libp2p's bandwidth metrics of the node's transports (see `behaviour::build_swarm`).
@@ -164,4 +169,90 @@ fn bandwidth_totals(registry: &libp2p::metrics::Registry) -> (u64, u64) {
         }
     }
     (inbound, outbound)
+}
+
+/// Exposes a node's own counters on its Prometheus registry, read at each scrape (see
+/// `Node::encode_metrics`). Holds the counters weakly: the registry lives inside them.
+#[derive(Debug)]
+pub(crate) struct Collector(pub std::sync::Weak<NodeStats>);
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+
+        let Some(stats) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let gauges: [(&str, &str, usize); 4] = [
+            (
+                "p2plive_connected_peers",
+                "Peers with at least one open connection.",
+                stats.connected_peers.load(Ordering::Relaxed),
+            ),
+            (
+                "p2plive_streams",
+                "Streams this node publishes, plays or forwards.",
+                stats.streams.load(Ordering::Relaxed),
+            ),
+            (
+                "p2plive_relay_reservations",
+                "Circuit relay v2 reservations held now.",
+                stats.relay_reservations.load(Ordering::Relaxed),
+            ),
+            (
+                "p2plive_relay_circuits",
+                "Circuit relay v2 circuits open now.",
+                stats.relay_circuits.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value as i64);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let counters: [(&str, &str, u64); 6] = [
+            (
+                "p2plive_media_frames_received",
+                "Data-plane messages read from /p2plive/media/1 streams.",
+                load(&stats.media_frames_received),
+            ),
+            (
+                "p2plive_media_frames_sent",
+                "Data-plane messages written to /p2plive/media/1 streams.",
+                load(&stats.media_frames_sent),
+            ),
+            (
+                "p2plive_pubsub_messages_received",
+                "Gossipsub messages received (catalogs, end of stream, feedback).",
+                load(&stats.messages_received),
+            ),
+            (
+                "p2plive_pubsub_messages_rejected",
+                "Gossipsub messages that did not decode or broke the limits.",
+                load(&stats.messages_rejected),
+            ),
+            (
+                "p2plive_peers_banned",
+                "Peers disconnected for forged, altered, replayed or malformed media.",
+                load(&stats.peers_banned),
+            ),
+            (
+                "p2plive_send_queue_drops",
+                "Messages not queued for a peer whose send queue was full.",
+                load(&stats.send_queue_drops),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
 }

@@ -1101,6 +1101,16 @@ async fn drive(
                         element.imp().on_listening(&addrs);
                     }
                 }
+                Some(Event::BootstrapUnreachable { peer, reason }) => {
+                    if let Some(element) = element.upgrade() {
+                        common::warn_bootstrap_unreachable(
+                            element.upcast_ref(),
+                            *CAT,
+                            &peer,
+                            &reason,
+                        );
+                    }
+                }
                 Some(Event::Audience { summary, .. }) => {
                     *session.tree_audience.lock().unwrap() = Some((Instant::now(), summary));
                 }

@@ -1139,6 +1139,11 @@ impl Driver {
             Event::PeersChanged { connected } => {
                 gst::debug!(CAT, "{connected} peers connected");
             }
+            Event::BootstrapUnreachable { peer, reason } => {
+                if let Some(element) = self.element.upgrade() {
+                    common::warn_bootstrap_unreachable(element.upcast_ref(), *CAT, &peer, &reason);
+                }
+            }
             // Only a publisher's node reports its audience.
             Event::Audience { .. } => {}
         }
