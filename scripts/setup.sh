@@ -54,6 +54,12 @@ case " ${os_id} ${os_like} " in
 esac
 command -v dpkg >/dev/null 2>&1 || die "dpkg not found on a '${os_id}' system"
 
+# Node.js and npm run the js-libp2p interop test (tests/interop.rs). A machine that has them
+# already (NodeSource's nodejs bundles npm, and conflicts with Debian's npm) keeps its own.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    PACKAGES+=(nodejs npm)
+fi
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     # The package's dpkg status (what `dpkg -s` shows as Status:), read whole rather than

@@ -421,7 +421,9 @@ pub fn node_stats_fields(
     let builder = builder
         .field("peers-banned", stats.peers_banned)
         .field("media-frames-received", stats.media_frames_received)
-        .field("media-frames-sent", stats.media_frames_sent);
+        .field("media-frames-sent", stats.media_frames_sent)
+        .field("reachability", stats.reachability.as_str())
+        .field("hole-punches", stats.hole_punches);
     match stats.data_plane {
         Some(dp) => builder
             .field("tree-parents", dp.parents as u64)

@@ -1007,3 +1007,57 @@ async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_fo
     }
     publisher.node.shutdown(Duration::ZERO);
 }
+
+/// A peer that speaks no ping itself (as a js-libp2p node without the ping service) still
+/// gets its pings answered, on one stream reused and on new streams, long after our own
+/// ping to it would have been refused. libp2p-ping 0.48 stopped answering in that case, and
+/// js-libp2p's connection monitor then closed the connection after ~15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered_for_peers_that_do_not_ping_back() {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _, StreamExt as _};
+    use libp2p::StreamProtocol;
+
+    init_tracing();
+    let node = Peer::start(trees_config(&[], false)).await;
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let mut control = swarm.behaviour().new_control();
+    swarm.dial(node.tcp_addr().clone()).unwrap();
+    let driver = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    // By now the node has tried to ping us (we refuse: no ping protocol here).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    const PING: StreamProtocol = StreamProtocol::new("/ipfs/ping/1.0.0");
+    for stream_no in 0..2 {
+        let mut stream = tokio::time::timeout(TIMEOUT, control.open_stream(node.id(), PING))
+            .await
+            .expect("opens in time")
+            .expect("the node speaks ping");
+        for round in 0..3u8 {
+            let payload = [round ^ (stream_no * 16); 32];
+            stream.write_all(&payload).await.unwrap();
+            stream.flush().await.unwrap();
+            let mut echo = [0u8; 32];
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echo))
+                .await
+                .unwrap_or_else(|_| panic!("ping {round} on stream {stream_no} answered in 5 s"))
+                .unwrap();
+            assert_eq!(echo, payload);
+        }
+        stream.close().await.unwrap();
+    }
+    driver.abort();
+}

@@ -9,7 +9,7 @@ use libp2p::pnet::PnetConfig;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, gossipsub, identify, kad, mdns, noise, ping, relay, tcp, yamux,
+    StreamProtocol, Swarm, autonat, dcutr, gossipsub, identify, kad, mdns, noise, relay, tcp, yamux,
 };
 
 use super::{GossipsubProfile, NodeConfig, NodeError};
@@ -76,12 +76,20 @@ impl gossipsub::TopicSubscriptionFilter for P2pliveTopics {
 pub(crate) struct Behaviour {
     pub gossipsub: Gossipsub,
     pub identify: identify::Behaviour,
-    pub ping: ping::Behaviour,
     pub kademlia: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Circuit relay v2 service ([`NodeConfig::relay_server`]).
     pub relay: Toggle<relay::Behaviour>,
-    /// `/p2plive/media/1` streams (see `media`).
+    /// Circuit relay v2 client: reserves a slot on a relay when this node is not reachable
+    /// (AutoNAT says private), and dials peers through relays.
+    pub relay_client: relay::client::Behaviour,
+    /// Direct connection upgrade through relay (hole punching, libp2p `relay/DCUtR.md`).
+    pub dcutr: dcutr::Behaviour,
+    /// AutoNAT v1 (libp2p `autonat/autonat-v1.md`): asks peers to dial back, so the node
+    /// learns whether it is reachable; it also answers other peers' probes.
+    pub autonat: autonat::Behaviour,
+    /// Streams of our own protocols: `/p2plive/media/1` (see `media`) and the ping
+    /// responder (`/ipfs/ping/1.0.0`, see `ping`).
     pub media: libp2p_stream::Behaviour,
 }
 
@@ -160,7 +168,28 @@ fn media_gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Config,
         .map_err(|err| NodeError::Build(format!("gossipsub configuration: {err}")))
 }
 
-fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, NodeError> {
+/// AutoNAT probing, quicker than libp2p's defaults (first probe after 15 s, retries every
+/// 90 s): a viewer behind a NAT should hold a relay reservation within seconds of joining.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(2),
+        retry_interval: Duration::from_secs(10),
+        refresh_interval: Duration::from_secs(300),
+        throttle_server_period: Duration::from_secs(15),
+        timeout: Duration::from_secs(15),
+        // Private addresses count too: a LAN deployment, or a campus NAT, is reachable to
+        // the peers on its side. A server dials back only addresses with the IP it observes
+        // the client at (libp2p's rule), so this opens no amplification.
+        only_global_ips: false,
+        ..autonat::Config::default()
+    }
+}
+
+fn build_behaviour(
+    key: &Keypair,
+    relay_client: relay::client::Behaviour,
+    config: &NodeConfig,
+) -> Result<Behaviour, NodeError> {
     let peer_id = key.public().to_peer_id();
     let gossipsub = Gossipsub::new_with_subscription_filter(
         gossipsub::MessageAuthenticity::Signed(key.clone()),
@@ -225,10 +254,12 @@ fn build_behaviour(key: &Keypair, config: &NodeConfig) -> Result<Behaviour, Node
     Ok(Behaviour {
         gossipsub,
         identify,
-        ping: ping::Behaviour::default(),
         kademlia: Toggle::from(kademlia),
         mdns: Toggle::from(mdns),
         relay: Toggle::from(relay),
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
+        autonat: autonat::Behaviour::new(peer_id, autonat_config()),
         media: libp2p_stream::Behaviour::new(),
     })
 }
@@ -253,9 +284,11 @@ pub(crate) fn build_swarm(
         )
         .map_err(|err| NodeError::Build(format!("tcp transport: {err}")))?
         .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|err| NodeError::Build(format!("relay client transport: {err}")))?
         .with_bandwidth_metrics(bandwidth)
-        .with_behaviour(|key| {
-            build_behaviour(key, config)
+        .with_behaviour(|key, relay_client| {
+            build_behaviour(key, relay_client, config)
                 .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|err| NodeError::Build(err.to_string()))?
@@ -287,9 +320,11 @@ fn build_private_swarm(
             )
         })
         .map_err(|err| NodeError::Build(format!("private tcp transport: {err}")))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|err| NodeError::Build(format!("relay client transport: {err}")))?
         .with_bandwidth_metrics(bandwidth)
-        .with_behaviour(|key| {
-            build_behaviour(key, config)
+        .with_behaviour(|key, relay_client| {
+            build_behaviour(key, relay_client, config)
                 .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
         })
         .map_err(|err| NodeError::Build(err.to_string()))?

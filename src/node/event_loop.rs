@@ -11,7 +11,7 @@ use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
 use libp2p::metrics::Recorder as _;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, relay};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, kad, mdns, relay};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -36,6 +36,8 @@ const MEDIA_BATCH: usize = 64;
 /// Times our media stream to one peer is re-opened while connected before giving up.
 const MEDIA_RETRIES: u32 = 3;
 /// While a data plane has queued messages, its writers are refilled at least this often.
+/// Relays a node behind a NAT holds a reservation on at once.
+const MAX_RELAY_RESERVATIONS: usize = 2;
 const MEDIA_FLUSH: Duration = Duration::from_millis(5);
 
 impl PeerKey for PeerId {
@@ -346,6 +348,15 @@ pub(crate) struct EventLoop {
     /// Bootstrap peers whose last dial failure was reported (reported once until they
     /// connect again).
     bootstrap_failed: HashSet<PeerId>,
+    /// Our reachability as AutoNAT last judged it.
+    nat: autonat::NatStatus,
+    /// Connected peers that serve circuit relay v2 (identify lists the hop protocol), with
+    /// an address to reach them at.
+    relays: HashMap<PeerId, Multiaddr>,
+    /// Relay reservations asked for (a `/p2p-circuit` listener on each relay).
+    relay_listeners: HashMap<PeerId, ListenerId>,
+    /// Open connections per peer: (direct, relayed).
+    connections: HashMap<PeerId, (u32, u32)>,
 }
 
 impl EventLoop {
@@ -365,8 +376,17 @@ impl EventLoop {
             ..DataPlaneConfig::default()
         };
         let signing = signing_key(&parts.keypair);
+        let mut swarm = parts.swarm;
+        super::ping::serve(swarm.behaviour().media.new_control()).map_err(NodeError::Build)?;
+        // Bootstrap peers (a p2plive-node) answer AutoNAT probes from the start.
+        for (peer, addrs) in &parts.bootstrap {
+            swarm
+                .behaviour_mut()
+                .autonat
+                .add_server(*peer, addrs.first().cloned());
+        }
         Ok(Self {
-            swarm: parts.swarm,
+            swarm,
             peer_id: parts.peer_id,
             commands: parts.commands,
             publishes: parts.publishes,
@@ -403,6 +423,10 @@ impl EventLoop {
             metrics: parts.metrics,
             psk_fingerprint: parts.psk_fingerprint,
             bootstrap_failed: HashSet::new(),
+            nat: autonat::NatStatus::Unknown,
+            relays: HashMap::new(),
+            relay_listeners: HashMap::new(),
+            connections: HashMap::new(),
         })
     }
 
@@ -847,6 +871,8 @@ impl EventLoop {
                 if self.listeners.remove(&listener_id).is_some() {
                     self.schedule_listening();
                 }
+                // A reservation that ended is asked for again by the maintenance.
+                self.relay_listeners.retain(|_, id| *id != listener_id);
             }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!(%error, "listener error");
@@ -862,6 +888,16 @@ impl EventLoop {
                 if self.banned.contains(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
+                }
+                let relayed = is_relayed(endpoint.get_remote_address());
+                let counts = self.connections.entry(peer_id).or_default();
+                if relayed {
+                    counts.1 += 1;
+                } else {
+                    counts.0 += 1;
+                }
+                if relayed {
+                    tracing::debug!(%peer_id, "relayed connection (hole punching follows)");
                 }
                 if num_established.get() == 1 {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
@@ -879,16 +915,31 @@ impl EventLoop {
                     }
                     self.peers_changed();
                 }
+                self.update_relayed(peer_id);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                num_established,
                 cause,
+                endpoint,
                 ..
             } => {
-                tracing::debug!(%peer_id, ?cause, "peer disconnected");
-                self.media_down(peer_id);
-                self.peers_changed();
+                if let Some(counts) = self.connections.get_mut(&peer_id) {
+                    if is_relayed(endpoint.get_remote_address()) {
+                        counts.1 = counts.1.saturating_sub(1);
+                    } else {
+                        counts.0 = counts.0.saturating_sub(1);
+                    }
+                }
+                if num_established == 0 {
+                    tracing::debug!(%peer_id, ?cause, "peer disconnected");
+                    self.connections.remove(&peer_id);
+                    self.relays.remove(&peer_id);
+                    self.media_down(peer_id);
+                    self.peers_changed();
+                } else {
+                    self.update_relayed(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(peer_id) = peer_id {
@@ -943,9 +994,12 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(e) => self.metrics.record(e),
             BehaviourEvent::Identify(e) => self.metrics.record(e),
             BehaviourEvent::Kademlia(e) => self.metrics.record(e),
-            BehaviourEvent::Ping(e) => self.metrics.record(e),
             BehaviourEvent::Relay(e) => self.metrics.record(e),
-            BehaviourEvent::Mdns(_) | BehaviourEvent::Media(_) => {}
+            BehaviourEvent::Dcutr(e) => self.metrics.record(e),
+            BehaviourEvent::Mdns(_)
+            | BehaviourEvent::Media(_)
+            | BehaviourEvent::RelayClient(_)
+            | BehaviourEvent::Autonat(_) => {}
         }
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -984,6 +1038,18 @@ impl EventLoop {
                         plane.handle_peer_up(now, peer_id, peer_info.clone());
                     }
                 }
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    let addr = self
+                        .bootstrap
+                        .iter()
+                        .find(|(b, _)| *b == peer_id)
+                        .and_then(|(_, addrs)| addrs.first().cloned())
+                        .or_else(|| dialable.first().cloned());
+                    if let Some(addr) = addr {
+                        self.relays.insert(peer_id, addr);
+                        self.reserve_relays();
+                    }
+                }
                 if info.protocols.contains(&KAD_PROTOCOL)
                     && let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut()
                 {
@@ -992,7 +1058,7 @@ impl EventLoop {
                     }
                 }
             }
-            BehaviourEvent::Identify(_) | BehaviourEvent::Ping(_) | BehaviourEvent::Media(_) => {}
+            BehaviourEvent::Identify(_) | BehaviourEvent::Media(_) => {}
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed { result, .. }) => {
                 self.on_kad_result(result)
             }
@@ -1014,6 +1080,94 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
             BehaviourEvent::Relay(event) => self.on_relay_event(event),
+            BehaviourEvent::RelayClient(event) => match event {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                } => {
+                    if !renewal {
+                        tracing::info!(relay = %relay_peer_id, "reachable through a relay");
+                    }
+                }
+                other => tracing::debug!(event = ?other, "relay client"),
+            },
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => {
+                    bump(&self.stats.hole_punches);
+                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                }
+                Err(err) => {
+                    bump(&self.stats.hole_punch_failures);
+                    tracing::debug!(peer = %remote_peer_id, %err, "hole punching failed; staying relayed");
+                }
+            },
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(?old, ?new, "reachability (AutoNAT)");
+                let public = new.is_public();
+                self.nat = new;
+                self.stats.reachability.store(
+                    match self.nat {
+                        autonat::NatStatus::Unknown => 0,
+                        autonat::NatStatus::Public(_) => 1,
+                        autonat::NatStatus::Private => 2,
+                    },
+                    Ordering::Relaxed,
+                );
+                if public {
+                    // Reachable directly: relayed addresses would only make peers take the
+                    // long way.
+                    for (_, listener) in self.relay_listeners.drain() {
+                        self.swarm.remove_listener(listener);
+                    }
+                }
+                self.reserve_relays();
+            }
+            BehaviourEvent::Autonat(_) => {}
+        }
+    }
+
+    /// While AutoNAT says we are not reachable, holds a reservation on up to
+    /// [`MAX_RELAY_RESERVATIONS`] relays, so that peers can reach us through them (and then
+    /// try to punch a hole).
+    fn reserve_relays(&mut self) {
+        if self.nat != autonat::NatStatus::Private {
+            return;
+        }
+        let wanted: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(peer, _)| !self.relay_listeners.contains_key(peer))
+            .map(|(peer, addr)| (*peer, addr.clone()))
+            .take(MAX_RELAY_RESERVATIONS.saturating_sub(self.relay_listeners.len()))
+            .collect();
+        for (relay, addr) in wanted {
+            let circuit = addr
+                .with(libp2p::multiaddr::Protocol::P2p(relay))
+                .with(libp2p::multiaddr::Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    tracing::info!(%circuit, "not reachable directly: reserving a relay slot");
+                    self.relay_listeners.insert(relay, id);
+                    self.listeners.insert(id, BTreeSet::new());
+                }
+                Err(err) => tracing::warn!(%circuit, %err, "cannot reserve a relay slot"),
+            }
+        }
+    }
+
+    /// Tells the data planes whether `peer` is reachable only through a relay (they take it
+    /// as a parent only when no direct peer will do).
+    fn update_relayed(&mut self, peer: PeerId) {
+        let relayed = self
+            .connections
+            .get(&peer)
+            .is_some_and(|(direct, relayed)| *direct == 0 && *relayed > 0);
+        for plane in self.planes.values_mut() {
+            plane.set_peer_relayed(peer, relayed);
         }
     }
 
@@ -1155,6 +1309,11 @@ impl EventLoop {
             for peer in self.swarm.connected_peers() {
                 let info = self.peer_info.get(peer).cloned().unwrap_or_default();
                 plane.handle_peer_up(now, *peer, info);
+                if let Some((0, relayed)) = self.connections.get(peer)
+                    && *relayed > 0
+                {
+                    plane.set_peer_relayed(*peer, true);
+                }
             }
         }
         tracing::info!(%stream, publisher = plane.is_publisher(), "media data plane started");
@@ -1481,6 +1640,7 @@ impl EventLoop {
 
     fn maintenance(&mut self) {
         self.bound_connections();
+        self.reserve_relays();
         // Bootstrap peers are dialled again whenever we lost them.
         for index in 0..self.bootstrap.len() {
             let (peer, addrs) = &self.bootstrap[index];
@@ -1516,6 +1676,12 @@ impl EventLoop {
 }
 
 /// The stream tag of a data-plane message without decoding it (field 1, fixed32, first).
+/// Whether a connection's remote address goes through a relay.
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+}
+
 fn peek_stream_tag(bytes: &[u8]) -> Option<u32> {
     match bytes {
         [0x0d, a, b, c, d, ..] => Some(u32::from_le_bytes([*a, *b, *c, *d])),

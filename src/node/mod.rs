@@ -17,6 +17,7 @@ mod error;
 mod event_loop;
 mod identity;
 mod media;
+mod ping;
 mod stats;
 
 use std::collections::{BTreeMap, HashMap};
@@ -37,7 +38,7 @@ pub use config::{
 };
 pub use error::NodeError;
 pub use identity::load_or_create_identity;
-pub use stats::NodeStatsSnapshot;
+pub use stats::{NodeStatsSnapshot, Reachability};
 
 use crate::core::{Channel, Message};
 use event_loop::{Command, EventLoop, Publish};
@@ -348,7 +349,7 @@ impl Node {
     }
 
     /// The node's metrics in the Prometheus (OpenMetrics) text format: libp2p's (bytes per
-    /// transport protocol stack and direction, connections, identify, kademlia, ping,
+    /// transport protocol stack and direction, connections, identify, kademlia, DCUtR,
     /// gossipsub, relay) and p2plive's own (`p2plive_*`: peers, streams, relay reservations
     /// and circuits, media messages).
     pub fn encode_metrics(&self) -> String {

@@ -31,6 +31,12 @@ pub(crate) struct NodeStats {
     /// Circuit relay v2 service: reservations and circuits held now.
     pub relay_reservations: AtomicUsize,
     pub relay_circuits: AtomicUsize,
+    /// AutoNAT's verdict: 0 unknown, 1 public, 2 private (behind a NAT or firewall).
+    pub reachability: AtomicUsize,
+    /// Relayed connections upgraded to direct ones by hole punching (DCUtR), and attempts
+    /// that failed.
+    pub hole_punches: AtomicU64,
+    pub hole_punch_failures: AtomicU64,
     /// The data plane's counters (trees mode, the first stream's), refreshed on its timers.
     pub data_plane: Mutex<Option<crate::core::dataplane::DataPlaneStats>>,
     /// libp2p's bandwidth metrics of the node's transports (see `behaviour::build_swarm`).
@@ -90,6 +96,10 @@ pub struct NodeStatsSnapshot {
     /// Peers disconnected for misbehaving on the data plane (forged, altered or replayed
     /// media, malformed messages).
     pub peers_banned: u64,
+    /// Whether other peers can dial this node (AutoNAT).
+    pub reachability: Reachability,
+    /// Relayed connections upgraded to direct ones by hole punching.
+    pub hole_punches: u64,
     /// The data plane's counters (trees mode; the first stream's).
     pub data_plane: Option<crate::core::dataplane::DataPlaneStats>,
     /// Bytes read from the node's connections, all protocols (gossipsub, identify, kademlia,
@@ -98,6 +108,30 @@ pub struct NodeStatsSnapshot {
     pub bytes_in: u64,
     /// Bytes written to the node's connections, counted like [`Self::bytes_in`].
     pub bytes_out: u64,
+}
+
+/// Whether other peers can dial a node, as AutoNAT (libp2p `autonat/autonat-v1.md`) judged
+/// from peers that tried to dial it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Reachability {
+    /// Not probed yet, or no peer could judge.
+    #[default]
+    Unknown,
+    /// Dialled back successfully.
+    Public,
+    /// Behind a NAT or firewall: the node holds relay reservations instead.
+    Private,
+}
+
+impl Reachability {
+    /// `unknown`, `public` or `private`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reachability::Unknown => "unknown",
+            Reachability::Public => "public",
+            Reachability::Private => "private",
+        }
+    }
 }
 
 impl NodeStats {
@@ -133,6 +167,12 @@ impl NodeStats {
             media_frames_received: load(&self.media_frames_received),
             media_frames_sent: load(&self.media_frames_sent),
             peers_banned: load(&self.peers_banned),
+            reachability: match self.reachability.load(Ordering::Relaxed) {
+                1 => Reachability::Public,
+                2 => Reachability::Private,
+                _ => Reachability::Unknown,
+            },
+            hole_punches: load(&self.hole_punches),
             data_plane: self.data_plane.lock().ok().and_then(|s| s.clone()),
             bytes_in,
             bytes_out,
@@ -188,7 +228,12 @@ impl prometheus_client::collector::Collector for Collector {
         let Some(stats) = self.0.upgrade() else {
             return Ok(());
         };
-        let gauges: [(&str, &str, usize); 4] = [
+        let gauges: [(&str, &str, usize); 5] = [
+            (
+                "p2plive_reachability",
+                "AutoNAT's verdict: 0 unknown, 1 public, 2 private.",
+                stats.reachability.load(Ordering::Relaxed),
+            ),
             (
                 "p2plive_connected_peers",
                 "Peers with at least one open connection.",
@@ -216,7 +261,17 @@ impl prometheus_client::collector::Collector for Collector {
             gauge.encode(metric)?;
         }
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 8] = [
+            (
+                "p2plive_hole_punches",
+                "Relayed connections upgraded to direct ones (DCUtR).",
+                load(&stats.hole_punches),
+            ),
+            (
+                "p2plive_hole_punch_failures",
+                "Hole punching attempts that failed (the peers stay relayed).",
+                load(&stats.hole_punch_failures),
+            ),
             (
                 "p2plive_media_frames_received",
                 "Data-plane messages read from /p2plive/media/1 streams.",

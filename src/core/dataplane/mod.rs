@@ -476,6 +476,8 @@ struct Peer {
     depths: Vec<u32>,
     /// Children it can still take, from its last join or have.
     room: u32,
+    /// Reachable only through a relay (the driver says): a parent of last resort.
+    relayed: bool,
 }
 
 struct Stripe<P> {
@@ -858,6 +860,7 @@ impl<P: PeerKey> DataPlane<P> {
             report: None,
             depths: Vec::new(),
             room: 0,
+            relayed: false,
         });
         if !info.is_empty() {
             entry.info = info;
@@ -872,6 +875,16 @@ impl<P: PeerKey> DataPlane<P> {
             }
         }
         self.maintain_tree(now);
+    }
+
+    /// Whether `peer` is connected only through a relay (a circuit relay v2 hop): its
+    /// shards take the relay's uplink too, and relays cap circuits in bytes and time, so
+    /// it is taken as a parent only when no directly connected peer is a candidate. Call
+    /// after [`Self::handle_peer_up`]; unknown peers are ignored.
+    pub fn set_peer_relayed(&mut self, peer: P, relayed: bool) {
+        if let Some(entry) = self.peers.get_mut(&peer) {
+            entry.relayed = relayed;
+        }
     }
 
     /// Every connection to `peer` is gone.
@@ -1742,18 +1755,25 @@ impl<P: PeerKey> DataPlane<P> {
     fn pick_join_candidate(&mut self, s: u8) -> Option<P> {
         let si = usize::from(s);
         if let Role::Viewer { publisher, .. } = self.role
-            && self.peers.contains_key(&publisher)
+            && self.peers.get(&publisher).is_some_and(|peer| !peer.relayed)
             && !self.stripes[si].refused.contains_key(&publisher)
         {
             return Some(publisher);
         }
-        let candidates: Vec<P> = self
+        let mut candidates: Vec<P> = self
             .peers
             .keys()
             .filter(|p| !self.stripes[si].refused.contains_key(p))
             .filter(|p| !self.stripes[si].children.contains(p))
             .copied()
             .collect();
+        // Directly connected peers first; relayed ones only when there is nobody else.
+        if candidates
+            .iter()
+            .any(|p| self.peers.get(p).is_some_and(|peer| !peer.relayed))
+        {
+            candidates.retain(|p| self.peers.get(p).is_some_and(|peer| !peer.relayed));
+        }
         // The shallowest neighbours in this tree first (their haves say), else anyone.
         let depth = |p: &P| {
             self.peers

@@ -1063,3 +1063,27 @@ fn relays_forward_the_shard_message_they_received_verbatim() {
         "{single} of {shards} shards travelled in one buffer ({buffers} buffers)"
     );
 }
+
+#[test]
+fn relayed_peers_are_parents_only_when_no_direct_peer_is_a_candidate() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    net.add_viewer(1, config.clone(), &[]);
+    net.add_viewer(2, config.clone(), &[]);
+    let now = net.now;
+    let viewer = net.nodes.get_mut(&1).unwrap();
+    viewer.handle_peer_up(now, PUBLISHER, Bytes::new());
+    viewer.set_peer_relayed(PUBLISHER, true);
+    // Only a relay reaches the publisher: with nobody else, it is still the parent.
+    assert_eq!(viewer.pick_join_candidate(0), Some(PUBLISHER));
+    // The publisher would be every viewer's first choice; a direct peer goes before it.
+    viewer.handle_peer_up(now, 2, Bytes::new());
+    for s in 0..config.stripes {
+        assert_eq!(viewer.pick_join_candidate(s), Some(2), "stripe {s}");
+    }
+    // Once a direct connection exists, the publisher comes first again.
+    viewer.set_peer_relayed(PUBLISHER, false);
+    for s in 0..config.stripes {
+        assert_eq!(viewer.pick_join_candidate(s), Some(PUBLISHER), "stripe {s}");
+    }
+}
