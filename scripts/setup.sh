@@ -31,6 +31,8 @@ PACKAGES=(
     meson
     ninja-build
     iproute2
+    # scripts/netns-test.sh: NAT and firewall rules in the namespaces it creates.
+    nftables
 )
 
 log() { printf 'setup: %s\n' "$*"; }

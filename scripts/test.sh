@@ -94,6 +94,9 @@ fi
 section "fuzz targets (scripts/fuzz.sh: build, regressions, short fixed-seed runs)"
 bash scripts/fuzz.sh
 
+section "NAT traversal in network namespaces (scripts/netns-test.sh; root only)"
+bash scripts/netns-test.sh
+
 # meson drives cargo in the dev profile with cargo's own target directory, so it reuses what
 # `cargo test` just built instead of compiling the crate a second time.
 section "meson setup/compile/test/install (buildtype=debug, reusing cargo's target dir)"

@@ -46,6 +46,17 @@ pub(crate) static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| 
 
 #[cfg(feature = "plugin")]
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    // The libp2p node logs through `tracing`, which GStreamer's debug log does not see:
+    // `P2PLIVE_LOG=<filter>` (the `RUST_LOG` syntax, e.g. `info` or `libp2p_dcutr=debug`)
+    // writes those logs to standard error. A host application that installed its own
+    // subscriber keeps it.
+    if let Ok(filter) = std::env::var("P2PLIVE_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init();
+    }
     p2plivesink::register(plugin)?;
     p2plivesrc::register(plugin)?;
     Ok(())

@@ -170,13 +170,19 @@ fn media_gossipsub_config(max_transmit_size: usize) -> Result<gossipsub::Config,
 
 /// AutoNAT probing, quicker than libp2p's defaults (first probe after 15 s, retries every
 /// 90 s): a viewer behind a NAT should hold a relay reservation within seconds of joining.
-fn autonat_config() -> autonat::Config {
+fn autonat_config(config: &NodeConfig) -> autonat::Config {
     autonat::Config {
         boot_delay: Duration::from_secs(2),
         retry_interval: Duration::from_secs(10),
         refresh_interval: Duration::from_secs(300),
         throttle_server_period: Duration::from_secs(15),
         timeout: Duration::from_secs(15),
+        // With bootstrap peers (a p2plive-node, or whoever an element was told to join
+        // through), probes go to them only: they are connected anyway, and a dial-back from
+        // a random discovered peer would add a connection the trees did not ask for.
+        // Without (a p2plive-node itself), the connected peers probe: that is how a relay
+        // learns the external address its reservations must carry.
+        use_connected: config.bootstrap.is_empty(),
         // Private addresses count too: a LAN deployment, or a campus NAT, is reachable to
         // the peers on its side. A server dials back only addresses with the IP it observes
         // the client at (libp2p's rule), so this opens no amplification.
@@ -204,7 +210,10 @@ fn build_behaviour(
 
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
-            .with_agent_version(format!("p2plive/{}", env!("CARGO_PKG_VERSION"))),
+            .with_agent_version(format!("p2plive/{}", env!("CARGO_PKG_VERSION")))
+            // A relay reservation adds an address: peers (the node's DHT above all) learn
+            // it at once rather than at the next identify round (5 min).
+            .with_push_listen_addr_updates(true),
     );
 
     let kademlia = config.kademlia.then(|| {
@@ -259,7 +268,7 @@ fn build_behaviour(
         relay: Toggle::from(relay),
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
-        autonat: autonat::Behaviour::new(peer_id, autonat_config()),
+        autonat: autonat::Behaviour::new(peer_id, autonat_config(config)),
         media: libp2p_stream::Behaviour::new(),
     })
 }

@@ -111,7 +111,7 @@ const LISTENING_DEBOUNCE: Duration = Duration::from_millis(20);
 /// Period of the housekeeping: bootstrap redials, provider lookups.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
 /// A joined stream looks for more providers at most this often while under-connected.
-const PROVIDER_LOOKUP_PERIOD: Duration = Duration::from_secs(15);
+const PROVIDER_LOOKUP_PERIOD: Duration = Duration::from_secs(5);
 /// Most control events (listening, peers, publisher locked) waiting for room in the channel.
 const MAX_PENDING_CONTROL_EVENTS: usize = 256;
 /// Most addresses of one peer taken from identify into kademlia.
@@ -1130,11 +1130,13 @@ impl EventLoop {
         }
     }
 
-    /// While AutoNAT says we are not reachable, holds a reservation on up to
+    /// Unless AutoNAT found us reachable, holds a reservation on up to
     /// [`MAX_RELAY_RESERVATIONS`] relays, so that peers can reach us through them (and then
-    /// try to punch a hole).
+    /// try to punch a hole). From the start, not only once AutoNAT says private: its first
+    /// verdict takes a dial-back timeout (~10 s) behind a NAT that drops the dial, and a
+    /// viewer would wait that long to be reachable. The reservations end if it says public.
     fn reserve_relays(&mut self) {
-        if self.nat != autonat::NatStatus::Private {
+        if self.nat.is_public() {
             return;
         }
         let wanted: Vec<(PeerId, Multiaddr)> = self
