@@ -169,8 +169,8 @@ check() { # description, condition...
 }
 gt() { [[ -n ${1:-} && $1 -gt $2 ]]; }
 
-sleep 40
-echo "--- after 40 s (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+sleep 20
+echo "--- after 20 s (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 for v in v1 v2 v3; do
     echo "$v: frames-output=$(stat "$v.log" frames-output) layer=$(stat "$v.log" layer) connected-peers=$(stat "$v.log" connected-peers) reachability=$(stat "$v.log" reachability) hole-punches=$(stat "$v.log" hole-punches) tree-parents=$(stat "$v.log" tree-parents)"
 done
@@ -211,7 +211,7 @@ check "hole punching made direct connections (v1 and v2)" gt "$(( $(stat v1.log 
 start node private.out "$node_bin" --listen /ip4/10.77.0.10/tcp/4002 --metrics off --psk-file "$work/a.key"
 for _ in $(seq 1 50); do grep -q '^/ip4/10.77.0.10/tcp/4002/p2p/' "$work/private.out" && break; sleep 0.2; done
 private=$(grep -m1 '^/ip4/10.77.0.10/tcp/4002/p2p/' "$work/private.out")
-in_ns v1 timeout 25 gst-launch-1.0 -m p2plivesrc topic=private bootstrap="$private" mdns=false \
+in_ns v1 timeout 15 gst-launch-1.0 -m p2plivesrc topic=private bootstrap="$private" mdns=false \
     psk-file="$work/b.key" ! fakesink >"$work/wrong-key.log" 2>&1 || true
 check "a viewer with the wrong key is refused and told why" grep -q 'private network' "$work/wrong-key.log"
 check "... and never connects" test "$(stat wrong-key.log connected-peers)" = 0
@@ -229,8 +229,8 @@ check "v1 and v2 play the top layer before the limit" test "$(stat v1.log layer)
 v1_changes=$(stat v1.log layer-changes)
 # v2's download: 350 kbit/s, less than even the lowest layer with its keyframes.
 in_ns r-v2 tc qdisc add dev lan0 root tbf rate 350kbit burst 16kb latency 400ms
-sleep 30
-echo "after 30 s at 350 kbit/s: v1 layer=$(stat v1.log layer) (changes $v1_changes -> $(stat v1.log layer-changes)), v2 layer=$(stat v2.log layer) frames-output=$(stat v2.log frames-output)"
+sleep 25
+echo "after 25 s at 350 kbit/s: v1 layer=$(stat v1.log layer) (changes $v1_changes -> $(stat v1.log layer-changes)), v2 layer=$(stat v2.log layer) frames-output=$(stat v2.log frames-output)"
 check "the constrained viewer v2 stepped down" gt "$top" "$(stat v2.log layer)"
 check "v1 keeps the top layer" test "$(stat v1.log layer)" = "$top"
 

@@ -1,5 +1,5 @@
 //! Interop: standard js-libp2p 2.x peers (tests/interop/js, npm packages pinned there) dial a
-//! live p2plive stream on 127.0.0.1, subscribe to its control topic and stay for 35 s. One
+//! live p2plive stream on 127.0.0.1, subscribe to its control topic and stay for 25 s. One
 //! runs js-libp2p's ping service, one does not; both must stay connected the whole time
 //! (js-libp2p's connection monitor pings every 10 s and closes a connection whose ping is not
 //! answered within 5 s) and receive the publisher's catalogs over gossipsub.
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::*;
 
-const STAY: Duration = Duration::from_secs(35);
+const STAY: Duration = Duration::from_secs(25);
 
 fn js_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/js")
