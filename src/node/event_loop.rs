@@ -111,7 +111,7 @@ const LISTENING_DEBOUNCE: Duration = Duration::from_millis(20);
 /// Period of the housekeeping: bootstrap redials, provider lookups.
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(5);
 /// A joined stream looks for more providers at most this often while under-connected.
-const PROVIDER_LOOKUP_PERIOD: Duration = Duration::from_secs(5);
+const PROVIDER_LOOKUP_PERIOD: Duration = Duration::from_secs(15);
 /// Most control events (listening, peers, publisher locked) waiting for room in the channel.
 const MAX_PENDING_CONTROL_EVENTS: usize = 256;
 /// Most addresses of one peer taken from identify into kademlia.
