@@ -40,7 +40,7 @@ const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// peers of a stream by its name through the node's DHT, and reserve a relay slot on it when
 /// they cannot be dialled.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "p2plive-node", version)]
 struct Args {
     /// File holding the node's key, created on first start (keep it: the peer id in every
     /// bootstrap address depends on it). Default: a new identity at each start.
@@ -55,11 +55,21 @@ struct Args {
     /// Comma-separated addresses at which others reach this node although it does not
     /// listen on them (a port forwarded from a public address, a DNS name), each without
     /// /p2p. Advertised to peers and in relay reservations.
-    #[arg(long, value_name = "MULTIADDRS", default_value = "")]
+    #[arg(
+        long,
+        value_name = "MULTIADDRS",
+        default_value = "",
+        hide_default_value = true
+    )]
     external_address: String,
 
     /// Comma-separated addresses of other p2plive nodes, each ending in /p2p/<peer id>.
-    #[arg(long, value_name = "MULTIADDRS", default_value = "")]
+    #[arg(
+        long,
+        value_name = "MULTIADDRS",
+        default_value = "",
+        hide_default_value = true
+    )]
     bootstrap: String,
 
     /// Run on a private network: a libp2p swarm key file (/key/swarm/psk/1.0.0/, /base16/,
@@ -155,6 +165,10 @@ fn run(args: Args) -> Result<(), String> {
         return generate_psk(path);
     }
     let config = node_config(&args)?;
+    let external = config.external_addrs.clone();
+    if let Some(psk) = config.psk {
+        tracing::info!(fingerprint = %psk.fingerprint(), "private network (pre-shared key)");
+    }
     let metrics_addr: Option<SocketAddr> = match args.metrics.as_str() {
         "off" => None,
         addr => Some(
@@ -189,7 +203,7 @@ fn run(args: Args) -> Result<(), String> {
                 .map_err(|err| format!("--forward {topic:?}: {err}"))?;
             tracing::info!(%topic, "forwarding stream");
         }
-        let forwarding = tokio::spawn(handle_events(node.clone(), events));
+        let forwarding = tokio::spawn(handle_events(node.clone(), external, events));
         wait_for_signal().await;
         tracing::info!("stopping");
         node.shutdown(SHUTDOWN_LINGER);
@@ -216,6 +230,14 @@ fn node_config(args: &Args) -> Result<NodeConfig, String> {
     };
     config.external_addrs =
         node::parse_multiaddrs(&args.external_address).map_err(|err| err.to_string())?;
+    if let Some(addr) = config.external_addrs.iter().find(|a| {
+        a.iter()
+            .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+    }) {
+        return Err(format!(
+            "--external-address {addr}: give it without /p2p (the node adds its own id)"
+        ));
+    }
     config.bootstrap = node::parse_bootstrap(&args.bootstrap).map_err(|err| err.to_string())?;
     config.mdns = args.mdns;
     config.kademlia = true;
@@ -259,7 +281,11 @@ fn generate_psk(path: &std::path::Path) -> Result<(), String> {
 
 /// Prints the listen addresses, subscribes forwarded streams to every layer of their
 /// catalog, and drops media (a forwarder decodes nothing; its data plane relays by itself).
-async fn handle_events(node: Node, mut events: tokio::sync::mpsc::Receiver<Event>) {
+async fn handle_events(
+    node: Node,
+    external: Vec<Multiaddr>,
+    mut events: tokio::sync::mpsc::Receiver<Event>,
+) {
     let mut printed = false;
     let mut subscribed = std::collections::HashSet::new();
     while let Some(event) = events.recv().await {
@@ -270,6 +296,13 @@ async fn handle_events(node: Node, mut events: tokio::sync::mpsc::Receiver<Event
                 }
                 if !printed {
                     printed = true;
+                    // The addresses others should use first: the external ones.
+                    let id = libp2p::multiaddr::Protocol::P2p(node.peer_id());
+                    for addr in &external {
+                        let addr = addr.clone().with(id.clone());
+                        tracing::info!(%addr, "external address; use as bootstrap={addr}");
+                        println!("{addr}");
+                    }
                     for addr in &addrs {
                         println!("{addr}");
                     }

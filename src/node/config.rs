@@ -127,7 +127,9 @@ pub struct RelayServerConfig {
     pub max_reservations: usize,
     /// Reservations held at once by one peer. Default 4.
     pub max_reservations_per_peer: usize,
-    /// How long a reservation lasts before the peer must renew it. Default 1 h.
+    /// How long a reservation lasts before the peer must renew it (libp2p renews it on its
+    /// own while it keeps the slot). Default 5 min: a peer that stops needing its slot (found
+    /// reachable, or gone without closing) frees it within this time.
     pub reservation_duration: Duration,
     /// Circuits open at once, over all peers. Default 64.
     pub max_circuits: usize,
@@ -146,7 +148,7 @@ impl Default for RelayServerConfig {
         Self {
             max_reservations: 128,
             max_reservations_per_peer: 4,
-            reservation_duration: Duration::from_secs(3600),
+            reservation_duration: Duration::from_secs(300),
             max_circuits: 64,
             max_circuits_per_peer: 8,
             max_circuit_duration: Duration::from_secs(600),
@@ -165,11 +167,11 @@ pub fn load_psk(path: &std::path::Path) -> Result<PreSharedKey, NodeError> {
     })?;
     text.trim()
         .parse()
-        .map_err(|err: libp2p::pnet::KeyParseError| NodeError::Psk {
+        .map_err(|_: libp2p::pnet::KeyParseError| NodeError::Psk {
             path: path.display().to_string(),
-            reason: format!(
-                "{err} (expected the lines /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits)"
-            ),
+            reason: "not a swarm key file: expected the lines /key/swarm/psk/1.0.0/, /base16/ \
+                     and 64 hex digits"
+                .to_owned(),
         })
 }
 

@@ -16,7 +16,15 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, NodeError> {
         source,
     };
     match std::fs::read(path) {
-        Ok(bytes) => return decode(path, &bytes),
+        Ok(bytes) => {
+            let keypair = decode(path, &bytes)?;
+            tracing::info!(
+                path = %path.display(),
+                peer_id = %keypair.public().to_peer_id(),
+                "loaded the node identity"
+            );
+            return Ok(keypair);
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(io_err(err)),
     }
