@@ -158,9 +158,24 @@ for v in v1 v2 v3; do
     start "$v" "$v.log" gst-launch-1.0 -m p2plivesrc name=src $common decode=false $extra ! fakesink sync=false
 done
 
-# The last p2plive-stats field $2 of log $1.
+# The last p2plive-stats field $2 of log $1. One awk, no pipeline: with pipefail, a reader
+# that stops early (head, grep -m1) would fail the script with SIGPIPE.
 stat() {
-    grep 'p2plive-stats' "$work/$1" | tail -1 | tr ',;' '\n\n' | sed -n "s/^ *$2=([a-z0-9]*)//p" | tr -d '"\\ ' | head -1
+    awk -v field="$2" '
+        /p2plive-stats/ { last = $0 }
+        END {
+            n = split(last, parts, /[,;] */)
+            for (i = 1; i <= n; i++) {
+                sub(/^ +/, "", parts[i])
+                if (index(parts[i], field "=(") == 1) {
+                    value = substr(parts[i], length(field) + 2)
+                    sub(/^\([a-z0-9]*\)/, "", value)
+                    gsub(/["\\ ]/, "", value)
+                    print value
+                    exit
+                }
+            }
+        }' "$work/$1"
 }
 failures=0
 check() { # description, condition...
@@ -181,7 +196,7 @@ grep -E '^p2plive_(relay|connected)' <<<"$metrics" || true
 # Seconds from a viewer's start to its first frame: the p2plive-stats message (one a second)
 # that first counts an output frame.
 first_frame_s() {
-    grep 'p2plive-stats' "$work/$1" | grep -n -m1 -v 'frames-output=(guint64)0,' | cut -d: -f1
+    awk '/p2plive-stats/ { n++; if ($0 !~ /frames-output=\(guint64\)0,/) { print n; exit } }' "$work/$1"
 }
 for v in v1 v2 v3; do
     secs=$(first_frame_s "$v.log")
