@@ -145,10 +145,11 @@ echo "node: $boot"
 common="topic=nat bootstrap=$boot mdns=false listen=/ip4/0.0.0.0/udp/0/quic-v1,/ip4/0.0.0.0/tcp/0"
 # Noise: the encoder really spends its bitrate (a still pattern would need a few kbit/s).
 start pub pub.log gst-launch-1.0 -m videotestsrc is-live=true pattern=snow \
-    ! video/x-raw,width=320,height=240,framerate=30/1 \
+    ! video/x-raw,width=160,height=120,framerate=15/1 \
     ! p2plivesink $common layers=temporal video-bitrate=1200
 sleep 3
-# No decoding: five pipelines share two cores, and the ABR judges arrival times, not pixels.
+# No decoding, and a small picture: five pipelines share two cores (slower ones on CI), and
+# the ABR judges arrival times, not pixels.
 for v in v1 v2 v3; do
     extra=""
     # The thin line forwards nothing. (A viewer that offers upload and whose download then
@@ -209,7 +210,7 @@ sleep 5
 for i in 0 1 2; do
     v=v$((i + 1))
     now=$(stat "$v.log" frames-output)
-    check "$v plays (frames-output ${first[$i]:-none} -> ${now:-none} in 5 s; 7.5 fps at layer 0)" gt "$(( ${now:-0} - ${first[$i]:-0} ))" 20
+    check "$v plays (frames-output ${first[$i]:-none} -> ${now:-none} in 5 s; 3.75 fps at layer 0)" gt "$(( ${now:-0} - ${first[$i]:-0} ))" 10
 done
 check "v3 (reaches the node only) knows it is private" test "$(stat v3.log reachability)" = private
 check "the publisher knows it is private" test "$(stat pub.log reachability)" = private
