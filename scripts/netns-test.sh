@@ -43,7 +43,7 @@ pids=()
 
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    sleep 0.5
+    sleep 2
     for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
     rm -f "$GST_REGISTRY"
@@ -129,7 +129,9 @@ in_ns r-v3 nft insert rule ip filter forward iifname "lan0" ip daddr != 10.77.0.
 # --- the node, the publisher, the viewers ------------------------------------------------
 start() { # name, log file, command...
     local name=$1 log=$2; shift 2
-    in_ns "$name" timeout 150 "$@" >"$work/$log" 2>&1 &
+    # Not through in_ns: a backgrounded shell function is a subshell, and killing it would
+    # leave the command running. `ip netns exec` execs timeout, which passes signals on.
+    ip netns exec "$(ns "$name")" timeout 150 "$@" >"$work/$log" 2>&1 &
     pids+=($!)
 }
 
