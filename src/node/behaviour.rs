@@ -273,6 +273,25 @@ fn build_behaviour(
     })
 }
 
+/// What follows the transports, the same for public and private swarms: the relay client,
+/// bandwidth metrics, the behaviour, the idle timeout. A macro, because each transport
+/// choice gives the builder another type.
+macro_rules! finish_swarm {
+    ($builder:expr, $config:expr, $bandwidth:expr) => {
+        Ok($builder
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|err| NodeError::Build(format!("relay client transport: {err}")))?
+            .with_bandwidth_metrics($bandwidth)
+            .with_behaviour(|key, relay_client| {
+                build_behaviour(key, relay_client, $config)
+                    .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
+            })
+            .map_err(|err| NodeError::Build(err.to_string()))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+            .build())
+    };
+}
+
 /// Builds the swarm (TCP+noise+yamux and QUIC; TCP+pnet+noise+yamux alone on a private
 /// network). Must run inside a tokio runtime context. Every byte read or written on the
 /// connections' streams (all protocols) is counted in `bandwidth` (libp2p's bandwidth
@@ -284,7 +303,7 @@ pub(crate) fn build_swarm(
     if let Some(psk) = config.psk {
         return build_private_swarm(config, psk, bandwidth);
     }
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -292,18 +311,8 @@ pub(crate) fn build_swarm(
             yamux::Config::default,
         )
         .map_err(|err| NodeError::Build(format!("tcp transport: {err}")))?
-        .with_quic()
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|err| NodeError::Build(format!("relay client transport: {err}")))?
-        .with_bandwidth_metrics(bandwidth)
-        .with_behaviour(|key, relay_client| {
-            build_behaviour(key, relay_client, config)
-                .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
-        })
-        .map_err(|err| NodeError::Build(err.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
-    Ok(swarm)
+        .with_quic();
+    finish_swarm!(builder, config, bandwidth)
 }
 
 /// The private-network swarm: every TCP connection runs libp2p's pnet handshake (an
@@ -314,7 +323,7 @@ fn build_private_swarm(
     psk: libp2p::pnet::PreSharedKey,
     bandwidth: &mut libp2p::metrics::Registry,
 ) -> Result<Swarm<Behaviour>, NodeError> {
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_other_transport(|key| {
             let noise = noise::Config::new(key)
@@ -328,18 +337,8 @@ fn build_private_swarm(
                     .timeout(PRIVATE_UPGRADE_TIMEOUT),
             )
         })
-        .map_err(|err| NodeError::Build(format!("private tcp transport: {err}")))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|err| NodeError::Build(format!("relay client transport: {err}")))?
-        .with_bandwidth_metrics(bandwidth)
-        .with_behaviour(|key, relay_client| {
-            build_behaviour(key, relay_client, config)
-                .map_err(|err| Box::new(err) as Box<dyn std::error::Error + Send + Sync>)
-        })
-        .map_err(|err| NodeError::Build(err.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
-    Ok(swarm)
+        .map_err(|err| NodeError::Build(format!("private tcp transport: {err}")))?;
+    finish_swarm!(builder, config, bandwidth)
 }
 
 /// Time for the TCP connect and the pnet, noise and yamux upgrades of one private

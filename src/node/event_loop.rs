@@ -893,11 +893,9 @@ impl EventLoop {
                 let counts = self.connections.entry(peer_id).or_default();
                 if relayed {
                     counts.1 += 1;
+                    tracing::debug!(%peer_id, "relayed connection (hole punching follows)");
                 } else {
                     counts.0 += 1;
-                }
-                if relayed {
-                    tracing::debug!(%peer_id, "relayed connection (hole punching follows)");
                 }
                 if num_established.get() == 1 {
                     tracing::debug!(%peer_id, addr = %endpoint.get_remote_address(), "peer connected");
