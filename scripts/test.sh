@@ -54,11 +54,14 @@ results_tmp=$(mktemp -d)
 cargo test --all-targets 2>&1 | tee "$results_tmp/cargo-test.log"
 
 # The mesh benchmark, tiny, so that it cannot rot: it must run to the end and write its JSON
-# (no timing is asserted; the figures of a loaded CI machine mean nothing).
-section "cargo bench --bench mesh (smoke: 3 viewers, 2 s per mode)"
+# (no timing is asserted; the figures of a loaded CI machine mean nothing). Both smoke runs
+# use the dev profile: `cargo test --all-targets` has just built these binaries that way,
+# whereas an optimised build would compile every dependency again with LTO (most of the
+# suite's time on a clean machine) for figures nobody reads.
+section "cargo bench --profile dev --bench mesh (smoke: 3 viewers, 2 s per mode)"
 smoke_dir=${CARGO_TARGET_DIR:-$repo/target}/bench-smoke
 rm -rf "$smoke_dir"
-cargo bench --bench mesh -- --viewers 3 --duration 2s --warmup 2s --max-wall 120s \
+cargo bench --profile dev --bench mesh -- --viewers 3 --duration 2s --warmup 2s --max-wall 120s \
     --json "$smoke_dir/out.json"
 for output in out.json out.md out-latency-cdf-n3.svg out-amplification.svg out-publisher-upload.svg; do
     if [[ ! -s $smoke_dir/$output ]]; then
@@ -70,9 +73,9 @@ grep -q '"mode": "unicast"' "$smoke_dir/out.json"
 
 # The simulator, tiny (both data planes, 40 viewers, 2 s window), for the same reason; and
 # its determinism from the command line: the same seed twice, byte-identical JSON.
-section "cargo bench --bench sim (smoke: 40 viewers, 2 s window, run twice)"
+section "cargo bench --profile dev --bench sim (smoke: 40 viewers, 2 s window, run twice)"
 for run in a b; do
-    cargo bench --bench sim -- --viewers 40 --mode p2plive,flood --duration 2s --ramp 1s \
+    cargo bench --profile dev --bench sim -- --viewers 40 --mode p2plive,flood --duration 2s --ramp 1s \
         --warmup 1s --seed 3 --quiet --json "$smoke_dir/sim-$run.json"
 done
 for output in sim-a.json sim-a.md sim-a-delay-cdf-n40.svg sim-a-amplification.svg sim-a-publisher-upload.svg; do

@@ -196,6 +196,9 @@ fn main() {
         eprintln!("mesh: {err}");
         std::process::exit(2);
     }
+    if report::build_kind() == "debug" {
+        eprintln!("mesh: a debug build: its CPU and latency figures are not comparable");
+    }
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

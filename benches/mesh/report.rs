@@ -246,6 +246,9 @@ pub struct Machine {
     pub cores: usize,
     pub cpu: String,
     pub os: String,
+    /// `optimized` (`cargo bench`) or `debug` (`cargo bench --profile dev`, the test suite's
+    /// smoke run): a debug build's CPU and delay figures are not comparable.
+    pub build: &'static str,
 }
 
 /// A run that could not be completed (setup too slow, a task stuck).
@@ -305,6 +308,7 @@ impl Output {
                 cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
                 cpu,
                 os,
+                build: build_kind(),
             },
             runs,
             failed_runs,
@@ -365,7 +369,7 @@ pub fn markdown(output: &Output) -> String {
     md.push_str(&format!(
         "\n{} fps, keyframe every {} s ({}× a delta frame), {} layer(s), window {} s after {} s \
          warm-up, {} bootstrap peers per viewer, churn {}/min, loss {} at {} of the viewers, \
-         seed {}. Machine: {} cores, {}.\n\nCommand: `{}`\n",
+         seed {}. Machine: {} cores, {}; {} build.\n\nCommand: `{}`\n",
         p.fps,
         p.gop_s,
         p.keyframe_ratio,
@@ -379,6 +383,7 @@ pub fn markdown(output: &Output) -> String {
         p.seed,
         output.machine.cores,
         output.machine.cpu,
+        output.machine.build,
         p.command,
     ));
     md
@@ -530,4 +535,13 @@ fn versus_n(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// `debug` when built without optimisation (debug assertions on), else `optimized`.
+pub fn build_kind() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "optimized"
+    }
 }

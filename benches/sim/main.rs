@@ -282,6 +282,9 @@ fn main() {
         eprintln!("p2plive-sim: {err}");
         std::process::exit(2);
     }
+    if cfg!(debug_assertions) && !args.quiet {
+        eprintln!("p2plive-sim: a debug build: correct figures, but many times slower");
+    }
     if let Some(mesh) = &args.compare_mesh {
         if let Err(err) = compare_mesh(&args, mesh) {
             eprintln!("p2plive-sim: {err}");
