@@ -104,12 +104,6 @@ fn message(kind: u8, tag: u32, r: &mut Reader) -> Option<DpMessage> {
             }],
             depths: (0..r.byte()? % 20).map(u32::from).collect(),
             room: u32::from(r.byte()? % 40),
-            // Any clock and echo, and delays that may claim a path of 0 ms: hostile peers.
-            clock_ms: r.u32()?,
-            echo_ms: r.u32()?,
-            echo_held_ms: r.u32()?,
-            delays: (0..r.byte()? % 20).map(|_| r.u32().unwrap_or(0)).collect(),
-            probe: r.byte()? % 2 == 0,
         }),
         7 => Body::Pull(DpPull {
             key: Some(key(r)?),

@@ -80,23 +80,6 @@ const RESTART_AFTER_REDIRECTS: u32 = 12;
 const SPARE_ROOT_ROOM: u32 = 4;
 /// Between two graft attempts in one stripe.
 const GRAFT_INTERVAL: Duration = Duration::from_secs(2);
-/// What a relay adds to a path's delay besides the link's one-way delay (receive, verify,
-/// queue, send a shard): the estimated delay of a path is the sum of its links' half round
-/// trips plus this per hop, so that on links of equal delay the shorter path wins. About
-/// what one hop added on 127.0.0.1 in the mesh benchmark (16 ms at 2.1 hops, median).
-const HOP_DELAY: Duration = Duration::from_millis(8);
-/// Candidate parents whose estimated delays differ by less than this (or 10 % of the best)
-/// are equally good: a joiner picks one of them at random, so that joiners spread over them
-/// instead of all asking the single best one.
-const DELAY_TIE: Duration = Duration::from_millis(5);
-/// A graft for delay alone needs a path this much shorter than the current one, and by a
-/// third of it: smaller gains are within the estimates' noise and not worth the shards a
-/// move costs in flight.
-const GRAFT_DELAY_GAIN: Duration = Duration::from_millis(50);
-/// Haves go to the tree neighbours every `have_interval`, and (as probes: timing and delays
-/// only, about 60 bytes) to every other connected peer every this many intervals (1 s by
-/// default).
-const HAVE_ALL_EVERY: u32 = 4;
 /// What a child that adds a layer gets of the objects already seen (their stripe's share).
 const CATCH_UP: Duration = Duration::from_millis(300);
 /// After a parent change, pulls wait only `FAST_REPAIR_DELAY`, for this long.
@@ -392,9 +375,6 @@ pub struct DataPlaneStats {
     pub joins_sent: u64,
     /// Joins sent to a shallower neighbour while having a parent (see `graft`).
     pub grafts_sent: u64,
-    /// Of those, the ones sent for a lower estimated delay from the publisher rather than
-    /// for fewer hops.
-    pub delay_grafts_sent: u64,
     pub redirects_received: u64,
     pub parent_changes: u64,
     /// Current state.
@@ -498,13 +478,6 @@ struct Peer {
     room: u32,
     /// Reachable only through a relay (the driver says): a parent of last resort.
     relayed: bool,
-    /// Smoothed round trip, timed by the echoes in haves (RFC 6298's SRTT, alpha 1/8).
-    rtt: Option<Duration>,
-    /// The clock of its last have (`DpHave::clock_ms`) and when it came: echoed to it.
-    heard_clock: Option<(u32, Instant)>,
-    /// Its estimated delay from the publisher per stripe, ms + 1 (0: unknown), from its
-    /// last have.
-    delays: Vec<u32>,
 }
 
 struct Stripe<P> {
@@ -528,10 +501,6 @@ struct Stripe<P> {
     path: Vec<u64>,
     last_data: Instant,
     redirects: u32,
-    /// Our depth in this tree when we last had a parent (0: never): while our subtree
-    /// waits for a new parent, peers deeper than this may be in it (their depths are as
-    /// they were) and are not asked.
-    last_depth: u32,
     /// No new join before this (backoff after a refusal).
     next_join_at: Instant,
     /// Since when we have children but no parent here.
@@ -706,10 +675,6 @@ pub struct DataPlane<P: PeerKey> {
     newest_complete: HashMap<(u32, u32), u64>,
     /// Bytes of shards waiting for their manifest (bounded by `MAX_UNVERIFIED_BYTES`).
     unverified_bytes: usize,
-    /// Origin of the clock sent in haves (`DpHave::clock_ms`).
-    clock_origin: Instant,
-    /// Haves sent so far (every `HAVE_ALL_EVERY`th goes to every peer).
-    have_round: u32,
     stats: DataPlaneStats,
 }
 
@@ -734,7 +699,6 @@ impl<P: PeerKey> DataPlane<P> {
                 path: Vec::new(),
                 last_data: now,
                 redirects: 0,
-                last_depth: 0,
                 next_join_at: now,
                 orphan_since: None,
                 next_graft: now,
@@ -792,8 +756,6 @@ impl<P: PeerKey> DataPlane<P> {
             pending_decodes: BTreeSet::new(),
             newest_complete: HashMap::new(),
             unverified_bytes: 0,
-            clock_origin: now,
-            have_round: 0,
             stats: DataPlaneStats::default(),
             config,
         };
@@ -899,9 +861,6 @@ impl<P: PeerKey> DataPlane<P> {
             depths: Vec::new(),
             room: 0,
             relayed: false,
-            rtt: None,
-            heard_clock: None,
-            delays: Vec::new(),
         });
         if !info.is_empty() {
             entry.info = info;
@@ -1769,13 +1728,6 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let ours = self.stripes[si].path.len() as u32;
         let parent = self.stripes[si].parent;
-        if let Some(target) = self.graft_for_delay(si, ours) {
-            self.next_graft_any = now + GRAFT_INTERVAL / 4;
-            self.stripes[si].joining = Some((target, now, true));
-            self.stats.delay_grafts_sent += 1;
-            self.send_join(s, target);
-            return;
-        }
         let better: Vec<(P, u32)> = self
             .peers
             .iter()
@@ -1800,36 +1752,6 @@ impl<P: PeerKey> DataPlane<P> {
         }
     }
 
-    /// "Prefer lower-delay parents": a neighbour through which our estimated delay from
-    /// the publisher in stripe `si` is lower than through our parent by `GRAFT_DELAY_GAIN`
-    /// and by a quarter, that has room and is at most as deep as we are (so that we move at
-    /// most one hop down; a loop is refused by its accept's path). Plumtree's optimisation
-    /// (Leitão et al., SRDS 2007, §3.6) by measured delay instead of hops.
-    fn graft_for_delay(&mut self, si: usize, ours: u32) -> Option<P> {
-        let parent = self.stripes[si].parent?;
-        let current = self.delay_via(si, &parent)?;
-        let candidates: Vec<P> = self
-            .peers
-            .iter()
-            .filter(|(p, peer)| {
-                **p != parent
-                    && !self.stripes[si].children.contains(p)
-                    && !self.stripes[si].refused.contains_key(p)
-                    && !peer.relayed
-                    // A peer heard only through probes has no depth or room here: its
-                    // accept (or redirect) tells.
-                    && peer.depths.get(si).is_none_or(|d| *d <= ours)
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        let (best, near) = self.lowest_delay(si, &candidates)?;
-        let gain = current.saturating_sub(best);
-        if gain < GRAFT_DELAY_GAIN || gain < current / 3 {
-            return None;
-        }
-        self.pick(&near)
-    }
-
     fn pick_join_candidate(&mut self, s: u8) -> Option<P> {
         let si = usize::from(s);
         if let Role::Viewer { publisher, .. } = self.role
@@ -1845,23 +1767,6 @@ impl<P: PeerKey> DataPlane<P> {
             .filter(|p| !self.stripes[si].children.contains(p))
             .copied()
             .collect();
-        // With a subtree of our own, not our descendants (they are deeper than we were).
-        let last_depth = self.stripes[si].last_depth;
-        if last_depth > 0 && !self.stripes[si].children.is_empty() {
-            let outside: Vec<P> = candidates
-                .iter()
-                .filter(|p| {
-                    self.peers
-                        .get(p)
-                        .and_then(|peer| peer.depths.get(si))
-                        .is_none_or(|d| *d <= last_depth)
-                })
-                .copied()
-                .collect();
-            if !outside.is_empty() {
-                candidates = outside;
-            }
-        }
         // Directly connected peers first; relayed ones only when there is nobody else.
         if candidates
             .iter()
@@ -1869,11 +1774,7 @@ impl<P: PeerKey> DataPlane<P> {
         {
             candidates.retain(|p| self.peers.get(p).is_some_and(|peer| !peer.relayed));
         }
-        // The shallowest neighbours in this tree first (their haves say), and of those the
-        // lowest estimated delay from the publisher through them (their haves and our round
-        // trips to them say); else anyone. Depth first: an orphan's descendants may still
-        // announce the delays they had through it, and a join by delay alone would pick
-        // them; grafts then trade hops for delay where it pays (`graft_for_delay`).
+        // The shallowest neighbours in this tree first (their haves say), else anyone.
         let depth = |p: &P| {
             self.peers
                 .get(p)
@@ -1886,9 +1787,6 @@ impl<P: PeerKey> DataPlane<P> {
                 .filter(|p| depth(p) == Some(best))
                 .copied()
                 .collect();
-            if let Some((_, near)) = self.lowest_delay(si, &shallowest) {
-                return self.pick(&near);
-            }
             return self.pick(&shallowest);
         }
         if !candidates.is_empty() {
@@ -2194,7 +2092,6 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let mut path = accept.path;
         path.push(self.me_short);
-        self.stripes[si].last_depth = path.len() as u32;
         self.stripes[si].path = path;
         self.update_child_paths(s);
         self.send_subscription(s);
@@ -2255,13 +2152,11 @@ impl<P: PeerKey> DataPlane<P> {
         self.stripes[si].redirects = (self.stripes[si].redirects + 1).min(64);
         let target = P::from_bytes(&redirect.peer).filter(|p| *p != self.me);
         match target {
-            // Never to our own child: that would close a loop.
             Some(target)
                 if !self.stripes[si]
                     .redirects
                     .is_multiple_of(RESTART_AFTER_REDIRECTS)
-                    && !self.banned.contains(&target)
-                    && !self.stripes[si].children.contains(&target) =>
+                    && !self.banned.contains(&target) =>
             {
                 self.stripes[si].next_candidate = Some(target);
                 if !self.peers.contains_key(&target) {
@@ -2478,36 +2373,14 @@ impl<P: PeerKey> DataPlane<P> {
                 }
             }
         }
-        let clock = self.clock_ms(now);
         if let Some(peer) = self.peers.get_mut(&from) {
-            if !have.probe {
-                peer.have = have
-                    .layers
-                    .into_iter()
-                    .map(|l| ((l.track, l.layer), l))
-                    .collect();
-                peer.depths = have.depths.into_iter().take(64).collect();
-                peer.room = have.room;
-            }
-            // Delays come once a second (see `HAVE_ALL_EVERY`): the others keep them.
-            if !have.delays.is_empty() {
-                peer.delays = have.delays.into_iter().take(64).collect();
-            }
-            if have.clock_ms != 0 {
-                peer.heard_clock = Some((have.clock_ms, now));
-            }
-            // Wrapping arithmetic: the clock wraps after 49 days. An echo of a clock we
-            // never sent gives a huge sample, which the bound throws away.
-            let sample = clock
-                .wrapping_sub(have.echo_ms)
-                .wrapping_sub(have.echo_held_ms);
-            if have.echo_ms != 0 && sample < 60_000 {
-                let sample = Duration::from_millis(u64::from(sample));
-                peer.rtt = Some(match peer.rtt {
-                    Some(srtt) => (srtt * 7 + sample) / 8,
-                    None => sample,
-                });
-            }
+            peer.have = have
+                .layers
+                .into_iter()
+                .map(|l| ((l.track, l.layer), l))
+                .collect();
+            peer.depths = have.depths.into_iter().take(64).collect();
+            peer.room = have.room;
         }
         for key in learned {
             if self.objects.len() < MAX_OBJECTS && !self.is_old(&key) {
@@ -2534,47 +2407,7 @@ impl<P: PeerKey> DataPlane<P> {
             .is_some_and(|i| i < 64 && layer.complete & (1 << i) != 0)
     }
 
-    /// Our clock for haves: ms since this data plane started, plus 1 (0 means none), wrapping.
-    fn clock_ms(&self, now: Instant) -> u32 {
-        (now.saturating_duration_since(self.clock_origin).as_millis() as u32).wrapping_add(1)
-    }
-
-    /// Our estimated delay from the publisher in stripe `si`: 0 at the publisher, else our
-    /// parent's estimate through it (`None` while unknown).
-    fn root_delay(&self, si: usize) -> Option<Duration> {
-        if self.is_publisher() {
-            return Some(Duration::ZERO);
-        }
-        self.delay_via(si, &self.stripes[si].parent?)
-    }
-
-    /// The delay from the publisher in stripe `si` through `peer` as our parent there: its
-    /// estimate, half our round trip to it, and `HOP_DELAY` (`None` while unknown, or when
-    /// it is not in that tree).
-    fn delay_via(&self, si: usize, peer: &P) -> Option<Duration> {
-        let peer = self.peers.get(peer)?;
-        let theirs = peer.delays.get(si).copied().filter(|d| *d > 0)? - 1;
-        Some(Duration::from_millis(u64::from(theirs)) + peer.rtt? / 2 + HOP_DELAY)
-    }
-
-    /// Of `candidates` in stripe `si`, the ones whose estimated delay through them is known
-    /// and within `DELAY_TIE` (or 10 %) of the lowest, with that lowest.
-    fn lowest_delay(&self, si: usize, candidates: &[P]) -> Option<(Duration, Vec<P>)> {
-        let delays: Vec<(P, Duration)> = candidates
-            .iter()
-            .filter_map(|p| Some((*p, self.delay_via(si, p)?)))
-            .collect();
-        let best = delays.iter().map(|(_, d)| *d).min()?;
-        let tie = DELAY_TIE.max(best / 10);
-        let near = delays
-            .iter()
-            .filter(|(_, d)| *d <= best + tie)
-            .map(|(p, _)| *p)
-            .collect();
-        Some((best, near))
-    }
-
-    fn send_haves(&mut self, now: Instant) {
+    fn send_haves(&mut self) {
         let mut per_layer: BTreeMap<(u32, u32), DpHaveLayer> = BTreeMap::new();
         for (&(track, layer, seq), frame) in self.frames.iter().rev() {
             let complete = frame.fragments > 0 && frame.complete >= frame.fragments;
@@ -2597,64 +2430,20 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let layers: Vec<DpHaveLayer> = per_layer.into_values().take(MAX_HAVE_LAYERS).collect();
         let depths = self.stripes.iter().map(|s| s.path.len() as u32).collect();
-        let delays = (0..self.stripes.len())
-            .map(|si| {
-                self.root_delay(si)
-                    .map_or(0, |d| (d.as_millis() as u32).saturating_add(1))
-            })
-            .collect();
-        let mut have = DpHave {
+        let room = self.room();
+        let bytes = self.encode(Body::Have(DpHave {
             layers,
             depths,
-            room: self.room(),
-            clock_ms: self.clock_ms(now),
-            echo_ms: 0,
-            echo_held_ms: 0,
-            delays,
-            probe: false,
-        };
+            room,
+        }));
         let neighbours: BTreeSet<P> = self
             .stripes
             .iter()
             .flat_map(|s| s.parent.iter().chain(s.children.iter()))
             .copied()
             .collect();
-        // The other peers hear from us less often: enough to time round trips and know our
-        // delays, which grafts to them are chosen by. Not the publisher: its delay (0) is
-        // known, and it sends nothing to the audience beyond its stripe roots.
-        self.have_round = self.have_round.wrapping_add(1);
-        let everyone = self.have_round.is_multiple_of(HAVE_ALL_EVERY) && !self.is_publisher();
-        let recipients: Vec<P> = if everyone {
-            self.peers.keys().copied().collect()
-        } else {
-            neighbours.iter().copied().collect()
-        };
-        let layers = std::mem::take(&mut have.layers);
-        if !everyone {
-            // Delays change slowly: once a second is enough, and they are most of a have's
-            // bytes on a home uplink's 16 stripes.
-            have.delays.clear();
-        }
-        for peer in recipients {
-            // What we hold only to tree neighbours (repair asks them); to the others the
-            // timing, depths and delays.
-            have.probe = !neighbours.contains(&peer);
-            have.layers = if have.probe {
-                Vec::new()
-            } else {
-                layers.clone()
-            };
-            // One encoding per recipient: the echo is its own.
-            (have.echo_ms, have.echo_held_ms) = self
-                .peers
-                .get(&peer)
-                .and_then(|p| p.heard_clock)
-                .map_or((0, 0), |(clock, at)| {
-                    let held = now.saturating_duration_since(at).as_millis();
-                    (clock, held.min(u128::from(u32::MAX)) as u32)
-                });
-            let bytes = self.encode(Body::Have(have.clone()));
-            self.enqueue(peer, Class::Control, bytes);
+        for peer in neighbours {
+            self.enqueue(peer, Class::Control, bytes.clone());
         }
     }
 
@@ -2965,7 +2754,7 @@ impl<P: PeerKey> DataPlane<P> {
         self.maintain_tree(now);
         if now >= self.next_have {
             self.next_have = now + self.config.have_interval;
-            self.send_haves(now);
+            self.send_haves();
         }
         if now >= self.next_report {
             self.next_report = now + self.config.report_interval;

@@ -18,8 +18,6 @@ struct Net {
     links: BTreeSet<(u32, u32)>,
     inflight: Vec<(Instant, u32, u32, Bytes)>,
     delay: Duration,
-    /// One-way delay of the links that differ from `delay`, by (lower id, higher id).
-    link_delay: HashMap<(u32, u32), Duration>,
     /// Per-peer share of received messages dropped.
     loss: HashMap<u32, f64>,
     rng: u64,
@@ -67,7 +65,6 @@ impl Net {
             links: BTreeSet::new(),
             inflight: Vec::new(),
             delay: Duration::from_millis(5),
-            link_delay: HashMap::new(),
             loss: HashMap::new(),
             rng: 0x9e37_79b9_7f4a_7c15,
             delivered: HashMap::new(),
@@ -266,12 +263,7 @@ impl Net {
                     }
                     None => bytes,
                 };
-                let delay = self
-                    .link_delay
-                    .get(&(id.min(peer), id.max(peer)))
-                    .copied()
-                    .unwrap_or(self.delay);
-                self.inflight.push((now + delay, id, peer, bytes));
+                self.inflight.push((now + self.delay, id, peer, bytes));
             }
             for o in outputs {
                 match o {
@@ -1094,136 +1086,4 @@ fn relayed_peers_are_parents_only_when_no_direct_peer_is_a_candidate() {
     for s in 0..config.stripes {
         assert_eq!(viewer.pick_join_candidate(s), Some(PUBLISHER), "stripe {s}");
     }
-}
-
-/// Two regions 80 ms apart (one way), 5 ms within each: the publisher and the even viewers
-/// in one, the odd viewers in the other. Each viewer first knows two earlier peers of each
-/// region, as a discovery that knows nothing of delays would give it. Returns the net after
-/// the trees settled and 4 s of a 3 Mbit/s stream, and the window's bounds.
-fn two_regions(count: u32) -> (Net, Duration, Duration) {
-    // 4 stripes: each has 10 of 40 viewers forwarding, five in each region.
-    let config = DataPlaneConfig {
-        stripes: 4,
-        ..DataPlaneConfig::default()
-    };
-    let mut net = Net::new(config.clone());
-    let region = |id: u32| if id == PUBLISHER { 0 } else { id % 2 };
-    for id in 1..=count {
-        let earlier: Vec<u32> = (0..id).collect();
-        let mut known = Vec::new();
-        for r in 0..2 {
-            let same: Vec<u32> = earlier
-                .iter()
-                .copied()
-                .filter(|&p| region(p) == r)
-                .collect();
-            for k in 0..2u32 {
-                if !same.is_empty() {
-                    known.push(same[((id * 7919 + k * 104_729) as usize) % same.len()]);
-                }
-            }
-        }
-        known.dedup();
-        for &p in &known {
-            if region(p) != region(id) {
-                net.link_delay
-                    .insert((p.min(id), p.max(id)), Duration::from_millis(80));
-            }
-        }
-        net.add_viewer(id, config.clone(), &known);
-        net.run(Duration::from_millis(20), None);
-    }
-    // Links that redirects open later are between regions too when their ends are.
-    for a in 0..=count {
-        for b in a + 1..=count {
-            if region(a) != region(b) {
-                net.link_delay.insert((a, b), Duration::from_millis(80));
-            }
-        }
-    }
-    net.run(Duration::from_secs(8), Some((FRAME, 12_500)));
-    let t0 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
-    let t1 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(2), None);
-    (net, t0, t1)
-}
-
-#[test]
-fn round_trips_are_timed_by_the_echoes_in_haves() {
-    let (net, _, _) = two_regions(12);
-    let mut timed = 0;
-    for (&id, node) in &net.nodes {
-        for (&peer, state) in &node.peers {
-            let Some(rtt) = state.rtt else { continue };
-            timed += 1;
-            let one_way = net
-                .link_delay
-                .get(&(id.min(peer), id.max(peer)))
-                .copied()
-                .unwrap_or(net.delay);
-            // The 1 ms ticks and queueing behind the media add a few ms at most.
-            assert!(
-                rtt >= one_way * 2 && rtt <= one_way * 2 + Duration::from_millis(15),
-                "{id} → {peer}: {rtt:?} for {one_way:?} each way"
-            );
-        }
-    }
-    assert!(timed >= 24, "{timed} round trips timed");
-}
-
-#[test]
-fn parents_with_a_lower_delay_are_preferred() {
-    // Two stripes; relays A and B forward in stripe 0 and both are root children there
-    // (two root slots). Six viewers know only A (2 ms away) and B (100 ms away), not the
-    // publisher, and B is the first they hear of: at first they join it; once their haves
-    // timed both round trips, the delay through A (about 22 ms) beats the one through B
-    // (about 121 ms) and they graft to A. By hops the two are the same: without delays
-    // nothing would move them.
-    let config = DataPlaneConfig {
-        stripes: 2,
-        root_slots: 2,
-        ..DataPlaneConfig::default()
-    };
-    let mut net = Net::new(config.clone());
-    let interior_0: Vec<u32> = (1..100)
-        .filter(|id: &u32| fnv64(&id.to_bytes()).is_multiple_of(2))
-        .take(2)
-        .collect();
-    let (a, b) = (interior_0[0], interior_0[1]);
-    net.add_viewer(a, config.clone(), &[PUBLISHER]);
-    net.add_viewer(b, config.clone(), &[PUBLISHER]);
-    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
-    assert_eq!(net.nodes[&a].parent(0), Some(PUBLISHER));
-    assert_eq!(net.nodes[&b].parent(0), Some(PUBLISHER));
-    let viewers: Vec<u32> = (100..106).collect();
-    for &v in &viewers {
-        net.link_delay
-            .insert((v.min(b), v.max(b)), Duration::from_millis(100));
-        net.link_delay
-            .insert((v.min(a), v.max(a)), Duration::from_millis(2));
-        net.add_viewer(v, config.clone(), &[b]);
-    }
-    net.run(Duration::from_millis(300), Some((FRAME, 12_500)));
-    for &v in &viewers {
-        net.connect(v, a);
-    }
-    let t0 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(8), Some((FRAME, 12_500)));
-    let t1 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(2), None);
-    for &v in &viewers {
-        let node = &net.nodes[&v];
-        assert_eq!(
-            node.parent(0),
-            Some(a),
-            "viewer {v}: parent {:?} in stripe 0, {:?}",
-            node.parent(0),
-            node.stats()
-        );
-        assert!(node.stats().delay_grafts_sent >= 1);
-        let (ok, all) = net.delivery(v, t0, t1);
-        assert_eq!(ok, all, "viewer {v}: {ok} of {all}");
-    }
-    net.assert_all_intact();
 }
