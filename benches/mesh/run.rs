@@ -314,6 +314,43 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
     let cpu1 = cpu_time();
     let pub1 = pub_node.stats();
     let viewers1: Vec<NodeStatsSnapshot> = viewers.iter().map(|v| v.node.stats()).collect();
+    if std::env::var_os("MESH_STATS").is_some() {
+        // Data-plane counters summed over the viewers: before the window (start-up) and in it.
+        let sum = |snaps: &[NodeStatsSnapshot]| {
+            snaps.iter().filter_map(|s| s.data_plane.as_ref()).fold(
+                std::collections::BTreeMap::<String, u64>::new(),
+                |mut acc, d| {
+                    for (k, v) in [
+                        ("shards_received", d.shards_received),
+                        ("shards_duplicate", d.shards_duplicate),
+                        ("shards_sent", d.shards_sent),
+                        ("objects_rebuilt", d.objects_rebuilt),
+                        ("objects_delivered", d.objects_delivered),
+                        ("pulls_sent", d.pulls_sent),
+                        ("pulls_served", d.pulls_served),
+                        ("objects_missed", d.objects_missed),
+                        ("shed", d.shed),
+                        ("joins_sent", d.joins_sent),
+                        ("grafts_sent", d.grafts_sent),
+                        ("redirects_received", d.redirects_received),
+                        ("parent_changes", d.parent_changes),
+                    ] {
+                        *acc.entry(k.to_string()).or_default() += v;
+                    }
+                    acc
+                },
+            )
+        };
+        let (a, b) = (sum(&viewers0), sum(&viewers1));
+        for (k, v0) in &a {
+            eprintln!(
+                "mesh: stats {k}: before window {v0}, in window {}",
+                b[k] - v0
+            );
+        }
+        let peers: Vec<usize> = viewers1.iter().map(|s| s.connected_peers).collect();
+        eprintln!("mesh: connected peers per viewer {peers:?}");
+    }
     let window = t1 - t0;
 
     // ---- drain and stop ---------------------------------------------------------------
@@ -403,6 +440,9 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
             .flatten()
             .filter_map(|&seq| hops_of(report.peer_id, (viewer.layer, seq)))
             .collect();
+        if std::env::var_os("MESH_GAPS").is_some() && on_time < expected {
+            print_gaps(index, report, frames.into_iter().flatten());
+        }
         let played_bytes = window_bytes.get(&viewer.layer).copied().unwrap_or(0);
         let (s0, s1) = (&viewers0[index], &viewers1[index]);
         survivors.push(report::Survivor {
@@ -708,4 +748,60 @@ async fn view(
         }
     }
     report
+}
+
+/// `MESH_GAPS=1`: a viewer's frames of the window that were not played on time, as ranges of
+/// sequence numbers, each with how many of them were complete (every fragment received) and
+/// their latest completion (ms after capture). Tells a frame that never arrived from one the
+/// playout dropped (a gap before it, waiting for a keyframe).
+fn print_gaps<'a>(index: usize, report: &ViewerReport, window: impl Iterator<Item = &'a u64>) {
+    let completed: HashMap<u64, f64> = report.completions.iter().copied().collect();
+    let mut ranges: Vec<(u64, u64, usize, f64)> = Vec::new();
+    for &seq in window {
+        if report.on_time.contains(&seq) {
+            continue;
+        }
+        let done = completed.get(&seq).copied();
+        match ranges.last_mut() {
+            Some(last) if last.1 + 1 == seq => {
+                last.1 = seq;
+                if let Some(ms) = done {
+                    last.2 += 1;
+                    last.3 = last.3.max(ms);
+                }
+            }
+            _ => ranges.push((seq, seq, usize::from(done.is_some()), done.unwrap_or(0.0))),
+        }
+    }
+    let text: Vec<String> = ranges
+        .iter()
+        .map(|(a, b, done, ms)| format!("{a}-{b} ({done} complete, latest {ms:.0} ms)"))
+        .collect();
+    eprintln!(
+        "mesh: viewer {index} {}: missed {}",
+        report.peer_id,
+        text.join(", ")
+    );
+    if let Some(first) = ranges.first() {
+        let from = |seq: u64| {
+            report
+                .first_copy_from
+                .get(&(0, seq))
+                // The last 6 characters of the sender's peer id.
+                .map(|p| {
+                    let id = p.to_string();
+                    id[id.len().saturating_sub(6)..].to_string()
+                })
+        };
+        let line: Vec<String> = (first.0.saturating_sub(20)..first.0 + 10)
+            .map(|seq| {
+                format!(
+                    "{seq}:{:.0}:{}",
+                    completed.get(&seq).copied().unwrap_or(-1.0),
+                    from(seq).unwrap_or_default()
+                )
+            })
+            .collect();
+        eprintln!("   {}", line.join(" "));
+    }
 }
