@@ -196,7 +196,7 @@ fn main() {
         eprintln!("mesh: {err}");
         std::process::exit(2);
     }
-    if report::build_kind() == "debug" {
+    if cfg!(debug_assertions) {
         eprintln!("mesh: a debug build: its CPU and latency figures are not comparable");
     }
     if std::env::var_os("RUST_LOG").is_some() {

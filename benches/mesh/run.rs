@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use gstp2plive::core::dataplane::DataPlaneStats;
 use gstp2plive::core::wire::{Layer, LayerKind, TrackKind};
 use gstp2plive::core::{
     Channel, EncodedFrame, Message, Publisher, PublisherConfig, Subscriber, SubscriberConfig,
@@ -315,41 +316,7 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
     let pub1 = pub_node.stats();
     let viewers1: Vec<NodeStatsSnapshot> = viewers.iter().map(|v| v.node.stats()).collect();
     if std::env::var_os("MESH_STATS").is_some() {
-        // Data-plane counters summed over the viewers: before the window (start-up) and in it.
-        let sum = |snaps: &[NodeStatsSnapshot]| {
-            snaps.iter().filter_map(|s| s.data_plane.as_ref()).fold(
-                std::collections::BTreeMap::<String, u64>::new(),
-                |mut acc, d| {
-                    for (k, v) in [
-                        ("shards_received", d.shards_received),
-                        ("shards_duplicate", d.shards_duplicate),
-                        ("shards_sent", d.shards_sent),
-                        ("objects_rebuilt", d.objects_rebuilt),
-                        ("objects_delivered", d.objects_delivered),
-                        ("pulls_sent", d.pulls_sent),
-                        ("pulls_served", d.pulls_served),
-                        ("objects_missed", d.objects_missed),
-                        ("shed", d.shed),
-                        ("joins_sent", d.joins_sent),
-                        ("grafts_sent", d.grafts_sent),
-                        ("redirects_received", d.redirects_received),
-                        ("parent_changes", d.parent_changes),
-                    ] {
-                        *acc.entry(k.to_string()).or_default() += v;
-                    }
-                    acc
-                },
-            )
-        };
-        let (a, b) = (sum(&viewers0), sum(&viewers1));
-        for (k, v0) in &a {
-            eprintln!(
-                "mesh: stats {k}: before window {v0}, in window {}",
-                b[k] - v0
-            );
-        }
-        let peers: Vec<usize> = viewers1.iter().map(|s| s.connected_peers).collect();
-        eprintln!("mesh: connected peers per viewer {peers:?}");
+        print_stats(&viewers0, &viewers1);
     }
     let window = t1 - t0;
 
@@ -750,10 +717,47 @@ async fn view(
     report
 }
 
+/// `MESH_STATS=1`: data-plane counters summed over the viewers, before the window (the
+/// trees forming) and in it, and each viewer's connection count at the end.
+fn print_stats(before: &[NodeStatsSnapshot], after: &[NodeStatsSnapshot]) {
+    type Counter = fn(&DataPlaneStats) -> u64;
+    const COUNTERS: [(&str, Counter); 13] = [
+        ("shards_received", |d| d.shards_received),
+        ("shards_duplicate", |d| d.shards_duplicate),
+        ("shards_sent", |d| d.shards_sent),
+        ("objects_rebuilt", |d| d.objects_rebuilt),
+        ("objects_delivered", |d| d.objects_delivered),
+        ("objects_missed", |d| d.objects_missed),
+        ("pulls_sent", |d| d.pulls_sent),
+        ("pulls_served", |d| d.pulls_served),
+        ("shed", |d| d.shed),
+        ("joins_sent", |d| d.joins_sent),
+        ("grafts_sent", |d| d.grafts_sent),
+        ("redirects_received", |d| d.redirects_received),
+        ("parent_changes", |d| d.parent_changes),
+    ];
+    let sum = |snaps: &[NodeStatsSnapshot], counter: Counter| -> u64 {
+        snaps
+            .iter()
+            .filter_map(|s| s.data_plane.as_ref())
+            .map(counter)
+            .sum()
+    };
+    for (name, counter) in COUNTERS {
+        let (b, a) = (sum(before, counter), sum(after, counter));
+        eprintln!("mesh: stats {name}: before window {b}, in window {}", a - b);
+    }
+    let peers: Vec<usize> = after.iter().map(|s| s.connected_peers).collect();
+    eprintln!("mesh: connected peers per viewer {peers:?}");
+}
+
 /// `MESH_GAPS=1`: a viewer's frames of the window that were not played on time, as ranges of
 /// sequence numbers, each with how many of them were complete (every fragment received) and
 /// their latest completion (ms after capture). Tells a frame that never arrived from one the
-/// playout dropped (a gap before it, waiting for a keyframe).
+/// playout dropped (a gap before it, waiting for a keyframe). A second line shows the 30
+/// frames around the first range as `sequence:completion ms (-1: never):sender`, the sender
+/// being the end of the peer id that delivered its first fragment first: a slow parent shows
+/// as one sender, a slow process as all of them.
 fn print_gaps<'a>(index: usize, report: &ViewerReport, window: impl Iterator<Item = &'a u64>) {
     let completed: HashMap<u64, f64> = report.completions.iter().copied().collect();
     let mut ranges: Vec<(u64, u64, usize, f64)> = Vec::new();
