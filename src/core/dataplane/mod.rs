@@ -2785,9 +2785,19 @@ impl<P: PeerKey> DataPlane<P> {
             .values()
             .flat_map(|o| o.unverified.iter().map(|(_, _, data, _)| data.len()))
             .sum();
-        self.frames.retain(|_, f| {
-            f.first_seen
-                .is_none_or(|at| now.saturating_duration_since(at) < retain)
+        // A frame forgotten here is never learned again from a have (see `on_have`): an
+        // older frame seen later outlives it, and without this the expired newer ones would
+        // look never seen, be pulled from peers that expired them too and missed, and each
+        // new record would bring the next ones back in turn.
+        let first = &mut self.first;
+        self.frames.retain(|&(track, layer, sequence), f| {
+            let keep = f
+                .first_seen
+                .is_none_or(|at| now.saturating_duration_since(at) < retain);
+            if !keep && let Some(first) = first.get_mut(&(track, layer)) {
+                *first = (*first).max(sequence + 1);
+            }
+            keep
         });
     }
 

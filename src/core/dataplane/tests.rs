@@ -1087,3 +1087,45 @@ fn relayed_peers_are_parents_only_when_no_direct_peer_is_a_candidate() {
         assert_eq!(viewer.pick_join_candidate(s), Some(PUBLISHER), "stripe {s}");
     }
 }
+
+#[test]
+fn frames_forgotten_by_expiry_are_not_learned_again_from_haves() {
+    // An older frame first seen after a newer one (a catch-up, a slower stripe) outlives the
+    // newer one's record by that much. Haves must not make the newer, expired frames look
+    // never seen: each would be pulled from peers that expired it too, missed, and its new
+    // record would keep the next ones coming back (a cascade seen with real elements).
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 6, &config);
+    net.run(Duration::from_millis(500), None);
+    let publish = |net: &mut Net, sequence: u64| {
+        let key = ObjectKey {
+            track: 0,
+            layer: 0,
+            sequence,
+            fragment: 0,
+        };
+        let object: Bytes = vec![sequence as u8; 4000].into();
+        net.published.insert(key, (net.now, object.clone()));
+        let now = net.now;
+        net.nodes
+            .get_mut(&PUBLISHER)
+            .unwrap()
+            .publish(now, 42, key, object);
+    };
+    publish(&mut net, 1);
+    net.run(Duration::from_millis(300), None);
+    publish(&mut net, 0);
+    // 10 frames/s: a have's 64 frames reach 6.4 s back, past the 4 s records are kept
+    // (a 7.5 fps temporal layer's reach 8.5 s).
+    for sequence in 2..100 {
+        net.run(Duration::from_millis(100), None);
+        publish(&mut net, sequence);
+    }
+    net.run(Duration::from_secs(2), None);
+    for id in 1..=6 {
+        let stats = net.nodes[&id].stats();
+        assert_eq!(stats.objects_missed, 0, "viewer {id}: {stats:?}");
+        assert!(stats.pulls_sent < 20, "viewer {id}: {stats:?}");
+    }
+}
