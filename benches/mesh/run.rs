@@ -721,7 +721,7 @@ async fn view(
 /// trees forming) and in it, and each viewer's connection count at the end.
 fn print_stats(before: &[NodeStatsSnapshot], after: &[NodeStatsSnapshot]) {
     type Counter = fn(&DataPlaneStats) -> u64;
-    const COUNTERS: [(&str, Counter); 13] = [
+    const COUNTERS: [(&str, Counter); 17] = [
         ("shards_received", |d| d.shards_received),
         ("shards_duplicate", |d| d.shards_duplicate),
         ("shards_sent", |d| d.shards_sent),
@@ -735,6 +735,10 @@ fn print_stats(before: &[NodeStatsSnapshot], after: &[NodeStatsSnapshot]) {
         ("grafts_sent", |d| d.grafts_sent),
         ("redirects_received", |d| d.redirects_received),
         ("parent_changes", |d| d.parent_changes),
+        ("media_dequeued", |d| d.media_dequeued),
+        ("media_queue_wait_us", |d| d.media_queue_wait_us),
+        ("manifest_waits", |d| d.manifest_waits),
+        ("manifest_wait_us", |d| d.manifest_wait_us),
     ];
     let sum = |snaps: &[NodeStatsSnapshot], counter: Counter| -> u64 {
         snaps

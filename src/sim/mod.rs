@@ -34,7 +34,7 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use prost::Message as _;
 
-use crate::core::dataplane::{DataPlane, DataPlaneConfig, ObjectKey, Output, Role};
+use crate::core::dataplane::{DataPlane, DataPlaneConfig, DataPlaneStats, ObjectKey, Output, Role};
 use crate::proto::{Envelope, Fragment, envelope};
 use flood::FloodNode;
 use network::{Line, NetworkModel, Rng};
@@ -1114,6 +1114,64 @@ impl<'a> Sim<'a> {
         self.push(now + RECOVERY_SAMPLE_NS, Kind::Sample);
     }
 
+    /// `SIM_STATS=1`: the data-plane counters of the publisher and summed over the viewers
+    /// present at the end (whole run, not only the window), on stderr.
+    fn print_stats(&self) {
+        type Counter = fn(&DataPlaneStats) -> u64;
+        let fields: [(&str, Counter); 17] = [
+            ("shards_received", |s| s.shards_received),
+            ("shards_duplicate", |s| s.shards_duplicate),
+            ("shards_sent", |s| s.shards_sent),
+            ("pulls_sent", |s| s.pulls_sent),
+            ("pulls_served", |s| s.pulls_served),
+            ("pulls_refused", |s| s.pulls_refused),
+            ("shed", |s| s.shed),
+            ("objects_rebuilt", |s| s.objects_rebuilt),
+            ("joins_sent", |s| s.joins_sent),
+            ("parent_changes", |s| s.parent_changes),
+            ("media_dequeued", |s| s.media_dequeued),
+            ("media_queue_wait_us", |s| s.media_queue_wait_us),
+            ("objects_delivered", |s| s.objects_delivered),
+            ("manifest_waits", |s| s.manifest_waits),
+            ("manifest_wait_us", |s| s.manifest_wait_us),
+            ("grafts_sent", |s| s.grafts_sent),
+            ("redirects_received", |s| s.redirects_received),
+        ];
+        let stats: Vec<(bool, DataPlaneStats)> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| match &h.node {
+                Node::Trees(plane) => Some((i == 0, plane.stats())),
+                _ => None,
+            })
+            .collect();
+        for (name, publisher) in [("publisher", true), ("viewers", false)] {
+            let of: Vec<&DataPlaneStats> = stats
+                .iter()
+                .filter(|(p, _)| *p == publisher)
+                .map(|(_, s)| s)
+                .collect();
+            let mut line = format!("p2plive-sim: {name} ({}):", of.len());
+            for (field, get) in fields {
+                line += &format!(" {field} {}", of.iter().map(|s| get(s)).sum::<u64>());
+            }
+            let dequeued: u64 = of.iter().map(|s| s.media_dequeued).sum();
+            let wait: u64 = of.iter().map(|s| s.media_queue_wait_us).sum();
+            let max = of
+                .iter()
+                .map(|s| s.media_queue_wait_max_us)
+                .max()
+                .unwrap_or(0);
+            line += &format!(
+                " mean queue wait {:.1} ms, max {:.1} ms",
+                wait as f64 / dequeued.max(1) as f64 / 1000.0,
+                max as f64 / 1000.0
+            );
+            eprintln!("{line}");
+        }
+    }
+
     fn report(mut self) -> SimReport {
         let (ws, we) = self.window;
         let deadline = self.cfg.deadline.as_nanos() as u64;
@@ -1185,6 +1243,9 @@ impl<'a> Sim<'a> {
                     [((delays.len() as f64 * 0.99).ceil() as usize).clamp(1, delays.len()) - 1];
                 ratio.push(f64::from(p99) / host.bound_ms);
             }
+        }
+        if std::env::var_os("SIM_STATS").is_some() {
+            self.print_stats();
         }
         if self.cfg.mode == Mode::Flood {
             hops = std::mem::take(&mut self.flood_hops);

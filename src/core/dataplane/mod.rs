@@ -257,8 +257,8 @@ pub struct DataPlaneConfig {
     /// Stream rate assumed (kbit/s) for the capacity rule until one is measured.
     pub assumed_stream_kbps: u64,
     /// Publisher: size the parity of each object from the shard loss its audience measures
-    /// (reported up the feedback tree), instead of always `⌈k / (stripes − 1)⌉`; with extra
-    /// parity the manifest travels in two stripes. See [`parity_for_loss`].
+    /// (reported up the feedback tree), instead of always `⌈k / (stripes − 1)⌉`. See
+    /// [`parity_for_loss`].
     pub adaptive_parity: bool,
     /// Seed of the core's own random choices (peer picks): deterministic runs.
     pub seed: u64,
@@ -372,6 +372,15 @@ pub struct DataPlaneStats {
     pub peers_banned: u64,
     /// Media messages shed from full send queues.
     pub shed: u64,
+    /// Media messages sent from the send queues, the time (µs) they waited there in all,
+    /// and the longest wait (µs): the pacing's share of each hop's delay.
+    pub media_dequeued: u64,
+    pub media_queue_wait_us: u64,
+    pub media_queue_wait_max_us: u64,
+    /// Objects whose first shard came before their manifest, and the time (µs) from that
+    /// shard to the manifest in all: how long shards waited to be verified.
+    pub manifest_waits: u64,
+    pub manifest_wait_us: u64,
     pub joins_sent: u64,
     /// Joins sent to a shallower neighbour while having a parent (see `graft`).
     pub grafts_sent: u64,
@@ -548,13 +557,20 @@ impl<P: PartialEq + Copy> Stripe<P> {
 /// (sequence, fragment) of each object that advanced a stripe's newest push, and when.
 type PushHistory = VecDeque<((u64, u32), Instant)>;
 
-/// The stripes an object's manifest travels in: the stripe of shard 0, and with more parity
-/// than the base (the publisher measured loss) also that of shard 1, so that one lost
-/// manifest does not hold every shard of the object until a pull brings it.
+/// The stripes an object's manifest travels in: those of shards 0 and 1 (one stripe if the
+/// object has a single stripe). A relay forwards a shard only once it holds the manifest that
+/// verifies it, so every shard of an object waits, at every hop, for the manifest to come
+/// down the other trees: with one manifest stripe that wait compounds over the depth of 16
+/// independent trees. In the simulator (N = 300, residential, 10 s, seeds 1 / 2 / 3) one
+/// stripe delivered 0.955 / 0.981 / 0.977 of the frames, and a third of the objects waited
+/// 240 ms on average for their manifest at each hop; two stripes (the earlier of two trees)
+/// delivered 0.992 / 0.999 / 1.000, and fewer pulls made up for the extra manifest copy
+/// (download 1.92× → 1.79× at seed 1); three were no better (0.999 / 0.998 / 0.995), and
+/// every stripe of the object took download to 2.45× for 0.993.
 fn manifest_stripes(key: &ObjectKey, layout: &Layout, stripes: u8) -> Vec<u8> {
     let first = stripe_of(key, 0, stripes);
     let second = stripe_of(key, 1, stripes);
-    if layout.parity > Layout::base_parity(layout.data, usize::from(stripes)) && second != first {
+    if layout.total() > 1 && second != first {
         vec![first, second]
     } else {
         vec![first]
@@ -1292,6 +1308,11 @@ impl<P: PeerKey> DataPlane<P> {
         obj.manifest_from = Some(from);
         let pending = std::mem::take(&mut obj.unverified);
         let held: usize = pending.iter().map(|(_, _, data, _)| data.len()).sum();
+        if !pending.is_empty() {
+            self.stats.manifest_waits += 1;
+            self.stats.manifest_wait_us +=
+                now.saturating_duration_since(obj.first_seen).as_micros() as u64;
+        }
         self.unverified_bytes = self.unverified_bytes.saturating_sub(held);
         self.note_frame(now, &key, fragments, false);
         self.forward_manifest(key);
@@ -2907,7 +2928,14 @@ impl<P: PeerKey> DataPlane<P> {
         } else {
             self.tokens_at = now;
         }
-        self.peers.get_mut(&peer)?.queue.pop()
+        let (class, bytes, queued_at) = self.peers.get_mut(&peer)?.queue.pop()?;
+        if matches!(class, Class::Media { .. }) {
+            let wait = now.saturating_duration_since(queued_at).as_micros() as u64;
+            self.stats.media_queue_wait_us += wait;
+            self.stats.media_dequeued += 1;
+            self.stats.media_queue_wait_max_us = self.stats.media_queue_wait_max_us.max(wait);
+        }
+        Some(bytes)
     }
 
     /// Whether any peer has queued messages.

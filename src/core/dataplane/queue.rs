@@ -53,10 +53,11 @@ impl SendQueue {
         shed
     }
 
-    pub fn pop(&mut self) -> Option<Bytes> {
-        let (_, message, _) = self.items.pop_front()?;
+    /// The message at the head, its class and when it was queued.
+    pub fn pop(&mut self) -> Option<(Class, Bytes, Instant)> {
+        let (class, message, at) = self.items.pop_front()?;
         self.bytes -= message.len();
-        Some(message)
+        Some((class, message, at))
     }
 
     /// Sheds the media at the head of the queue that was queued before `cutoff`. Returns the
@@ -102,14 +103,16 @@ mod tests {
         q.push(Class::Media { layer: 1 }, m(3), 350, now);
         assert_eq!(q.shed, 1);
         assert_eq!(q.bytes(), 300);
-        let order: Vec<u8> = std::iter::from_fn(|| q.pop()).map(|b| b[0]).collect();
+        let order: Vec<u8> = std::iter::from_fn(|| q.pop())
+            .map(|(_, b, _)| b[0])
+            .collect();
         // Message 2 (layer 1, oldest) went.
         assert_eq!(order, vec![0, 1, 3]);
         // Control alone over the bound stays.
         let mut q = SendQueue::default();
         q.push(Class::Control, m(0), 50, now);
         assert_eq!(q.shed, 0);
-        assert_eq!(q.pop().unwrap()[0], 0);
+        assert_eq!(q.pop().unwrap().1[0], 0);
     }
 
     #[test]
@@ -125,9 +128,9 @@ mod tests {
         let cutoff = later - std::time::Duration::from_millis(500);
         // The head: stale media goes; control stops the shedding and is sent.
         assert_eq!(q.shed_queued_before(cutoff), 1);
-        assert_eq!(q.pop().unwrap()[0], 2);
+        assert_eq!(q.pop().unwrap().1[0], 2);
         assert_eq!(q.shed_queued_before(cutoff), 1);
-        assert_eq!(q.pop().unwrap()[0], 4);
+        assert_eq!(q.pop().unwrap().1[0], 4);
         assert_eq!((q.shed, q.bytes()), (2, 0));
     }
 }

@@ -448,6 +448,50 @@ fn a_stripe_lost_entirely_is_rebuilt_from_parity() {
 }
 
 #[test]
+fn manifests_lost_in_one_stripe_hold_up_no_object() {
+    // Each manifest travels in the stripes of shards 0 and 1 (two trees). Every manifest
+    // sent down stripe 3's tree edges is lost, with no pulls to fetch it again: the objects
+    // whose shard 0 is in stripe 3 must still come, through stripe 4's tree.
+    let config = DataPlaneConfig {
+        parent_silence: Duration::from_secs(60),
+        graft: false,
+        ..DataPlaneConfig::default()
+    };
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 20, &config);
+    net.run(Duration::from_secs(2), None);
+    let parents = |s: u8| -> HashMap<u32, u32> {
+        (1..=20)
+            .filter_map(|id| Some((id, net.nodes[&id].parent(s)?)))
+            .collect()
+    };
+    let (in_3, in_4) = (parents(3), parents(4));
+    net.tamper = Some(Box::new(move |from, to, raw: &mut Vec<u8>| {
+        let Ok(m) = DpMessage::decode(&raw[..]) else {
+            return true;
+        };
+        match m.body {
+            Some(Body::Manifest(manifest)) => {
+                let key = ObjectKey::from_proto(manifest.key.as_ref().unwrap());
+                let stripe_3_edge = in_3.get(&to) == Some(&from) && in_4.get(&to) != Some(&from);
+                !(stripe_of(&key, 0, 16) == 3 && stripe_3_edge)
+            }
+            Some(Body::Pull(_)) => false,
+            _ => true,
+        }
+    }));
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    for id in 1..=20 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert_eq!(ok, all, "viewer {id}");
+    }
+    net.assert_all_intact();
+}
+
+#[test]
 fn a_receive_only_viewer_forwards_nothing_and_plays() {
     let config = DataPlaneConfig::default();
     let mut net = Net::new(config.clone());
