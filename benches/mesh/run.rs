@@ -720,35 +720,10 @@ async fn view(
 /// `MESH_STATS=1`: data-plane counters summed over the viewers, before the window (the
 /// trees forming) and in it, and each viewer's connection count at the end.
 fn print_stats(before: &[NodeStatsSnapshot], after: &[NodeStatsSnapshot]) {
-    type Counter = fn(&DataPlaneStats) -> u64;
-    const COUNTERS: [(&str, Counter); 17] = [
-        ("shards_received", |d| d.shards_received),
-        ("shards_duplicate", |d| d.shards_duplicate),
-        ("shards_sent", |d| d.shards_sent),
-        ("objects_rebuilt", |d| d.objects_rebuilt),
-        ("objects_delivered", |d| d.objects_delivered),
-        ("objects_missed", |d| d.objects_missed),
-        ("pulls_sent", |d| d.pulls_sent),
-        ("pulls_served", |d| d.pulls_served),
-        ("shed", |d| d.shed),
-        ("joins_sent", |d| d.joins_sent),
-        ("grafts_sent", |d| d.grafts_sent),
-        ("redirects_received", |d| d.redirects_received),
-        ("parent_changes", |d| d.parent_changes),
-        ("media_dequeued", |d| d.media_dequeued),
-        ("media_queue_wait_us", |d| d.media_queue_wait_us),
-        ("manifest_waits", |d| d.manifest_waits),
-        ("manifest_wait_us", |d| d.manifest_wait_us),
-    ];
-    let sum = |snaps: &[NodeStatsSnapshot], counter: Counter| -> u64 {
-        snaps
-            .iter()
-            .filter_map(|s| s.data_plane.as_ref())
-            .map(counter)
-            .sum()
+    let sums = |snaps: &[NodeStatsSnapshot]| {
+        DataPlaneStats::summed_counters(snaps.iter().filter_map(|s| s.data_plane.as_ref()))
     };
-    for (name, counter) in COUNTERS {
-        let (b, a) = (sum(before, counter), sum(after, counter));
+    for ((name, b), (_, a)) in sums(before).into_iter().zip(sums(after)) {
         eprintln!("mesh: stats {name}: before window {b}, in window {}", a - b);
     }
     let peers: Vec<usize> = after.iter().map(|s| s.connected_peers).collect();

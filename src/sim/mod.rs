@@ -1114,29 +1114,10 @@ impl<'a> Sim<'a> {
         self.push(now + RECOVERY_SAMPLE_NS, Kind::Sample);
     }
 
-    /// `SIM_STATS=1`: the data-plane counters of the publisher and summed over the viewers
-    /// present at the end (whole run, not only the window), on stderr.
+    /// `SIM_STATS=1`: the data-plane counters ([`DataPlaneStats::counters`]) of the
+    /// publisher, and summed over the viewers present at the end, over the whole run (not
+    /// only the window), with the mean waits in the send queues and for manifests; on stderr.
     fn print_stats(&self) {
-        type Counter = fn(&DataPlaneStats) -> u64;
-        let fields: [(&str, Counter); 17] = [
-            ("shards_received", |s| s.shards_received),
-            ("shards_duplicate", |s| s.shards_duplicate),
-            ("shards_sent", |s| s.shards_sent),
-            ("pulls_sent", |s| s.pulls_sent),
-            ("pulls_served", |s| s.pulls_served),
-            ("pulls_refused", |s| s.pulls_refused),
-            ("shed", |s| s.shed),
-            ("objects_rebuilt", |s| s.objects_rebuilt),
-            ("joins_sent", |s| s.joins_sent),
-            ("parent_changes", |s| s.parent_changes),
-            ("media_dequeued", |s| s.media_dequeued),
-            ("media_queue_wait_us", |s| s.media_queue_wait_us),
-            ("objects_delivered", |s| s.objects_delivered),
-            ("manifest_waits", |s| s.manifest_waits),
-            ("manifest_wait_us", |s| s.manifest_wait_us),
-            ("grafts_sent", |s| s.grafts_sent),
-            ("redirects_received", |s| s.redirects_received),
-        ];
         let stats: Vec<(bool, DataPlaneStats)> = self
             .hosts
             .iter()
@@ -1153,20 +1134,20 @@ impl<'a> Sim<'a> {
                 .map(|(_, s)| s)
                 .collect();
             let mut line = format!("p2plive-sim: {name} ({}):", of.len());
-            for (field, get) in fields {
-                line += &format!(" {field} {}", of.iter().map(|s| get(s)).sum::<u64>());
+            for (field, value) in DataPlaneStats::summed_counters(of.iter().copied()) {
+                line += &format!(" {field} {value}");
             }
-            let dequeued: u64 = of.iter().map(|s| s.media_dequeued).sum();
-            let wait: u64 = of.iter().map(|s| s.media_queue_wait_us).sum();
-            let max = of
-                .iter()
-                .map(|s| s.media_queue_wait_max_us)
-                .max()
-                .unwrap_or(0);
+            let sum = |get: fn(&DataPlaneStats) -> u64| of.iter().map(|s| get(s)).sum::<u64>();
+            let mean_ms = |total_us: u64, count: u64| total_us as f64 / count.max(1) as f64 / 1e3;
             line += &format!(
-                " mean queue wait {:.1} ms, max {:.1} ms",
-                wait as f64 / dequeued.max(1) as f64 / 1000.0,
-                max as f64 / 1000.0
+                "; mean queue wait {:.1} ms (max {:.1} ms), mean manifest wait {:.1} ms",
+                mean_ms(sum(|s| s.media_queue_wait_us), sum(|s| s.media_dequeued)),
+                of.iter()
+                    .map(|s| s.media_queue_wait_max_us)
+                    .max()
+                    .unwrap_or(0) as f64
+                    / 1e3,
+                mean_ms(sum(|s| s.manifest_wait_us), sum(|s| s.manifest_waits)),
             );
             eprintln!("{line}");
         }

@@ -400,6 +400,56 @@ pub struct DataPlaneStats {
     pub parity_loss_permille: u32,
 }
 
+impl DataPlaneStats {
+    /// The cumulative counters by name, for diagnostics that sum them over peers
+    /// (`SIM_STATS=1` in the simulator, `MESH_STATS=1` in the mesh benchmark). Not the current
+    /// state (`parents` and below) nor `media_queue_wait_max_us`, a maximum.
+    pub fn counters(&self) -> [(&'static str, u64); 27] {
+        [
+            ("shards_received", self.shards_received),
+            ("shards_duplicate", self.shards_duplicate),
+            ("shards_sent", self.shards_sent),
+            ("manifests_received", self.manifests_received),
+            ("objects_rebuilt", self.objects_rebuilt),
+            ("shards_regenerated", self.shards_regenerated),
+            ("objects_delivered", self.objects_delivered),
+            ("pulls_sent", self.pulls_sent),
+            ("pulls_served", self.pulls_served),
+            ("pulls_refused", self.pulls_refused),
+            ("objects_missed", self.objects_missed),
+            ("messages_malformed", self.messages_malformed),
+            ("unverified_dropped", self.unverified_dropped),
+            ("manifests_forged", self.manifests_forged),
+            ("shards_altered", self.shards_altered),
+            ("replays", self.replays),
+            ("stale", self.stale),
+            ("peers_banned", self.peers_banned),
+            ("shed", self.shed),
+            ("media_dequeued", self.media_dequeued),
+            ("media_queue_wait_us", self.media_queue_wait_us),
+            ("manifest_waits", self.manifest_waits),
+            ("manifest_wait_us", self.manifest_wait_us),
+            ("joins_sent", self.joins_sent),
+            ("grafts_sent", self.grafts_sent),
+            ("redirects_received", self.redirects_received),
+            ("parent_changes", self.parent_changes),
+        ]
+    }
+
+    /// [`DataPlaneStats::counters`] summed over `stats` (several peers).
+    pub fn summed_counters<'a>(
+        stats: impl IntoIterator<Item = &'a DataPlaneStats>,
+    ) -> [(&'static str, u64); 27] {
+        let mut sums = DataPlaneStats::default().counters();
+        for s in stats {
+            for (sum, (_, value)) in sums.iter_mut().zip(s.counters()) {
+                sum.1 += value;
+            }
+        }
+        sums
+    }
+}
+
 struct Manifest {
     proto: DpManifest,
     layout: Layout,
