@@ -29,13 +29,12 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(args: &[&str]) -> Self {
+        Self::start_listening("/ip4/127.0.0.1/tcp/0", args)
+    }
+
+    fn start_listening(listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_p2plive-node"))
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--metrics",
-                "127.0.0.1:0",
-            ])
+            .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -310,4 +309,49 @@ fn a_private_network_refuses_peers_without_its_key_and_says_why() {
         "{error}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The value of `metric` on `node` once `done` holds for it, polled every 100 ms, with the
+/// time that took; `None` after `timeout`.
+fn wait_metric(
+    node: &NodeProcess,
+    metric: &str,
+    done: impl Fn(f64) -> bool,
+    timeout: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if done(node.metric(metric)) {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+#[test]
+fn a_peer_that_vanishes_over_quic_is_dropped_within_seconds() {
+    // A killed process closes nothing on QUIC (no FIN): its peers notice only by the idle
+    // timeout. Viewers whose parents it was wait that long, so it must be seconds (3 s with
+    // a keep-alive every 1 s), not libp2p-quic's default 10 s.
+    init();
+    const QUIC: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let node = NodeProcess::start_listening(QUIC, &[]);
+    assert!(node.addr.contains("/quic-v1/"), "{}", node.addr);
+    let mut peer = NodeProcess::start_listening(QUIC, &["--bootstrap", &node.addr]);
+    let connected = wait_metric(&node, "p2plive_connected_peers", |n| n >= 1.0, JOIN);
+    assert!(connected.is_some(), "the peer never connected over QUIC");
+    peer.child.kill().expect("SIGKILL");
+    peer.child.wait().expect("reaped");
+    let gone = wait_metric(
+        &node,
+        "p2plive_connected_peers",
+        |n| n == 0.0,
+        Duration::from_secs(15),
+    );
+    let gone = gone.expect("the dead peer still counted as connected after 15 s");
+    assert!(
+        gone < Duration::from_secs(7),
+        "the dead peer was dropped after {gone:?}; the idle timeout is 3 s"
+    );
 }
