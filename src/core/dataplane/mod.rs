@@ -1206,7 +1206,7 @@ impl<P: PeerKey> DataPlane<P> {
     fn is_old(&self, key: &ObjectKey) -> bool {
         self.newest
             .get(&(key.track, key.layer))
-            .is_some_and(|&newest| key.sequence + REPLAY_WINDOW < newest)
+            .is_some_and(|&newest| key.sequence.saturating_add(REPLAY_WINDOW) < newest)
     }
 
     fn accept_shard(
@@ -2475,7 +2475,7 @@ impl<P: PeerKey> DataPlane<P> {
         }
         layer
             .latest
-            .checked_sub(key.sequence + 1)
+            .checked_sub(key.sequence.saturating_add(1))
             .is_some_and(|i| i < 64 && layer.complete & (1 << i) != 0)
     }
 
@@ -2861,13 +2861,18 @@ impl<P: PeerKey> DataPlane<P> {
         // older frame seen later outlives it, and without this the expired newer ones would
         // look never seen, be pulled from peers that expired them too and missed, and each
         // new record would bring the next ones back in turn.
-        let first = &mut self.first;
+        // Only up to the newest verified frame: a record learned from a hostile have of a
+        // far-future frame must not stop the learning of real ones.
+        let (first, newest) = (&mut self.first, &self.newest);
         self.frames.retain(|&(track, layer, sequence), f| {
             let keep = f
                 .first_seen
                 .is_none_or(|at| now.saturating_duration_since(at) < retain);
-            if !keep && let Some(first) = first.get_mut(&(track, layer)) {
-                *first = (*first).max(sequence + 1);
+            if !keep
+                && let Some(first) = first.get_mut(&(track, layer))
+                && let Some(&newest) = newest.get(&(track, layer))
+            {
+                *first = (*first).max(sequence.min(newest).saturating_add(1));
             }
             keep
         });

@@ -156,6 +156,11 @@ impl Net {
     fn publish(&mut self, size: usize) {
         let seq = self.sequence;
         self.sequence += 1;
+        self.publish_sequence(seq, size);
+    }
+
+    /// Publishes a `size`-byte object of layer 0 with sequence `seq` (in any order).
+    fn publish_sequence(&mut self, seq: u64, size: usize) {
         let key = ObjectKey {
             track: 0,
             layer: 0,
@@ -188,6 +193,16 @@ impl Net {
             self.tick();
             self.now += TICK;
         }
+    }
+
+    /// Publishes 12.5 kB frames for `duration`, then lets 2 s drain: the window's bounds
+    /// (from the start) for [`Net::delivery`].
+    fn stream_window(&mut self, duration: Duration) -> (Duration, Duration) {
+        let t0 = self.now.duration_since(self.start);
+        self.run(duration, Some((FRAME, 12_500)));
+        let t1 = self.now.duration_since(self.start);
+        self.run(Duration::from_secs(2), None);
+        (t0, t1)
     }
 
     fn tick(&mut self) {
@@ -330,6 +345,20 @@ fn viewers(net: &mut Net, count: u32, config: &DataPlaneConfig) {
 
 const FRAME: Duration = Duration::from_millis(33);
 
+/// `count` viewers whose parents are not replaced (for silence or depth) after 2 s of
+/// settling: what a test breaks stays broken, and only the mechanism under test repairs it.
+fn stable_trees(count: u32) -> Net {
+    let config = DataPlaneConfig {
+        parent_silence: Duration::from_secs(60),
+        graft: false,
+        ..DataPlaneConfig::default()
+    };
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, count, &config);
+    net.run(Duration::from_secs(2), None);
+    net
+}
+
 #[test]
 fn every_viewer_gets_every_object_at_about_one_copy() {
     let config = DataPlaneConfig::default();
@@ -414,14 +443,7 @@ fn tree_repairs_itself_after_an_interior_viewer_dies() {
 #[test]
 fn a_stripe_lost_entirely_is_rebuilt_from_parity() {
     // Parents are not replaced (for silence or depth) here: parity alone must do it.
-    let config = DataPlaneConfig {
-        parent_silence: Duration::from_secs(60),
-        graft: false,
-        ..DataPlaneConfig::default()
-    };
-    let mut net = Net::new(config.clone());
-    viewers(&mut net, 20, &config);
-    net.run(Duration::from_secs(2), None);
+    let mut net = stable_trees(20);
     // Every shard of stripe 3 vanishes everywhere, and no pulls either (so parity alone works).
     net.tamper = Some(Box::new(|_, _, raw: &mut Vec<u8>| {
         let Ok(m) = DpMessage::decode(&raw[..]) else {
@@ -436,10 +458,7 @@ fn a_stripe_lost_entirely_is_rebuilt_from_parity() {
             _ => true,
         }
     }));
-    let t0 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
-    let t1 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(2), None);
+    let (t0, t1) = net.stream_window(Duration::from_secs(3));
     for id in 1..=20 {
         let (ok, all) = net.delivery(id, t0, t1);
         assert_eq!(ok, all, "viewer {id}");
@@ -452,14 +471,7 @@ fn manifests_lost_in_one_stripe_hold_up_no_object() {
     // Each manifest travels in the stripes of shards 0 and 1 (two trees). Every manifest
     // sent down stripe 3's tree edges is lost, with no pulls to fetch it again: the objects
     // whose shard 0 is in stripe 3 must still come, through stripe 4's tree.
-    let config = DataPlaneConfig {
-        parent_silence: Duration::from_secs(60),
-        graft: false,
-        ..DataPlaneConfig::default()
-    };
-    let mut net = Net::new(config.clone());
-    viewers(&mut net, 20, &config);
-    net.run(Duration::from_secs(2), None);
+    let mut net = stable_trees(20);
     let parents = |s: u8| -> HashMap<u32, u32> {
         (1..=20)
             .filter_map(|id| Some((id, net.nodes[&id].parent(s)?)))
@@ -480,10 +492,7 @@ fn manifests_lost_in_one_stripe_hold_up_no_object() {
             _ => true,
         }
     }));
-    let t0 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
-    let t1 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(2), None);
+    let (t0, t1) = net.stream_window(Duration::from_secs(3));
     for id in 1..=20 {
         let (ok, all) = net.delivery(id, t0, t1);
         assert_eq!(ok, all, "viewer {id}");
@@ -506,11 +515,8 @@ fn a_receive_only_viewer_forwards_nothing_and_plays() {
         net.add_viewer(id, config.clone(), &[100]);
     }
     net.run(Duration::from_secs(2), None);
-    let t0 = net.now.duration_since(net.start);
     net.up.remove(&100);
-    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
-    let t1 = net.now.duration_since(net.start);
-    net.run(Duration::from_secs(2), None);
+    let (t0, t1) = net.stream_window(Duration::from_secs(3));
     let (ok, all) = net.delivery(100, t0, t1);
     assert_eq!(ok, all);
     assert_eq!(net.nodes[&100].stats().children, 0);
@@ -855,6 +861,41 @@ fn garbage_input_is_counted_never_a_panic() {
     assert!(node.stats().peers_banned <= 1);
 }
 
+#[test]
+fn a_have_of_far_future_frames_is_harmless() {
+    // A neighbour announces the last possible frame sequence, complete. Nothing overflows,
+    // and once those learned records expire, frames are still learned from haves.
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 3, &config);
+    net.run(Duration::from_secs(1), Some((FRAME, 4000)));
+    let now = net.now;
+    let node = net.nodes.get_mut(&1).unwrap();
+    let peer = *node.peers().next().unwrap();
+    let have = DpMessage {
+        stream: node.tag,
+        body: Some(Body::Have(DpHave {
+            layers: vec![DpHaveLayer {
+                track: 0,
+                layer: 0,
+                latest: u64::MAX,
+                complete: u64::MAX,
+                latest_complete: true,
+            }],
+            depths: Vec::new(),
+            room: 0,
+        })),
+    };
+    node.handle_message(now, peer, have.encode_to_vec().into());
+    net.run(Duration::from_secs(5), Some((FRAME, 4000)));
+    let node = &net.nodes[&1];
+    let (first, newest) = (node.first[&(0, 0)], node.newest[&(0, 0)]);
+    assert!(
+        first <= newest + 1,
+        "first learnable {first}, newest {newest}"
+    );
+}
+
 /// Fewer viewers than stripes, everyone connected to everyone (as on one machine), with ids
 /// drawn at random (so some stripes have no forwarder): every viewer still gets a parent in
 /// every stripe, the joins settle, and frames arrive in a few hops' time.
@@ -1142,29 +1183,14 @@ fn frames_forgotten_by_expiry_are_not_learned_again_from_haves() {
     let mut net = Net::new(config.clone());
     viewers(&mut net, 6, &config);
     net.run(Duration::from_millis(500), None);
-    let publish = |net: &mut Net, sequence: u64| {
-        let key = ObjectKey {
-            track: 0,
-            layer: 0,
-            sequence,
-            fragment: 0,
-        };
-        let object: Bytes = vec![sequence as u8; 4000].into();
-        net.published.insert(key, (net.now, object.clone()));
-        let now = net.now;
-        net.nodes
-            .get_mut(&PUBLISHER)
-            .unwrap()
-            .publish(now, 42, key, object);
-    };
-    publish(&mut net, 1);
+    net.publish_sequence(1, 4000);
     net.run(Duration::from_millis(300), None);
-    publish(&mut net, 0);
+    net.publish_sequence(0, 4000);
     // 10 frames/s: a have's 64 frames reach 6.4 s back, past the 4 s records are kept
     // (a 7.5 fps temporal layer's reach 8.5 s).
     for sequence in 2..100 {
         net.run(Duration::from_millis(100), None);
-        publish(&mut net, sequence);
+        net.publish_sequence(sequence, 4000);
     }
     net.run(Duration::from_secs(2), None);
     for id in 1..=6 {
