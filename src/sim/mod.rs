@@ -1114,6 +1114,86 @@ impl<'a> Sim<'a> {
         self.push(now + RECOVERY_SAMPLE_NS, Kind::Sample);
     }
 
+    /// `SIM_TREES=1`: the shape of the stripe trees at the end, on stderr: hops from the
+    /// publisher over all (viewer, stripe) pairs, the forwarders by kind (interior stripe or
+    /// spare capacity) with their children and room, and the deepest path with each hop's
+    /// interior stripe, children, and capacity.
+    fn print_trees(&self) {
+        let planes: BTreeMap<u64, (usize, &DataPlane<u32>)> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| match &h.node {
+                Node::Trees(plane) => Some((plane.short_id(), (i, plane.as_ref()))),
+                _ => None,
+            })
+            .collect();
+        let Node::Trees(publisher_plane) = &self.hosts[0].node else {
+            return;
+        };
+        let stripes = publisher_plane.config().stripes;
+        let mut hops: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut detached = 0usize;
+        // (interior forwarders, their children, their max, idle interior ones, spare
+        // forwarders, their children, one-child forwarders)
+        let mut f = [0usize; 7];
+        let mut deepest: Option<(usize, u8, Vec<u64>)> = None;
+        for (i, plane) in planes.values().filter(|(i, _)| *i > 0) {
+            for s in 0..stripes {
+                let path = plane.path(s);
+                if path.is_empty() {
+                    detached += 1;
+                } else {
+                    *hops.entry(path.len() - 1).or_default() += 1;
+                    if deepest.as_ref().is_none_or(|d| d.2.len() < path.len()) {
+                        deepest = Some((*i, s, path.to_vec()));
+                    }
+                }
+                let children = plane.children(s).count();
+                let interior = plane.stats().interior_stripe == Some(s);
+                if interior {
+                    f[0] += 1;
+                    f[1] += children;
+                    f[2] += plane.max_children();
+                    f[3] += usize::from(children == 0);
+                } else if children > 0 {
+                    f[4] += 1;
+                    f[5] += children;
+                }
+                f[6] += usize::from(children == 1);
+            }
+        }
+        let publisher = &self.hosts[0];
+        if let Node::Trees(p) = &publisher.node {
+            let root: Vec<usize> = (0..stripes).map(|s| p.children(s).count()).collect();
+            eprintln!("trees: publisher children per stripe {root:?}");
+        }
+        eprintln!("trees: hops histogram {hops:?}, detached {detached}");
+        eprintln!(
+            "trees: interior forwarders {} with {} children (max {}), idle {}; spare forwarders {} with {} children; one-child forwarders {}",
+            f[0], f[1], f[2], f[3], f[4], f[5], f[6]
+        );
+        if let Some((_, s, path)) = deepest {
+            eprintln!("trees: deepest path, stripe {s}:");
+            for short in path.iter().skip(1) {
+                if let Some((i, plane)) = planes.get(short) {
+                    let st = plane.stats();
+                    eprintln!(
+                        "  host {i}: interior {:?} children here {} total {} max {} capacity {} kbit/s joins {} redirects {} parent changes {}",
+                        st.interior_stripe,
+                        plane.children(s).count(),
+                        st.children,
+                        plane.max_children(),
+                        self.hosts[*i].line.capacity_kbps,
+                        st.joins_sent,
+                        st.redirects_received,
+                        st.parent_changes
+                    );
+                }
+            }
+        }
+    }
+
     /// `SIM_STATS=1`: the data-plane counters ([`DataPlaneStats::counters`]) of the
     /// publisher, and summed over the viewers present at the end, over the whole run (not
     /// only the window), with the mean waits in the send queues and for manifests; on stderr.
@@ -1227,6 +1307,9 @@ impl<'a> Sim<'a> {
         }
         if std::env::var_os("SIM_STATS").is_some() {
             self.print_stats();
+        }
+        if std::env::var_os("SIM_TREES").is_some() {
+            self.print_trees();
         }
         if self.cfg.mode == Mode::Flood {
             hops = std::mem::take(&mut self.flood_hops);

@@ -387,6 +387,17 @@ pub struct DataPlaneStats {
     pub grafts_sent: u64,
     pub redirects_received: u64,
     pub parent_changes: u64,
+    /// Parents lost, by cause: the parent redirected us to make room for a forwarder
+    /// (preempted), sent a leave (it evicted us or dissolved its orphaned subtree), went
+    /// silent while the stream flowed, or disconnected.
+    pub parents_preempted: u64,
+    pub parents_left: u64,
+    pub parents_silent: u64,
+    pub parents_gone: u64,
+    /// Children dropped to make room in the interior stripe or because the upload capacity
+    /// shrank, and orphaned subtrees dissolved (their children rejoin elsewhere).
+    pub children_evicted: u64,
+    pub subtrees_dissolved: u64,
     /// Current state.
     pub parents: usize,
     pub children: usize,
@@ -405,7 +416,7 @@ impl DataPlaneStats {
     /// The cumulative counters by name, for diagnostics that sum them over peers
     /// (`SIM_STATS=1` in the simulator, `MESH_STATS=1` in the mesh benchmark). Not the current
     /// state (`parents` and below) nor `media_queue_wait_max_us`, a maximum.
-    pub fn counters(&self) -> [(&'static str, u64); 27] {
+    pub fn counters(&self) -> [(&'static str, u64); 33] {
         [
             ("shards_received", self.shards_received),
             ("shards_duplicate", self.shards_duplicate),
@@ -434,13 +445,19 @@ impl DataPlaneStats {
             ("grafts_sent", self.grafts_sent),
             ("redirects_received", self.redirects_received),
             ("parent_changes", self.parent_changes),
+            ("parents_preempted", self.parents_preempted),
+            ("parents_left", self.parents_left),
+            ("parents_silent", self.parents_silent),
+            ("parents_gone", self.parents_gone),
+            ("children_evicted", self.children_evicted),
+            ("subtrees_dissolved", self.subtrees_dissolved),
         ]
     }
 
     /// [`DataPlaneStats::counters`] summed over `stats` (several peers).
     pub fn summed_counters<'a>(
         stats: impl IntoIterator<Item = &'a DataPlaneStats>,
-    ) -> [(&'static str, u64); 27] {
+    ) -> [(&'static str, u64); 33] {
         let mut sums = DataPlaneStats::default().counters();
         for s in stats {
             for (sum, (_, value)) in sums.iter_mut().zip(s.counters()) {
@@ -971,6 +988,7 @@ impl<P: PeerKey> DataPlane<P> {
                 stripe.parent = None;
                 stripe.path.clear();
                 stripe.sent_subs = None;
+                self.stats.parents_gone += 1;
                 self.parent_changed();
                 self.update_child_paths(s);
             }
@@ -1690,6 +1708,7 @@ impl<P: PeerKey> DataPlane<P> {
             if let Some(peer) = self.peers.get_mut(&child) {
                 peer.subs.remove(&(si as u8));
             }
+            self.stats.children_evicted += 1;
             self.enqueue_control(child, Body::Leave(DpLeave { stripe: si as u32 }));
             self.send_subscription(si as u8);
         }
@@ -1738,6 +1757,7 @@ impl<P: PeerKey> DataPlane<P> {
                 self.stripes[si].path.clear();
                 self.stripes[si].sent_subs = None;
                 self.stripes[si].refused.insert(parent, now);
+                self.stats.parents_silent += 1;
                 self.parent_changed();
                 self.update_child_paths(s);
             }
@@ -1747,6 +1767,7 @@ impl<P: PeerKey> DataPlane<P> {
                 let since = *self.stripes[si].orphan_since.get_or_insert(now);
                 if now.saturating_duration_since(since) >= self.config.join_timeout {
                     let children = std::mem::take(&mut self.stripes[si].children);
+                    self.stats.subtrees_dissolved += 1;
                     for child in children {
                         if let Some(peer) = self.peers.get_mut(&child) {
                             peer.subs.remove(&s);
@@ -2080,6 +2101,7 @@ impl<P: PeerKey> DataPlane<P> {
         if let Some(peer) = self.peers.get_mut(&child) {
             peer.subs.remove(&(si as u8));
         }
+        self.stats.children_evicted += 1;
         self.enqueue_control(child, Body::Leave(DpLeave { stripe: si as u32 }));
         self.send_subscription(si as u8);
         true
@@ -2212,6 +2234,7 @@ impl<P: PeerKey> DataPlane<P> {
         self.stats.redirects_received += 1;
         if from_parent {
             // Preempted: our parent made room for a forwarder and sends us to it.
+            self.stats.parents_preempted += 1;
             self.stripes[si].parent = None;
             self.stripes[si].path.clear();
             self.stripes[si].sent_subs = None;
@@ -2265,6 +2288,7 @@ impl<P: PeerKey> DataPlane<P> {
             self.send_subscription(s);
         }
         if self.stripes[si].parent == Some(from) {
+            self.stats.parents_left += 1;
             self.stripes[si].parent = None;
             self.stripes[si].path.clear();
             self.stripes[si].sent_subs = None;
@@ -3066,6 +3090,19 @@ impl<P: PeerKey> DataPlane<P> {
             .get(usize::from(stripe))
             .into_iter()
             .flat_map(|s| s.children.iter())
+    }
+
+    /// Short ids (64-bit FNV-1a of the peer id) from the root to this peer in `stripe`, both
+    /// included; empty while detached there.
+    pub fn path(&self, stripe: u8) -> &[u64] {
+        self.stripes
+            .get(usize::from(stripe))
+            .map_or(&[], |s| s.path.as_slice())
+    }
+
+    /// This peer's short id, as in [`Self::path`].
+    pub fn short_id(&self) -> u64 {
+        self.me_short
     }
 
     /// One line per stripe: parent, join in progress, children (for logs and test failures).
