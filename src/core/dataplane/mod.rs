@@ -1153,7 +1153,6 @@ impl<P: PeerKey> DataPlane<P> {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         }
         self.stats.shards_received += 1;
-        self.note_rate(now, shard.data.len());
         // Forwarded verbatim only if it is exactly what we would encode (no unknown fields a
         // peer could use to bloat what we relay).
         let canonical = self.encoded_shard_len(&shard);
@@ -1344,6 +1343,9 @@ impl<P: PeerKey> DataPlane<P> {
             return self.misbehaved(now, from, Misbehaviour::Replay);
         }
         self.stats.manifests_received += 1;
+        // What every stripe's children cost: the object's shards, parity included, once;
+        // not what reached us (duplicates and repairs would shrink our fan-out as they grow).
+        self.note_rate(now, layout.total() * layout.shard_len);
         if self.epoch.is_none() {
             self.epoch = Some(m.epoch);
         }

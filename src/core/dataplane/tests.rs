@@ -38,6 +38,8 @@ struct Net {
     sequence: u64,
     /// Per shard (object, index): the buffers (addresses) it travelled in.
     shard_buffers: HashMap<(ObjectKey, u32), BTreeSet<usize>>,
+    /// Peers that receive every message twice (as from a second, redundant sender).
+    duplicate_to: BTreeSet<u32>,
 }
 
 impl Net {
@@ -80,6 +82,7 @@ impl Net {
             tamper: None,
             sequence: 0,
             shard_buffers: HashMap::new(),
+            duplicate_to: BTreeSet::new(),
         }
     }
 
@@ -248,6 +251,9 @@ impl Net {
             }
             if let Some(node) = self.nodes.get_mut(&to) {
                 node.handle_message(now, from, bytes.clone());
+                if self.duplicate_to.contains(&to) {
+                    node.handle_message(now, from, bytes.clone());
+                }
             }
         }
         let ids: Vec<u32> = self.nodes.keys().copied().collect();
@@ -589,6 +595,27 @@ fn upload_capacity_bounds_children_and_rate() {
         let (ok, all) = net.delivery(id, t0, t1);
         assert!(ok * 1000 >= all * 999, "viewer {id}: {ok} of {all}");
     }
+}
+
+/// A viewer's fan-out follows the stream's rate, not what reaches it: duplicates (and pull
+/// answers, catch-ups) do not cost its children anything, so they must not shrink it.
+#[test]
+fn duplicates_received_do_not_shrink_the_fan_out() {
+    let config = DataPlaneConfig {
+        upload_capacity_kbps: Some(4000),
+        adaptive_parity: false,
+        ..DataPlaneConfig::default()
+    };
+    let mut net = Net::new(DataPlaneConfig::default());
+    viewers(&mut net, 12, &config);
+    net.duplicate_to.insert(5);
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    let plain = net.nodes[&6].max_children();
+    let doubled = net.nodes[&5].max_children();
+    assert!(net.nodes[&5].stats().shards_duplicate > 1000);
+    // 4 Mbit/s × 0.7 over a sixteenth of ~3.4 Mbit/s (3 Mbit/s and its parity): 13.
+    assert!((10..=16).contains(&plain), "{plain}");
+    assert_eq!(doubled, plain);
 }
 
 #[test]
