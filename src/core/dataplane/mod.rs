@@ -131,6 +131,9 @@ const CHILDREN_SHARE: f64 = 0.7;
 const REPAIR_SHARE: f64 = 0.15;
 /// Backoff (ms) after a refused join: this plus up to as much again, at random.
 const JOIN_BACKOFF_MS: u64 = 100;
+/// Children are evicted for capacity only once the measured rate is this many times the
+/// rate they were accepted at (see `maintain_tree`).
+const EVICT_RATE_MARGIN: f64 = 1.1;
 
 /// A peer's identity as the data plane sees it: libp2p's `PeerId` in the node, an integer in
 /// the simulator and tests.
@@ -1614,6 +1617,11 @@ impl<P: PeerKey> DataPlane<P> {
     /// stripe (measured, or `assumed_stream_kbps` before that) times [`CHILDREN_SHARE`], at
     /// most `max_children`.
     pub fn max_children(&self) -> usize {
+        self.children_limit(1.0)
+    }
+
+    /// [`Self::max_children`] at `rate_factor` times the measured rate.
+    fn children_limit(&self, rate_factor: f64) -> usize {
         match self.config.upload_capacity_kbps {
             None => self.config.max_children,
             Some(0) => 0,
@@ -1623,7 +1631,8 @@ impl<P: PeerKey> DataPlane<P> {
                 } else {
                     self.config.assumed_stream_kbps as f64
                 };
-                let stripe_kbps = (stream_kbps / f64::from(self.config.stripes)).max(1.0);
+                let stripe_kbps =
+                    (stream_kbps * rate_factor / f64::from(self.config.stripes)).max(1.0);
                 ((capacity as f64 * CHILDREN_SHARE / stripe_kbps) as usize)
                     .min(self.config.max_children)
             }
@@ -1692,8 +1701,10 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         }
         // Over capacity (the measured rate grew): spare children go first, then the newest
-        // known; they rejoin elsewhere.
-        let max = self.max_children();
+        // known; they rejoin elsewhere. Only beyond a tenth more than the rate they were
+        // taken at: the rate is a decaying peak that each keyframe restores, and without
+        // the margin a full relay would drop a child every GOP and take another.
+        let max = self.children_limit(1.0 / EVICT_RATE_MARGIN);
         while self.total_children() > max {
             let spare = self
                 .stripes

@@ -618,6 +618,42 @@ fn duplicates_received_do_not_shrink_the_fan_out() {
     assert_eq!(doubled, plain);
 }
 
+/// The measured rate is a decaying peak that each keyframe restores: a relay at its
+/// children limit keeps them through such a swing and evicts only when the rate really grew.
+#[test]
+fn a_full_relay_keeps_its_children_through_rate_swings() {
+    let config = DataPlaneConfig {
+        upload_capacity_kbps: Some(4000),
+        ..DataPlaneConfig::default()
+    };
+    let mut net = Net::new(DataPlaneConfig::default());
+    viewers(&mut net, 20, &config);
+    let now = net.now;
+    let relay = net.nodes.get_mut(&1).unwrap();
+    // 3.4 Mbit/s: 13 children of 4 Mbit/s × 0.7.
+    relay.rate_bytes = 425_000.0;
+    let limit = relay.max_children();
+    assert_eq!(limit, 13);
+    let stripe = usize::from(relay.interior.unwrap_or(0));
+    for child in 2..=20u32 {
+        if relay.total_children() < limit {
+            relay.stripes[stripe].children.insert(child);
+        }
+    }
+    assert_eq!(relay.total_children(), limit);
+    // The peak back after its decay (5 % a second): nobody goes.
+    relay.rate_bytes = 425_000.0 * 1.06;
+    relay.handle_timeout(now);
+    assert_eq!(relay.total_children(), limit);
+    assert_eq!(relay.stats().children_evicted, 0);
+    // A fifth more: the relay sheds children down to the limit at that rate less the
+    // margin (4 Mbit/s × 0.7 over 4.08 / 1.1 / 16 Mbit/s: 12).
+    relay.rate_bytes = 425_000.0 * 1.2;
+    relay.handle_timeout(now);
+    assert_eq!(relay.total_children(), 12);
+    assert!(relay.stats().children_evicted >= 1);
+}
+
 #[test]
 fn loss_is_repaired_by_parity_and_pulls() {
     let config = DataPlaneConfig::default();
