@@ -125,7 +125,9 @@ const PUSH_HISTORY: usize = 64;
 /// is headroom: a line near full queues, each hop adds that queue, and shed shards come back
 /// as pulls. In the simulator (N = 300, residential, 10 s, seeds 1 / 2) delivery overall was
 /// 0.88 / 0.76 at 0.9, 0.96 / 0.98 at 0.7, 0.84 / 0.96 at 0.6 and 0.87 / 0.88 at 0.5
-/// (fewer children per relay make deeper trees).
+/// (fewer children per relay make deeper trees). Those runs measured the rate on every
+/// shard received (about 1.8× the stream's); on the stream's own shards (session 10), 0.7
+/// gave 0.9999 / 0.9997 / 0.9997 for seeds 1–3 and 0.45 gave 0.978 / 0.957 / 0.991.
 const CHILDREN_SHARE: f64 = 0.7;
 /// Share of its upload capacity a viewer spends on answering pulls at most.
 const REPAIR_SHARE: f64 = 0.15;
