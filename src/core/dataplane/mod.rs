@@ -1616,8 +1616,11 @@ impl<P: PeerKey> DataPlane<P> {
     // ---- tree ---------------------------------------------------------------------------
 
     /// Children this peer may have over all stripes: its upload capacity over the rate of one
-    /// stripe (measured, or `assumed_stream_kbps` before that) times [`CHILDREN_SHARE`], at
-    /// most `max_children`.
+    /// stripe times [`CHILDREN_SHARE`], at most `max_children`. The rate is the stream's,
+    /// parity included, from the manifests that verified (a decaying peak over 1 s windows;
+    /// `assumed_stream_kbps` before the first): what reaches us, duplicates and repairs
+    /// included, is not what a child costs, and unverified bytes from a hostile peer could
+    /// otherwise shrink the fan-out.
     pub fn max_children(&self) -> usize {
         self.children_limit(1.0)
     }
