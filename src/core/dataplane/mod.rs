@@ -1661,8 +1661,11 @@ impl<P: PeerKey> DataPlane<P> {
         u32::try_from(self.max_children().saturating_sub(self.total_children())).unwrap_or(u32::MAX)
     }
 
+    /// Whether this peer can take a child at all. A capacity too small for one stripe (say
+    /// 1 kbit/s) is receive-only, like `0`: as a stripe root or a forwarder it would starve
+    /// everyone below it.
     fn can_forward(&self) -> bool {
-        self.config.upload_capacity_kbps != Some(0)
+        self.max_children() > 0
     }
 
     /// What we want from a parent in `s`: our own layers and our children's there.
@@ -3011,7 +3014,7 @@ impl<P: PeerKey> DataPlane<P> {
         if let Some(cutoff) = now.checked_sub(MAX_QUEUE_DELAY) {
             self.peers.get_mut(&peer)?.queue.shed_queued_before(cutoff);
         }
-        let len = self.peers.get(&peer)?.queue.front_len()?;
+        let (front, len) = self.peers.get(&peer)?.queue.front()?;
         if let Some(capacity) = self.config.upload_capacity_kbps.filter(|c| *c > 0) {
             let rate = capacity as f64 * 1000.0 / 8.0;
             let elapsed = now.saturating_duration_since(self.tokens_at).as_secs_f64();
@@ -3019,10 +3022,13 @@ impl<P: PeerKey> DataPlane<P> {
             let burst = (rate * 0.1).max(16.0 * 1024.0);
             self.tokens = (self.tokens + elapsed * rate).min(burst);
             self.tokens_at = now;
-            if self.tokens < len as f64 && self.tokens < burst {
+            // Control (joins, subscriptions, haves, pulls, reports) goes out whatever the
+            // capacity: a line too thin for it (say 1 kbit/s) would otherwise never keep a
+            // parent. It is charged, so media waits for it.
+            if front != Class::Control && self.tokens < len as f64 && self.tokens < burst {
                 return None;
             }
-            self.tokens -= len as f64;
+            self.tokens = (self.tokens - len as f64).max(-burst);
         } else {
             self.tokens_at = now;
         }

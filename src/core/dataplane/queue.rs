@@ -75,8 +75,9 @@ impl SendQueue {
         shed
     }
 
-    pub fn front_len(&self) -> Option<usize> {
-        self.items.front().map(|(_, m, _)| m.len())
+    /// The class and length (bytes) of the next message.
+    pub fn front(&self) -> Option<(Class, usize)> {
+        self.items.front().map(|(c, m, _)| (*c, m.len()))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -615,7 +615,8 @@ fn duplicates_received_do_not_shrink_the_fan_out() {
     assert!(net.nodes[&5].stats().shards_duplicate > 1000);
     // 4 Mbit/s × 0.7 over a sixteenth of ~3.4 Mbit/s (3 Mbit/s and its parity): 13.
     assert!((10..=16).contains(&plain), "{plain}");
-    assert_eq!(doubled, plain);
+    // Equal but for where each viewer's 1 s rate windows fall (one object more or less).
+    assert!(doubled.abs_diff(plain) <= 1, "{doubled} against {plain}");
 }
 
 /// The measured rate is a decaying peak that each keyframe restores: a relay at its
@@ -652,6 +653,37 @@ fn a_full_relay_keeps_its_children_through_rate_swings() {
     relay.handle_timeout(now);
     assert_eq!(relay.total_children(), 12);
     assert!(relay.stats().children_evicted >= 1);
+}
+
+/// An upload capacity too small for one child (1 kbit/s) makes a receive-only viewer: it
+/// must not take a stripe's root slot or a place among the forwarders, which it could not
+/// serve, and it plays like a viewer with `upload-capacity=0`.
+#[test]
+fn a_capacity_too_small_for_one_child_plays_as_receive_only() {
+    let config = DataPlaneConfig::default();
+    let tiny = DataPlaneConfig {
+        upload_capacity_kbps: Some(1),
+        ..config.clone()
+    };
+    let mut net = Net::new(config.clone());
+    net.add_viewer(1, config.clone(), &[PUBLISHER]);
+    net.run(Duration::from_millis(300), Some((FRAME, 12_500)));
+    net.add_viewer(2, tiny, &[PUBLISHER, 1]);
+    for id in 3..=6 {
+        net.add_viewer(id, config.clone(), &[PUBLISHER, id - 1]);
+        net.run(Duration::from_millis(100), Some((FRAME, 12_500)));
+    }
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    let t0 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(3), Some((FRAME, 12_500)));
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(1), None);
+    assert_eq!(net.nodes[&2].stats().children, 0);
+    assert_eq!(net.nodes[&2].stats().interior_stripe, None);
+    for id in 1..=6 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert!(ok * 1000 >= all * 999, "viewer {id}: {ok} of {all}");
+    }
 }
 
 #[test]
