@@ -133,7 +133,8 @@ fn network_properties() -> Vec<glib::ParamSpec> {
             .blurb(
                 "kbit/s this peer offers for forwarding media to other viewers: -1 unlimited \
                  (the default: a viewer forwards about one copy of the stream on average, at \
-                 most two), 0 receive only (e.g. a phone on a metered link). The trees never \
+                 most two), 0 receive only (e.g. a phone on a metered link), as is a value \
+                 too small for one child (a sixteenth of the stream over 0.7). The trees never \
                  give it more children than fit and its media sending is paced to it",
             )
             .minimum(-1)
