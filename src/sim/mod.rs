@@ -1139,6 +1139,7 @@ impl<'a> Sim<'a> {
         let mut f = [0usize; 7];
         let mut deepest: Option<(usize, u8, Vec<u64>)> = None;
         for (i, plane) in planes.values().filter(|(i, _)| *i > 0) {
+            let interior_stripe = plane.stats().interior_stripe;
             for s in 0..stripes {
                 let path = plane.path(s);
                 if path.is_empty() {
@@ -1150,8 +1151,7 @@ impl<'a> Sim<'a> {
                     }
                 }
                 let children = plane.children(s).count();
-                let interior = plane.stats().interior_stripe == Some(s);
-                if interior {
+                if interior_stripe == Some(s) {
                     f[0] += 1;
                     f[1] += children;
                     f[2] += plane.max_children();
@@ -1163,11 +1163,10 @@ impl<'a> Sim<'a> {
                 f[6] += usize::from(children == 1);
             }
         }
-        let publisher = &self.hosts[0];
-        if let Node::Trees(p) = &publisher.node {
-            let root: Vec<usize> = (0..stripes).map(|s| p.children(s).count()).collect();
-            eprintln!("trees: publisher children per stripe {root:?}");
-        }
+        let root: Vec<usize> = (0..stripes)
+            .map(|s| publisher_plane.children(s).count())
+            .collect();
+        eprintln!("trees: publisher children per stripe {root:?}");
         eprintln!("trees: hops histogram {hops:?}, detached {detached}");
         eprintln!(
             "trees: interior forwarders {} with {} children (max {}), idle {}; spare forwarders {} with {} children; one-child forwarders {}",

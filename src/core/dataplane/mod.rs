@@ -347,6 +347,9 @@ pub enum Output<P> {
     KeyframeRequest { epoch: u64, track: u32, layer: u32 },
 }
 
+/// The cumulative counters of [`DataPlaneStats`] by name (see [`DataPlaneStats::counters`]).
+pub type Counters = [(&'static str, u64); 33];
+
 /// Counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DataPlaneStats {
@@ -421,7 +424,7 @@ impl DataPlaneStats {
     /// The cumulative counters by name, for diagnostics that sum them over peers
     /// (`SIM_STATS=1` in the simulator, `MESH_STATS=1` in the mesh benchmark). Not the current
     /// state (`parents` and below) nor `media_queue_wait_max_us`, a maximum.
-    pub fn counters(&self) -> [(&'static str, u64); 33] {
+    pub fn counters(&self) -> Counters {
         [
             ("shards_received", self.shards_received),
             ("shards_duplicate", self.shards_duplicate),
@@ -460,9 +463,7 @@ impl DataPlaneStats {
     }
 
     /// [`DataPlaneStats::counters`] summed over `stats` (several peers).
-    pub fn summed_counters<'a>(
-        stats: impl IntoIterator<Item = &'a DataPlaneStats>,
-    ) -> [(&'static str, u64); 33] {
+    pub fn summed_counters<'a>(stats: impl IntoIterator<Item = &'a DataPlaneStats>) -> Counters {
         let mut sums = DataPlaneStats::default().counters();
         for s in stats {
             for (sum, (_, value)) in sums.iter_mut().zip(s.counters()) {
@@ -1725,13 +1726,7 @@ impl<P: PeerKey> DataPlane<P> {
             let Some(child) = self.stripes[si].children.iter().next_back().copied() else {
                 break;
             };
-            self.stripes[si].children.remove(&child);
-            if let Some(peer) = self.peers.get_mut(&child) {
-                peer.subs.remove(&(si as u8));
-            }
-            self.stats.children_evicted += 1;
-            self.enqueue_control(child, Body::Leave(DpLeave { stripe: si as u32 }));
-            self.send_subscription(si as u8);
+            self.evict(si as u8, child);
         }
         // The newest media from any parent: a stripe is silent only relative to it, so the
         // end of the stream (or a pause) silences no one.
@@ -2118,14 +2113,24 @@ impl<P: PeerKey> DataPlane<P> {
         let Some(child) = self.stripes[si].children.iter().next_back().copied() else {
             return false;
         };
-        self.stripes[si].children.remove(&child);
+        self.evict(si as u8, child);
+        true
+    }
+
+    /// Drops `child` in `s` (it rejoins elsewhere) and tells our parent what we still want.
+    fn evict(&mut self, s: u8, child: P) {
+        self.stripes[usize::from(s)].children.remove(&child);
         if let Some(peer) = self.peers.get_mut(&child) {
-            peer.subs.remove(&(si as u8));
+            peer.subs.remove(&s);
         }
         self.stats.children_evicted += 1;
-        self.enqueue_control(child, Body::Leave(DpLeave { stripe: si as u32 }));
-        self.send_subscription(si as u8);
-        true
+        self.enqueue_control(
+            child,
+            Body::Leave(DpLeave {
+                stripe: u32::from(s),
+            }),
+        );
+        self.send_subscription(s);
     }
 
     fn refuse(&mut self, s: u8, to: P) {
