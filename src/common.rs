@@ -254,8 +254,16 @@ impl NetworkSettings {
     /// Checks the topic before anything is started with it.
     pub fn validate_topic(&self) -> Result<(), String> {
         let limits = crate::core::Limits::default();
-        if self.topic.is_empty() {
-            return Err("topic must not be empty".into());
+        if self.topic.trim().is_empty() {
+            return Err(format!("topic {:?} is empty or blank", self.topic));
+        }
+        // A topic is typed by hand on both sides: spaces at its ends or invisible characters
+        // would make a publisher and its viewers miss each other without a word.
+        if self.topic.trim() != self.topic || self.topic.chars().any(char::is_control) {
+            return Err(format!(
+                "topic {:?} starts or ends with spaces or holds control characters",
+                self.topic
+            ));
         }
         if self.topic.len() > limits.max_topic_len {
             return Err(format!(

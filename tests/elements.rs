@@ -292,6 +292,8 @@ fn bad_properties_fail_with_clear_errors() {
         ),
         ("p2plivesrc publisher=nobody ! fakesink", "peer id"),
         ("p2plivesrc topic=\"\" ! fakesink", "topic"),
+        ("p2plivesrc topic=\" \" ! fakesink", "blank"),
+        ("videotestsrc ! p2plivesink topic=\"news \"", "spaces"),
     ];
     for (description, expected) in cases {
         let error = start_error(&launch(description));

@@ -495,16 +495,16 @@ impl P2pLiveSink {
         settings
             .net
             .validate_topic()
-            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ["{err}"]))?;
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{err}")))?;
         let max_fragment_size = settings.max_fragment_size as usize;
         let config = settings
             .net
             .node_config(max_fragment_size + TRANSMIT_OVERHEAD)
-            .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ["{err}"]))?;
+            .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ("{err}")))?;
         let (node, events) = Node::spawn(config, RUNTIME.handle()).map_err(|err| {
             gst::error_msg!(
                 gst::ResourceError::OpenReadWrite,
-                ["Failed to start the libp2p node: {err}"]
+                ("Failed to start the libp2p node: {err}")
             )
         })?;
         node.announce_stream(&settings.net.topic)
@@ -512,7 +512,7 @@ impl P2pLiveSink {
             .map_err(|err| {
                 gst::error_msg!(
                     gst::ResourceError::OpenReadWrite,
-                    ["Failed to announce the stream: {err}"]
+                    ("Failed to announce the stream: {err}")
                 )
             })?;
         gst::info!(

@@ -223,7 +223,7 @@ pub fn wait_for(log: &Log, count: usize, timeout: Duration) -> bool {
     log.lock().unwrap().len() >= count
 }
 
-/// The error text a pipeline posts when it fails to start.
+/// The headline of the error a pipeline posts when it fails to start (not its debug text).
 pub fn start_error(pipeline: &gst::Pipeline) -> String {
     let result = pipeline.set_state(gst::State::Playing);
     let bus = pipeline.bus().expect("bus");
@@ -233,7 +233,8 @@ pub fn start_error(pipeline: &gst::Pipeline) -> String {
     let _ = pipeline.set_state(gst::State::Null);
     assert!(result.is_err(), "start should fail");
     match message.view() {
-        gst::MessageView::Error(err) => format!("{} ({:?})", err.error(), err.debug()),
+        // The headline alone (what gst-launch shows first), not the debug text.
+        gst::MessageView::Error(err) => err.error().to_string(),
         _ => unreachable!(),
     }
 }
