@@ -1061,3 +1061,136 @@ async fn pings_are_answered_for_peers_that_do_not_ping_back() {
     }
     driver.abort();
 }
+
+/// A publisher restarted without its identity file comes back under a new peer id. A viewer
+/// that locked in on the first catalog (no publisher given) follows the new one once the old
+/// one has been silent for `PUBLISHER_RELOCK_AFTER` (5 s); a viewer given the old publisher's
+/// id keeps refusing the new one, and does not flood it with pulls meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
+    init_tracing();
+    let old = Peer::start(trees_config(&[], false)).await;
+    old.node.announce_stream(STREAM).unwrap();
+    let mut viewers = Vec::new();
+    for pinned in [None, Some(old.id())] {
+        let viewer = Peer::start(trees_config(&[old.tcp_addr()], false)).await;
+        viewer
+            .node
+            .join_stream(STREAM, pinned, vec![MEDIA])
+            .unwrap();
+        viewers.push(viewer);
+    }
+    // 30 frames/s of 6 kB (shards over every stripe), the catalog every second; collects
+    // the (author, sequence) of every fragment and every lock each viewer reports.
+    async fn run(
+        publisher: &Peer,
+        viewers: &mut [Peer],
+        seen: &mut [Vec<Event>],
+        epoch: u64,
+        ms: u64,
+        mut done: impl FnMut(&[Vec<Event>]) -> bool,
+    ) -> bool {
+        let mut tick = tokio::time::interval(Duration::from_millis(33));
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let mut sequence = 0u64;
+        while tokio::time::Instant::now() < end {
+            tick.tick().await;
+            if sequence.is_multiple_of(30) {
+                let _ = publisher
+                    .node
+                    .publish(STREAM, Channel::Control, catalog(epoch, sequence));
+            }
+            let _ = publisher
+                .node
+                .publish(STREAM, MEDIA, large_fragment(epoch, sequence, 6000));
+            sequence += 1;
+            for (viewer, seen) in viewers.iter_mut().zip(seen.iter_mut()) {
+                while let Ok(event) = viewer.events.try_recv() {
+                    if matches!(
+                        event,
+                        Event::Message {
+                            message: Message::Fragment(_),
+                            ..
+                        } | Event::PublisherLocked { .. }
+                    ) {
+                        seen.push(event);
+                    }
+                }
+            }
+            if done(seen) {
+                return true;
+            }
+        }
+        false
+    }
+    let from = |seen: &[Event], author: PeerId| {
+        seen.iter().filter(|e| is_fragment_from(e, author)).count()
+    };
+    let mut seen = vec![Vec::new(), Vec::new()];
+    let old_id = old.id();
+    let both = run(&old, &mut viewers, &mut seen, 1, 20_000, |seen| {
+        seen.iter().all(|s| from(s, old_id) >= 30)
+    })
+    .await;
+    assert!(
+        both,
+        "the first publisher's stream did not reach both viewers"
+    );
+    old.node.shutdown(Duration::ZERO);
+
+    let new = Peer::start(trees_config(
+        &[viewers[0].tcp_addr(), viewers[1].tcp_addr()],
+        false,
+    ))
+    .await;
+    new.node.announce_stream(STREAM).unwrap();
+    let new_id = new.id();
+    let mut seen = vec![Vec::new(), Vec::new()];
+    let pulls_before = viewers[1]
+        .node
+        .stats()
+        .data_plane
+        .map_or(0, |dp| dp.pulls_sent);
+    let started = tokio::time::Instant::now();
+    let followed = run(&new, &mut viewers, &mut seen, 2, 25_000, |seen| {
+        from(&seen[0], new_id) >= 30
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(
+        followed,
+        "the unpinned viewer did not follow the new publisher: {:?}",
+        viewers[0].node.stats()
+    );
+    assert!(
+        seen[0].contains(&Event::PublisherLocked {
+            stream: STREAM.into(),
+            publisher: new_id
+        }),
+        "{:?}",
+        seen[0]
+    );
+    // Not before the old publisher had been silent for the relock delay.
+    assert!(took >= Duration::from_secs(4), "followed after {took:?}");
+    assert_eq!(
+        from(&seen[1], new_id),
+        0,
+        "the pinned viewer played the new publisher"
+    );
+    let pulls = viewers[1]
+        .node
+        .stats()
+        .data_plane
+        .map_or(0, |dp| dp.pulls_sent)
+        - pulls_before;
+    let secs = took.as_secs_f64();
+    assert!(
+        (pulls as f64) < 10.0 * secs,
+        "the pinned viewer sent {pulls} pulls in {secs:.1} s: {:?}",
+        viewers[1].node.stats().data_plane
+    );
+    for viewer in &viewers {
+        viewer.node.shutdown(Duration::ZERO);
+    }
+    new.node.shutdown(Duration::ZERO);
+}

@@ -104,6 +104,7 @@ fn message(kind: u8, tag: u32, r: &mut Reader) -> Option<DpMessage> {
             }],
             depths: (0..r.byte()? % 20).map(u32::from).collect(),
             room: u32::from(r.byte()? % 40),
+            epoch: u64::from(r.byte()? % 3),
         }),
         7 => Body::Pull(DpPull {
             key: Some(key(r)?),

@@ -116,6 +116,11 @@ const PROVIDER_LOOKUP_PERIOD: Duration = Duration::from_secs(15);
 const MAX_PENDING_CONTROL_EVENTS: usize = 256;
 /// Most addresses of one peer taken from identify into kademlia.
 const MAX_IDENTIFY_ADDRS: usize = 16;
+/// A publisher locked in on its first catalog (not pinned) is replaced by the author of
+/// another catalog only after this long without a catalog or a verified manifest from it:
+/// a publisher restarted without its identity file comes back under a new peer id. Five
+/// repeats of the catalog (sent every second), the viewer's default `publisher-timeout`.
+pub(crate) const PUBLISHER_RELOCK_AFTER: Duration = Duration::from_secs(5);
 
 pub(crate) enum Command {
     Announce {
@@ -180,6 +185,10 @@ struct StreamState {
     joined: bool,
     /// The only author whose messages are accepted; `None` until locked in.
     publisher: Option<PeerId>,
+    /// The publisher was given (`join_stream`) or is us: it is never replaced.
+    pinned: bool,
+    /// When the publisher's last accepted message arrived (see [`PUBLISHER_RELOCK_AFTER`]).
+    heard: Option<Instant>,
     /// Channels joined (always including the control channel while joined).
     channels: BTreeSet<Channel>,
     /// When the next provider lookup may run.
@@ -575,9 +584,13 @@ impl EventLoop {
                     tracing::info!(%stream, %publisher, "stream publisher replaced");
                 }
                 state.publisher = Some(publisher);
+                state.pinned = true;
             }
             // Our own stream: we are its publisher.
-            None if state.announced => state.publisher = Some(own_id),
+            None if state.announced => {
+                state.publisher = Some(own_id);
+                state.pinned = true;
+            }
             None => {}
         }
         state.channels.insert(Channel::Control);
@@ -604,6 +617,7 @@ impl EventLoop {
             tracing::info!(%stream, "leaving stream");
             state.joined = false;
             state.publisher = None;
+            state.pinned = false;
         }
         let remove = !state.joined && !state.announced;
         self.sync_subscription(&stream, channel);
@@ -729,14 +743,41 @@ impl EventLoop {
                 locked: false,
             };
         }
+        let now = Instant::now();
+        let catalog = matches!(message, Message::Catalog(_));
         match state.publisher {
-            Some(publisher) if publisher != source => Verdict::Ignore(Ignored::Foreign),
-            Some(_) => Verdict::Accept {
-                message,
-                locked: false,
-            },
-            None if matches!(message, Message::Catalog(_)) => {
+            Some(publisher) if publisher == source => {
+                state.heard = Some(now);
+                Verdict::Accept {
+                    message,
+                    locked: false,
+                }
+            }
+            Some(publisher) => {
+                // Silent both on gossipsub and in the data plane (its signed manifests).
+                let silent = |heard: Option<Instant>| {
+                    heard.is_none_or(|at| now.duration_since(at) >= PUBLISHER_RELOCK_AFTER)
+                };
+                let plane_heard = self
+                    .planes
+                    .get(stream)
+                    .and_then(DataPlane::last_verified)
+                    .map(Instant::from_std);
+                if state.pinned || !catalog || !silent(state.heard) || !silent(plane_heard) {
+                    return Verdict::Ignore(Ignored::Foreign);
+                }
+                tracing::info!(%stream, old = %publisher, new = %source,
+                    "stream publisher silent for {PUBLISHER_RELOCK_AFTER:?}: following the author of a new catalog");
                 state.publisher = Some(source);
+                state.heard = Some(now);
+                Verdict::Accept {
+                    message,
+                    locked: true,
+                }
+            }
+            None if catalog => {
+                state.publisher = Some(source);
+                state.heard = Some(now);
                 Verdict::Accept {
                     message,
                     locked: true,
@@ -763,6 +804,10 @@ impl EventLoop {
                         stream: stream.to_owned(),
                         publisher: source,
                     });
+                    // A replaced publisher: its successor signs with another key.
+                    if self.planes.get(stream).is_some_and(|p| !p.is_publisher()) {
+                        self.planes.remove(stream);
+                    }
                     self.ensure_plane(stream);
                     self.update_plane_subscription(stream);
                 }

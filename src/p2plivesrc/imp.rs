@@ -212,7 +212,9 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .nick("Publisher")
             .blurb(
                 "Peer id of the publisher to accept media from; empty: the first publisher \
-                 whose catalog arrives on the topic (trust on first use)",
+                 whose catalog arrives on the topic (trust on first use), replaced by the \
+                 author of another catalog only once it has been silent for 5 s (a publisher \
+                 restarted without its identity-file comes back under a new peer id)",
             )
             .mutable_ready()
             .build(),
@@ -589,7 +591,7 @@ impl P2pLiveSrc {
         settings
             .net
             .validate_topic()
-            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ["{err}"]))?;
+            .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{err}")))?;
         let publisher = settings
             .publisher
             .as_deref()
@@ -598,17 +600,17 @@ impl P2pLiveSrc {
             .map_err(|err| {
                 gst::error_msg!(
                     gst::LibraryError::Settings,
-                    ["publisher is not a valid peer id: {err}"]
+                    ("publisher is not a valid peer id: {err}")
                 )
             })?;
         let config = settings
             .net
             .node_config(MAX_TRANSMIT_SIZE)
-            .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ["{err}"]))?;
+            .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ("{err}")))?;
         let (node, events) = Node::spawn(config, RUNTIME.handle()).map_err(|err| {
             gst::error_msg!(
                 gst::ResourceError::OpenReadWrite,
-                ["Failed to start the libp2p node: {err}"]
+                ("Failed to start the libp2p node: {err}")
             )
         })?;
         node.set_inbound_loss(settings.simulated_loss);
@@ -619,7 +621,7 @@ impl P2pLiveSrc {
             .map_err(|err| {
                 gst::error_msg!(
                     gst::ResourceError::OpenReadWrite,
-                    ["Failed to join the stream: {err}"]
+                    ("Failed to join the stream: {err}")
                 )
             })?;
         gst::info!(

@@ -561,6 +561,9 @@ struct Peer {
     room: u32,
     /// Reachable only through a relay (the driver says): a parent of last resort.
     relayed: bool,
+    /// Its haves carry another epoch than ours (a publisher restarted under a new peer id,
+    /// or another one on the topic): neither a parent nor a source of pulls.
+    foreign: bool,
 }
 
 struct Stripe<P> {
@@ -700,6 +703,8 @@ pub struct DataPlane<P: PeerKey> {
     tag: u32,
     epoch: Option<u64>,
     old_epochs: HashSet<u64>,
+    /// When the last manifest of the current epoch verified (viewer).
+    last_verified: Option<Instant>,
     peers: BTreeMap<P, Peer>,
     banned: HashSet<P>,
     stripes: Vec<Stripe<P>>,
@@ -807,6 +812,7 @@ impl<P: PeerKey> DataPlane<P> {
             tag: stream_tag(stream),
             epoch: None,
             old_epochs: HashSet::new(),
+            last_verified: None,
             peers: BTreeMap::new(),
             banned: HashSet::new(),
             stripes,
@@ -869,6 +875,13 @@ impl<P: PeerKey> DataPlane<P> {
         &self.config
     }
 
+    /// Viewer: when a manifest signed by the publisher last verified (`None`: never, or
+    /// none since the epoch changed). The node follows a new publisher only after it and
+    /// the catalog have both been silent for a while.
+    pub fn last_verified(&self) -> Option<Instant> {
+        self.last_verified
+    }
+
     fn random(&mut self) -> u64 {
         // xorshift64*: the core's randomness comes from the seed it was given.
         self.rng ^= self.rng >> 12;
@@ -894,6 +907,11 @@ impl<P: PeerKey> DataPlane<P> {
         }
         if let Some(old) = self.epoch.replace(epoch) {
             self.old_epochs.insert(old);
+            self.last_verified = None;
+            // Told again by their next haves.
+            for peer in self.peers.values_mut() {
+                peer.foreign = false;
+            }
             self.objects.clear();
             self.incomplete.clear();
             self.frames.clear();
@@ -951,6 +969,7 @@ impl<P: PeerKey> DataPlane<P> {
             depths: Vec::new(),
             room: 0,
             relayed: false,
+            foreign: false,
         });
         if !info.is_empty() {
             entry.info = info;
@@ -1159,6 +1178,11 @@ impl<P: PeerKey> DataPlane<P> {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         }
         self.stats.shards_received += 1;
+        // Another epoch's shards: their manifests would never verify.
+        if self.peers.get(&from).is_some_and(|p| p.foreign) {
+            self.stats.stale += 1;
+            return;
+        }
         // Forwarded verbatim only if it is exactly what we would encode (no unknown fields a
         // peer could use to bloat what we relay).
         let canonical = self.encoded_shard_len(&shard);
@@ -1328,10 +1352,21 @@ impl<P: PeerKey> DataPlane<P> {
         if let Some(epoch) = self.epoch
             && m.epoch != epoch
         {
-            if self.old_epochs.contains(&m.epoch) && self.verify_manifest(&key, &m) {
+            if self.peers.get(&from).is_some_and(|p| p.foreign) {
+                self.stats.stale += 1;
+                return;
+            }
+            let ours = self.verify_manifest(&key, &m);
+            if ours && self.old_epochs.contains(&m.epoch) {
                 return self.misbehaved(now, from, Misbehaviour::Replay);
             }
             self.stats.stale += 1;
+            // Signed by our publisher: its next epoch, the catalog is on its way. Otherwise
+            // the sender relays another publisher's stream (or made this up): it can only
+            // shut itself out.
+            if !ours {
+                self.mark_foreign(now, from);
+            }
             return;
         }
         if self
@@ -1349,6 +1384,7 @@ impl<P: PeerKey> DataPlane<P> {
             return self.misbehaved(now, from, Misbehaviour::Replay);
         }
         self.stats.manifests_received += 1;
+        self.last_verified = Some(now);
         // What every stripe's children cost: the object's shards, parity included, once;
         // not what reached us (duplicates and repairs would shrink our fan-out as they grow).
         self.note_rate(now, layout.total() * layout.shard_len);
@@ -1759,23 +1795,12 @@ impl<P: PeerKey> DataPlane<P> {
                 .last_data
                 .max(self.flow_since)
                 .max(self.stripes[si].parent_since);
-            if let Some(parent) = self.stripes[si].parent
+            if self.stripes[si].parent.is_some()
                 && newest_data.saturating_duration_since(heard) >= self.config.parent_silence
             {
                 // A parent that stopped forwarding while the stream flows: graft elsewhere.
-                self.enqueue_control(
-                    parent,
-                    Body::Leave(DpLeave {
-                        stripe: u32::from(s),
-                    }),
-                );
-                self.stripes[si].parent = None;
-                self.stripes[si].path.clear();
-                self.stripes[si].sent_subs = None;
-                self.stripes[si].refused.insert(parent, now);
                 self.stats.parents_silent += 1;
-                self.parent_changed();
-                self.update_child_paths(s);
+                self.abandon_parent(now, s);
             }
             // An orphan subtree whose every candidate is below it (their paths contain us)
             // would wait for ever: after a while it is dissolved and its children rejoin.
@@ -1808,7 +1833,12 @@ impl<P: PeerKey> DataPlane<P> {
                 continue;
             }
             let candidate = match self.stripes[si].next_candidate.take() {
-                Some(c) if !self.banned.contains(&c) => Some(c),
+                Some(c)
+                    if !self.banned.contains(&c)
+                        && !self.peers.get(&c).is_some_and(|p| p.foreign) =>
+                {
+                    Some(c)
+                }
                 _ => self.pick_join_candidate(s),
             };
             let Some(candidate) = candidate else { continue };
@@ -1819,6 +1849,58 @@ impl<P: PeerKey> DataPlane<P> {
                 self.stripes[si].joining = Some((candidate, now, false));
             }
         }
+    }
+
+    /// `peer` serves another epoch (its haves say, or a manifest not signed by our publisher):
+    /// it stops being our parent anywhere and is neither joined nor pulled from until its
+    /// haves say our epoch (or ours changes).
+    fn mark_foreign(&mut self, now: Instant, peer: P) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        p.foreign = true;
+        // What only it sent us is of another epoch: not ours to wait for or pull.
+        let theirs: Vec<ObjectKey> = self
+            .incomplete
+            .iter()
+            .filter(|key| {
+                self.objects.get(key).is_some_and(|o| {
+                    o.manifest.is_none()
+                        && !o.unverified.is_empty()
+                        && o.unverified.iter().all(|(from, ..)| *from == peer)
+                })
+            })
+            .copied()
+            .collect();
+        for key in theirs {
+            self.objects.remove(&key);
+            self.incomplete.remove(&key);
+        }
+        for s in 0..self.config.stripes {
+            if self.stripes[usize::from(s)].parent == Some(peer) {
+                self.stats.parents_silent += 1;
+                self.abandon_parent(now, s);
+            }
+        }
+    }
+
+    /// Leaves our parent in `s` (it is not asked again for a while); a new one is looked for.
+    fn abandon_parent(&mut self, now: Instant, s: u8) {
+        let si = usize::from(s);
+        let Some(parent) = self.stripes[si].parent.take() else {
+            return;
+        };
+        self.enqueue_control(
+            parent,
+            Body::Leave(DpLeave {
+                stripe: u32::from(s),
+            }),
+        );
+        self.stripes[si].path.clear();
+        self.stripes[si].sent_subs = None;
+        self.stripes[si].refused.insert(parent, now);
+        self.parent_changed();
+        self.update_child_paths(s);
     }
 
     /// Plumtree's optimisation, by hops: a neighbour at least two hops closer to the root
@@ -1841,7 +1923,7 @@ impl<P: PeerKey> DataPlane<P> {
             .peers
             .iter()
             .filter(|(p, _)| Some(**p) != parent && !self.stripes[si].children.contains(p))
-            .filter(|(p, _)| !self.stripes[si].refused.contains_key(p))
+            .filter(|(p, peer)| !self.stripes[si].refused.contains_key(p) && !peer.foreign)
             .filter_map(|(p, peer)| peer.depths.get(si).map(|d| (*p, *d)))
             .filter(|(_, d)| *d > 0 && d + 2 < ours)
             .collect();
@@ -1871,7 +1953,9 @@ impl<P: PeerKey> DataPlane<P> {
         }
         let mut candidates: Vec<P> = self
             .peers
-            .keys()
+            .iter()
+            .filter(|(_, peer)| !peer.foreign)
+            .map(|(p, _)| p)
             .filter(|p| !self.stripes[si].refused.contains_key(p))
             .filter(|p| !self.stripes[si].children.contains(p))
             .copied()
@@ -1906,7 +1990,10 @@ impl<P: PeerKey> DataPlane<P> {
         let oldest = self.stripes[si]
             .refused
             .iter()
-            .filter(|(p, _)| self.peers.contains_key(p) && !self.stripes[si].children.contains(p))
+            .filter(|(p, _)| {
+                self.peers.get(p).is_some_and(|peer| !peer.foreign)
+                    && !self.stripes[si].children.contains(p)
+            })
             .min_by_key(|(_, at)| **at)
             .map(|(p, _)| *p);
         if let Some(peer) = oldest {
@@ -2172,7 +2259,12 @@ impl<P: PeerKey> DataPlane<P> {
         let si = usize::from(s);
         let expected = self.stripes[si].parent == Some(from)
             || self.stripes[si].joining.is_some_and(|(p, _, _)| p == from);
-        if !expected || accept.path.contains(&self.me_short) {
+        let foreign = self.peers.get(&from).is_some_and(|p| p.foreign);
+        if foreign && self.stripes[si].joining.is_some_and(|(p, _, _)| p == from) {
+            self.stripes[si].joining = None;
+            self.stripes[si].refused.insert(from, now);
+        }
+        if !expected || foreign || accept.path.contains(&self.me_short) {
             // Stale, or a loop: end that edge.
             return self.enqueue_control(
                 from,
@@ -2455,6 +2547,19 @@ impl<P: PeerKey> DataPlane<P> {
         if have.layers.len() > MAX_HAVE_LAYERS {
             return self.misbehaved(now, from, Misbehaviour::Malformed);
         }
+        // A neighbour on another epoch has nothing of ours: none of its frames are pulled
+        // (their manifests would be stale), and it is no parent (what it pushes never
+        // verifies; we would pull every object of it until its deadline).
+        let foreign = self
+            .epoch
+            .is_some_and(|epoch| have.epoch != 0 && have.epoch != epoch);
+        if foreign {
+            self.stats.stale += 1;
+            return self.mark_foreign(now, from);
+        }
+        if let Some(peer) = self.peers.get_mut(&from) {
+            peer.foreign = false;
+        }
         let mut learned = Vec::new();
         for layer in &have.layers {
             let id = (layer.track, layer.layer);
@@ -2557,6 +2662,7 @@ impl<P: PeerKey> DataPlane<P> {
             layers,
             depths,
             room,
+            epoch: self.epoch.unwrap_or(0),
         }));
         let neighbours: BTreeSet<P> = self
             .stripes
@@ -2691,7 +2797,7 @@ impl<P: PeerKey> DataPlane<P> {
             let holders: Vec<P> = self
                 .peers
                 .iter()
-                .filter(|(_, p)| self.peer_has(p, &key))
+                .filter(|(_, p)| !p.foreign && self.peer_has(p, &key))
                 .map(|(id, _)| *id)
                 .collect();
             // Else the parent of a stripe where it is missing: it is upstream of that loss,

@@ -979,6 +979,7 @@ fn a_have_of_far_future_frames_is_harmless() {
             }],
             depths: Vec::new(),
             room: 0,
+            epoch: 0,
         })),
     };
     node.handle_message(now, peer, have.encode_to_vec().into());
@@ -989,6 +990,48 @@ fn a_have_of_far_future_frames_is_harmless() {
         first <= newest + 1,
         "first learnable {first}, newest {newest}"
     );
+}
+
+/// A neighbour on another epoch (a publisher restarted under a new peer id, or another one on
+/// the same topic) announces frames ahead of ours: they are not learned, so nothing of them
+/// is pulled; the same have in our epoch is.
+#[test]
+fn a_have_of_another_epoch_is_not_pulled() {
+    // The test network publishes epoch 42.
+    for (their_epoch, learned) in [(43, false), (42, true)] {
+        let config = DataPlaneConfig::default();
+        let mut net = Net::new(config.clone());
+        viewers(&mut net, 3, &config);
+        net.run(Duration::from_secs(1), Some((FRAME, 4000)));
+        let now = net.now;
+        let node = net.nodes.get_mut(&1).unwrap();
+        let peer = *node.peers().next().unwrap();
+        let newest = node.newest[&(0, 0)];
+        let ahead = newest + 20;
+        let have = DpMessage {
+            stream: node.tag,
+            body: Some(Body::Have(DpHave {
+                layers: vec![DpHaveLayer {
+                    track: 0,
+                    layer: 0,
+                    latest: ahead,
+                    complete: u64::MAX,
+                    latest_complete: true,
+                }],
+                depths: Vec::new(),
+                room: 0,
+                epoch: their_epoch,
+            })),
+        };
+        let stale = node.stats().stale;
+        node.handle_message(now, peer, have.encode_to_vec().into());
+        assert_eq!(
+            node.frames.contains_key(&(0, 0, ahead)),
+            learned,
+            "epoch {their_epoch}: frame {ahead} learned"
+        );
+        assert_eq!(node.stats().stale - stale, u64::from(!learned));
+    }
 }
 
 /// Fewer viewers than stripes, everyone connected to everyone (as on one machine), with ids
