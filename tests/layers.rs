@@ -119,6 +119,9 @@ fn temporal_base_layer_viewer_gets_a_quarter_of_the_frames_for_fewer_bytes() {
         "publisher stats: {}",
         publisher.stats("pub")
     );
+    // Each merged summary stands for one report of each viewer it counts.
+    let reports = publisher.stats("pub").get::<u64>("viewer-reports").unwrap();
+    assert!(reports >= 2, "viewer-reports {reports}");
 }
 
 #[test]

@@ -117,6 +117,9 @@ struct Session {
     encoder_overruns: AtomicU64,
     /// The audience merged up the data plane's feedback tree (trees mode), and when.
     tree_audience: Mutex<Option<(Instant, crate::core::dataplane::Summary)>>,
+    /// Viewer reports merged into the summaries that reached us (trees mode): each summary
+    /// stands for one report of every viewer it counts.
+    tree_reports: AtomicU64,
 }
 
 impl Session {
@@ -532,6 +535,7 @@ impl P2pLiveSink {
             rejected_frames: AtomicU64::new(0),
             encoder_overruns: AtomicU64::new(0),
             tree_audience: Mutex::new(None),
+            tree_reports: AtomicU64::new(0),
         });
         let driver = RUNTIME.spawn(drive(
             session.clone(),
@@ -1037,6 +1041,7 @@ impl P2pLiveSink {
                 audience.latency_p50_ms = summary.latency_quantile_ms(0.5);
                 audience.latency_p95_ms = summary.latency_quantile_ms(0.95);
             }
+            audience.reports += session.tree_reports.load(Ordering::Relaxed);
             let histogram = |layers: &std::collections::BTreeMap<u32, u64>| {
                 let mut histogram = gst::Structure::builder("layers");
                 for (layer, viewers) in layers {
@@ -1112,6 +1117,9 @@ async fn drive(
                     }
                 }
                 Some(Event::Audience { summary, .. }) => {
+                    session
+                        .tree_reports
+                        .fetch_add(u64::from(summary.viewers), Ordering::Relaxed);
                     *session.tree_audience.lock().unwrap() = Some((Instant::now(), summary));
                 }
                 Some(Event::Message { message, source, .. }) => {
