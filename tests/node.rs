@@ -56,8 +56,13 @@ struct Peer {
 
 impl Peer {
     async fn start(config: NodeConfig) -> Peer {
-        let (node, mut events) =
+        let (node, events) =
             Node::spawn(config, &tokio::runtime::Handle::current()).expect("node starts");
+        Self::from_spawned(node, events).await
+    }
+
+    /// Waits for the node's listen addresses.
+    async fn from_spawned(node: Node, mut events: Receiver<Event>) -> Peer {
         let addrs = tokio::time::timeout(TIMEOUT, async {
             loop {
                 match events.recv().await {
@@ -1062,10 +1067,11 @@ async fn pings_are_answered_for_peers_that_do_not_ping_back() {
     driver.abort();
 }
 
-/// A publisher restarted without its identity file comes back under a new peer id. A viewer
-/// that locked in on the first catalog (no publisher given) follows the new one once the old
-/// one has been silent for `PUBLISHER_RELOCK_AFTER` (5 s); a viewer given the old publisher's
-/// id keeps refusing the new one, and does not flood it with pulls meanwhile.
+/// A publisher restarted without its identity file comes back on the same address under a
+/// new peer id. The viewers' bootstrap redials reach it under that id. A viewer that locked
+/// in on the first catalog (no publisher given) follows the new one once the old one has
+/// been silent for `PUBLISHER_RELOCK_AFTER` (5 s); a viewer given the old publisher's id
+/// keeps refusing the new one, and does not flood it with pulls meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
     init_tracing();
@@ -1138,11 +1144,31 @@ async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
     );
     old.node.shutdown(Duration::ZERO);
 
-    let new = Peer::start(trees_config(
-        &[viewers[0].tcp_addr(), viewers[1].tcp_addr()],
-        false,
-    ))
-    .await;
+    // The new publisher listens where the old one did and dials nobody: the viewers find
+    // it by redialling their bootstrap address, which now answers under another peer id.
+    let mut config = trees_config(&[], false);
+    config.listen = old
+        .addrs
+        .iter()
+        .map(|addr| {
+            addr.iter()
+                .filter(|p| !matches!(p, Protocol::P2p(_)))
+                .collect()
+        })
+        .collect();
+    // The old node's sockets close a moment after its shutdown.
+    let mut tries = 0;
+    let new = loop {
+        match Node::spawn(config.clone(), &tokio::runtime::Handle::current()) {
+            Ok((node, events)) => break Peer::from_spawned(node, events).await,
+            Err(err) if tries < 50 => {
+                tries += 1;
+                tracing::debug!(%err, "address still in use");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("the new publisher cannot listen where the old one did: {err}"),
+        }
+    };
     new.node.announce_stream(STREAM).unwrap();
     let new_id = new.id();
     let mut seen = vec![Vec::new(), Vec::new()];

@@ -987,7 +987,14 @@ impl EventLoop {
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 if let Some(peer_id) = peer_id {
                     self.dialing.remove(&peer_id);
-                    if self.bootstrap.iter().any(|(b, _)| *b == peer_id)
+                    let followed = match &error {
+                        libp2p::swarm::DialError::WrongPeerId { obtained, address } => {
+                            self.follow_bootstrap(peer_id, *obtained, address)
+                        }
+                        _ => false,
+                    };
+                    if !followed
+                        && self.bootstrap.iter().any(|(b, _)| *b == peer_id)
                         && self.bootstrap_failed.insert(peer_id)
                     {
                         let reason = self.explain_dial_error(&error);
@@ -1014,6 +1021,38 @@ impl EventLoop {
     /// A dial error on one line, with what a private network (pre-shared key) changes: a
     /// key mismatch shows up only as a protocol negotiation that fails or never ends (the
     /// other side reads noise), which is also how a black-holed address looks.
+    /// A bootstrap address answered as `new` instead of `old`: the peer there restarted
+    /// without its identity file (a publisher run without `identity-file`). Its addresses
+    /// are dialled as `new` from now on; whom to accept media from is still decided by the
+    /// publisher lock, so another peer there gains nothing but a connection. False if
+    /// `old` is no bootstrap peer.
+    fn follow_bootstrap(&mut self, old: PeerId, new: PeerId, address: &Multiaddr) -> bool {
+        if new == self.peer_id || self.bootstrap.iter().any(|(b, _)| *b == new) {
+            return false;
+        }
+        let Some(entry) = self.bootstrap.iter_mut().find(|(b, _)| *b == old) else {
+            return false;
+        };
+        tracing::info!(%old, %new, %address, "bootstrap address answers as another peer (restarted without its identity?): dialling it as that peer");
+        entry.0 = new;
+        let addrs = entry.1.clone();
+        self.bootstrap_failed.remove(&old);
+        if let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut() {
+            kademlia.remove_peer(&old);
+            for addr in &addrs {
+                kademlia.add_address(&new, addr.clone());
+            }
+        }
+        let opts = DialOpts::peer_id(new)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(err) = self.swarm.dial(opts) {
+            tracing::debug!(%new, %err, "dial of the bootstrap peer's new id not started");
+        }
+        true
+    }
+
     fn explain_dial_error(&self, error: &libp2p::swarm::DialError) -> String {
         let chain = super::error_chain(error);
         let negotiation = chain.contains("negotiat")
