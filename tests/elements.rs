@@ -474,6 +474,34 @@ fn unsupported_input_is_refused_clearly() {
     }
 }
 
+/// A source that sets no caps (fakesrc) fails with the sink's own error, which says what is
+/// missing; before, GStreamer's capsfilter inside the sink asserted (a CRITICAL) and only
+/// the source's "Internal data stream error" followed.
+#[test]
+fn data_without_caps_fails_with_a_clear_error() {
+    init();
+    let pipeline = launch(&format!(
+        "fakesrc num-buffers=5 ! p2plivesink topic={} {LOOPBACK}",
+        unique_topic("nocaps")
+    ));
+    let _ = pipeline.set_state(gst::State::Playing);
+    let message = pipeline
+        .bus()
+        .expect("bus")
+        .timed_pop_filtered(gst::ClockTime::from_seconds(10), &[gst::MessageType::Error])
+        .expect("an error message");
+    let _ = pipeline.set_state(gst::State::Null);
+    let gst::MessageView::Error(err) = message.view() else {
+        unreachable!()
+    };
+    assert!(
+        err.error().to_string().contains("without caps"),
+        "{} ({:?})",
+        err.error(),
+        err.debug()
+    );
+}
+
 #[test]
 fn all_tracks_are_announced_together_before_no_more_pads() {
     let topic = unique_topic("together");

@@ -392,6 +392,31 @@ impl ElementImpl for P2pLiveSink {
         let obj = self.obj();
         obj.add(&input).ok()?;
         let target = input.static_pad("sink").expect("capsfilter has a sink pad");
+        // Data before any caps (a `fakesrc` sets none) would reach the capsfilter, which
+        // asserts (a GLib CRITICAL) before failing; refuse it here with a clear error.
+        let weak = self.obj().downgrade();
+        let pad_name = name.clone();
+        target.add_probe(
+            gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST,
+            move |pad, info| {
+                if pad.has_current_caps() {
+                    return gst::PadProbeReturn::Remove;
+                }
+                if let Some(element) = weak.upgrade() {
+                    gst::element_error!(
+                        element,
+                        gst::StreamError::Format,
+                        ("Input {pad_name} got data without caps"),
+                        [
+                            "p2plivesink needs caps on its input (raw or encoded video, audio); \
+                             a source that sets none, such as fakesrc, needs a capsfilter after it"
+                        ]
+                    );
+                }
+                info.flow_res = Err(gst::FlowError::NotNegotiated);
+                gst::PadProbeReturn::Handled
+            },
+        );
         let ghost = gst::GhostPad::builder_from_template_with_target(templ, &target)
             .ok()?
             .name(name.as_str())
