@@ -1242,6 +1242,28 @@ impl<'a> Sim<'a> {
             );
             eprintln!("{line}");
         }
+        // The loss the publisher's parity is sized for, against what viewers measure.
+        let mut loss: Vec<u32> = stats
+            .iter()
+            .filter(|(p, _)| !p)
+            .map(|(_, s)| s.shard_loss_permille)
+            .collect();
+        loss.sort_unstable();
+        let at = |q: f64| {
+            loss.get(((loss.len() as f64 * q) as usize).min(loss.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        eprintln!(
+            "p2plive-sim: parity sized for {} ‰ shard loss; viewers' last shard loss p50 {} ‰, p90 {} ‰, max {} ‰",
+            stats
+                .iter()
+                .find(|(p, _)| *p)
+                .map_or(0, |(_, s)| s.parity_loss_permille),
+            at(0.5),
+            at(0.9),
+            loss.last().copied().unwrap_or(0)
+        );
         if let Some(kinds) = &self.kind_bytes {
             let total = kinds.iter().sum::<u64>().max(1) as f64;
             let names = [
