@@ -1603,38 +1603,9 @@ impl<P: PeerKey> DataPlane<P> {
             return;
         };
         let body = Body::Manifest(manifest.proto.clone());
-        // Every forwarder of a stripe that carries a shard of the object gets the manifest
-        // down that stripe: it forwards its shards only once the manifest verified them, and
-        // the manifest stripes reach it where it is a leaf, deeper than in its own stripe;
-        // each forwarder below would wait for that deeper path again. The first manifest
-        // stripe is its second copy (a loss is not waited out); leaves get both.
-        let carried: BTreeSet<u8> = (0..manifest.layout.total() as u32)
-            .map(|i| stripe_of(&key, i, self.config.stripes))
-            .collect();
-        let forwards_in = |c: &P| {
-            self.peers
-                .get(c)
-                .filter(|p| p.can_forward)
-                .and_then(|p| p.interior)
-                .filter(|s| carried.contains(s))
-        };
         let mut targets = BTreeSet::new();
-        for (n, s) in manifest_stripes(&key, self.config.stripes)
-            .into_iter()
-            .enumerate()
-        {
-            targets.extend(
-                self.wanting_children(s, &key)
-                    .into_iter()
-                    .filter(|c| n == 0 || forwards_in(c).is_none()),
-            );
-        }
-        for &s in &carried {
-            targets.extend(
-                self.wanting_children(s, &key)
-                    .into_iter()
-                    .filter(|c| forwards_in(c) == Some(s)),
-            );
+        for s in manifest_stripes(&key, self.config.stripes) {
+            targets.extend(self.wanting_children(s, &key));
         }
         if targets.is_empty() {
             return;
