@@ -1220,3 +1220,25 @@ async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
     }
     new.node.shutdown(Duration::ZERO);
 }
+
+/// A bootstrap address that answers under another peer id at first contact is not
+/// followed: the address says whom to expect, so the node stays unconnected (only a bootstrap peer reached before is followed to a new id, as after a
+/// restart without its identity file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_address_under_another_id_at_first_contact_is_not_followed() {
+    init_tracing();
+    let a = Peer::start(trees_config(&[], false)).await;
+    let expected = PeerId::random();
+    let wrong: Multiaddr = a
+        .tcp_addr()
+        .iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .chain(std::iter::once(Protocol::P2p(expected)))
+        .collect();
+    let b = Peer::start(trees_config(&[&wrong], false)).await;
+    // The first dial and a maintenance round's redial (5 s) both reach A and fail.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(b.node.stats().connected_peers, 0, "{:?}", b.node.stats());
+    a.node.shutdown(Duration::ZERO);
+    b.node.shutdown(Duration::ZERO);
+}

@@ -357,6 +357,10 @@ pub(crate) struct EventLoop {
     /// Bootstrap peers whose last dial failure was reported (reported once until they
     /// connect again).
     bootstrap_failed: HashSet<PeerId>,
+    /// Bootstrap peers we were connected to once: only those are followed to a new peer id
+    /// at their address (a first contact under the wrong id keeps failing, as the address
+    /// says whom to expect).
+    bootstrap_reached: HashSet<PeerId>,
     /// Our reachability as AutoNAT last judged it.
     nat: autonat::NatStatus,
     /// Connected peers that serve circuit relay v2 (identify lists the hop protocol), with
@@ -432,6 +436,7 @@ impl EventLoop {
             metrics: parts.metrics,
             psk_fingerprint: parts.psk_fingerprint,
             bootstrap_failed: HashSet::new(),
+            bootstrap_reached: HashSet::new(),
             nat: autonat::NatStatus::Unknown,
             relays: HashMap::new(),
             relay_listeners: HashMap::new(),
@@ -930,6 +935,9 @@ impl EventLoop {
             } => {
                 self.dialing.remove(&peer_id);
                 self.bootstrap_failed.remove(&peer_id);
+                if self.bootstrap.iter().any(|(b, _)| *b == peer_id) {
+                    self.bootstrap_reached.insert(peer_id);
+                }
                 if self.banned.contains(&peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
@@ -1018,16 +1026,16 @@ impl EventLoop {
         }
     }
 
-    /// A dial error on one line, with what a private network (pre-shared key) changes: a
-    /// key mismatch shows up only as a protocol negotiation that fails or never ends (the
-    /// other side reads noise), which is also how a black-holed address looks.
-    /// A bootstrap address answered as `new` instead of `old`: the peer there restarted
-    /// without its identity file (a publisher run without `identity-file`). Its addresses
-    /// are dialled as `new` from now on; whom to accept media from is still decided by the
-    /// publisher lock, so another peer there gains nothing but a connection. False if
-    /// `old` is no bootstrap peer.
+    /// A bootstrap address we reached before answered as `new` instead of `old`: the peer
+    /// there restarted without its identity file (a publisher run without `identity-file`).
+    /// Its addresses are dialled as `new` from now on; whom to accept media from is still
+    /// decided by the publisher lock, so another peer there gains nothing but a connection.
+    /// False (nothing followed) if `old` is no bootstrap peer or was never reached.
     fn follow_bootstrap(&mut self, old: PeerId, new: PeerId, address: &Multiaddr) -> bool {
-        if new == self.peer_id || self.bootstrap.iter().any(|(b, _)| *b == new) {
+        if new == self.peer_id
+            || !self.bootstrap_reached.contains(&old)
+            || self.bootstrap.iter().any(|(b, _)| *b == new)
+        {
             return false;
         }
         let Some(entry) = self.bootstrap.iter_mut().find(|(b, _)| *b == old) else {
@@ -1035,6 +1043,7 @@ impl EventLoop {
         };
         tracing::info!(%old, %new, %address, "bootstrap address answers as another peer (restarted without its identity?): dialling it as that peer");
         entry.0 = new;
+        self.bootstrap_reached.insert(new);
         let addrs = entry.1.clone();
         self.bootstrap_failed.remove(&old);
         if let Some(kademlia) = self.swarm.behaviour_mut().kademlia.as_mut() {
@@ -1053,6 +1062,9 @@ impl EventLoop {
         true
     }
 
+    /// A dial error on one line, with what a private network (pre-shared key) changes: a
+    /// key mismatch shows up only as a protocol negotiation that fails or never ends (the
+    /// other side reads noise), which is also how a black-holed address looks.
     fn explain_dial_error(&self, error: &libp2p::swarm::DialError) -> String {
         let chain = super::error_chain(error);
         let negotiation = chain.contains("negotiat")
