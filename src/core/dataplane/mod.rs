@@ -231,8 +231,8 @@ pub struct DataPlaneConfig {
     pub max_children: usize,
     /// A join not answered within this is given up.
     pub join_timeout: Duration,
-    /// A parent that sent nothing in its stripe for this long, while other stripes carried
-    /// data, is replaced.
+    /// A parent that has not sent a shard due in its stripe (a verified manifest put one
+    /// there) for this long, while other stripes carried data, is replaced.
     pub parent_silence: Duration,
     /// Period of "have" announcements to tree neighbours.
     pub have_interval: Duration,
@@ -595,6 +595,9 @@ struct Stripe<P> {
     next_graft: Instant,
     refused: BTreeMap<P, Instant>,
     sent_subs: Option<BTreeSet<(u32, u32)>>,
+    /// Since when a shard is due from the parent (a verified manifest put one of an object
+    /// it sends us in this stripe) with nothing from it since; see `parent_silence`.
+    due_since: Option<Instant>,
 }
 
 impl<P: PartialEq + Copy> Stripe<P> {
@@ -799,6 +802,7 @@ impl<P: PeerKey> DataPlane<P> {
                 next_graft: now,
                 refused: BTreeMap::new(),
                 sent_subs: None,
+                due_since: None,
                 newest_pushed: BTreeMap::new(),
                 newest_from: None,
             })
@@ -1192,6 +1196,7 @@ impl<P: PeerKey> DataPlane<P> {
         if pushed {
             self.stripes[usize::from(s)].note_pushed(from, &key, now);
             self.stripes[usize::from(s)].last_data = now;
+            self.stripes[usize::from(s)].due_since = None;
             if now.saturating_duration_since(self.last_pushed) >= self.config.parent_silence {
                 self.flow_since = now;
             }
@@ -1388,6 +1393,19 @@ impl<P: PeerKey> DataPlane<P> {
         // What every stripe's children cost: the object's shards, parity included, once;
         // not what reached us (duplicates and repairs would shrink our fan-out as they grow).
         self.note_rate(now, layout.total() * layout.shard_len);
+        // Each stripe's parent that sends us this layer owes us its shard of the object.
+        let layer = (key.track, key.layer);
+        for i in 0..layout.total() as u32 {
+            let stripe = &mut self.stripes[usize::from(stripe_of(&key, i, self.config.stripes))];
+            if stripe.parent.is_some()
+                && stripe
+                    .sent_subs
+                    .as_ref()
+                    .is_some_and(|subs| subs.contains(&layer))
+            {
+                stripe.due_since.get_or_insert(now);
+            }
+        }
         if self.epoch.is_none() {
             self.epoch = Some(m.epoch);
         }
@@ -1402,6 +1420,7 @@ impl<P: PeerKey> DataPlane<P> {
         let s = stripe_of(&key, 0, self.config.stripes);
         if self.stripes[usize::from(s)].parent == Some(from) {
             self.stripes[usize::from(s)].last_data = now;
+            self.stripes[usize::from(s)].due_since = None;
             self.stripes[usize::from(s)].note_pushed(from, &key, now);
         }
         let fragments = m.fragments;
@@ -1790,14 +1809,16 @@ impl<P: PeerKey> DataPlane<P> {
                     self.stripes[si].refused.insert(peer, now);
                 }
             }
-            // Silent since the stream (re)started flowing, or since this parent took us.
-            let heard = self.stripes[si]
-                .last_data
-                .max(self.flow_since)
-                .max(self.stripes[si].parent_since);
-            if self.stripes[si].parent.is_some()
-                && newest_data.saturating_duration_since(heard) >= self.config.parent_silence
-            {
+            // Silent: a shard of an object verified since it last sent anything is still
+            // not here while other stripes carried data for `parent_silence` (counted at the
+            // earliest from when the stream (re)started flowing, or this parent took us).
+            // Not merely idle: a sparse stream (a base temporal layer of small frames) leaves
+            // a stripe empty for seconds.
+            let silent = self.stripes[si].due_since.is_some_and(|due| {
+                let since = due.max(self.flow_since).max(self.stripes[si].parent_since);
+                newest_data.saturating_duration_since(since) >= self.config.parent_silence
+            });
+            if self.stripes[si].parent.is_some() && silent {
                 // A parent that stopped forwarding while the stream flows: graft elsewhere.
                 self.stats.parents_silent += 1;
                 self.abandon_parent(now, s);
@@ -2290,6 +2311,7 @@ impl<P: PeerKey> DataPlane<P> {
         if old != Some(from) {
             self.parent_changed();
             self.stripes[si].last_data = now;
+            self.stripes[si].due_since = None;
             self.stripes[si].sent_subs = None;
         }
         self.stripes[si].joining = None;

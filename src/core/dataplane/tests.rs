@@ -506,6 +506,44 @@ fn manifests_lost_in_one_stripe_hold_up_no_object() {
     net.assert_all_intact();
 }
 
+/// A low-rate stream (a base temporal layer: 7.5 small frames a second, each 2 shards, so a
+/// stripe carries a shard only about every 2 s) keeps its trees: a parent is silent only
+/// when a shard due in its stripe has not come, not merely because its stripe was idle.
+/// Before, every parent looked silent every 2 s and the trees churned for ever.
+#[test]
+fn a_sparse_stream_keeps_its_parents() {
+    let config = DataPlaneConfig::default();
+    let mut net = Net::new(config.clone());
+    viewers(&mut net, 12, &config);
+    net.run(
+        Duration::from_secs(4),
+        Some((Duration::from_millis(133), 1500)),
+    );
+    let changes = |net: &Net| -> u64 {
+        (1..=12)
+            .map(|id| net.nodes[&id].stats().parent_changes)
+            .sum()
+    };
+    let before = changes(&net);
+    let t0 = net.now.duration_since(net.start);
+    net.run(
+        Duration::from_secs(10),
+        Some((Duration::from_millis(133), 1500)),
+    );
+    let t1 = net.now.duration_since(net.start);
+    net.run(Duration::from_secs(2), None);
+    let after = changes(&net);
+    assert!(
+        after - before <= 12,
+        "{} parent changes in 10 s",
+        after - before
+    );
+    for id in 1..=12 {
+        let (ok, all) = net.delivery(id, t0, t1);
+        assert_eq!(ok, all, "viewer {id}");
+    }
+}
+
 #[test]
 fn a_receive_only_viewer_forwards_nothing_and_plays() {
     let config = DataPlaneConfig::default();
