@@ -1894,7 +1894,14 @@ impl<P: PeerKey> DataPlane<P> {
             .copied()
             .collect();
         for key in theirs {
-            self.objects.remove(&key);
+            if let Some(obj) = self.objects.remove(&key) {
+                let held: usize = obj
+                    .unverified
+                    .iter()
+                    .map(|(_, _, data, _)| data.len())
+                    .sum();
+                self.unverified_bytes = self.unverified_bytes.saturating_sub(held);
+            }
             self.incomplete.remove(&key);
         }
         for s in 0..self.config.stripes {
