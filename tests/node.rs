@@ -101,6 +101,13 @@ impl Peer {
     }
 }
 
+/// `addr` without its `/p2p/<id>` part.
+fn without_peer_id(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
 fn catalog(epoch: u64, sequence: u64) -> Vec<u8> {
     wire::encode(&Message::Catalog(Catalog {
         epoch,
@@ -321,6 +328,44 @@ fn large_fragment(epoch: u64, sequence: u64, size: usize) -> Vec<u8> {
         }),
         payload: payload.into(),
     }))
+}
+
+/// Publishes a 30 frames/s stream of 6 kB frames (shards over every stripe) with the
+/// catalog every second, numbering frames from `*sequence`, for at most `ms` ms; each event of
+/// `viewers[i]` is appended to `seen[i]`. Stops early once `done(seen)`; returns whether it
+/// did.
+async fn stream_frames(
+    publisher: &Peer,
+    viewers: &mut [Peer],
+    seen: &mut [Vec<Event>],
+    epoch: u64,
+    sequence: &mut u64,
+    ms: u64,
+    mut done: impl FnMut(&[Vec<Event>]) -> bool,
+) -> bool {
+    let mut tick = tokio::time::interval(Duration::from_millis(33));
+    let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+    while tokio::time::Instant::now() < end {
+        tick.tick().await;
+        if sequence.is_multiple_of(30) {
+            let _ = publisher
+                .node
+                .publish(STREAM, Channel::Control, catalog(epoch, *sequence));
+        }
+        let _ = publisher
+            .node
+            .publish(STREAM, MEDIA, large_fragment(epoch, *sequence, 6000));
+        *sequence += 1;
+        for (viewer, seen) in viewers.iter_mut().zip(seen.iter_mut()) {
+            while let Ok(event) = viewer.events.try_recv() {
+                seen.push(event);
+            }
+        }
+        if done(seen) {
+            return true;
+        }
+    }
+    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -923,45 +968,15 @@ async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_fo
     }
     let epoch = 7;
     let mut sequence = 0u64;
-    let mut received: Vec<BTreeSet<u64>> = vec![BTreeSet::new(); viewers.len()];
-    // Runs `ms` of a 30 frames/s stream of 6 kB frames (shards over every stripe).
-    async fn run(
-        publisher: &Peer,
-        viewers: &mut [Peer],
-        received: &mut [BTreeSet<u64>],
-        sequence: &mut u64,
-        epoch: u64,
-        ms: u64,
-    ) {
-        let mut tick = tokio::time::interval(Duration::from_millis(33));
-        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
-        while tokio::time::Instant::now() < end {
-            tick.tick().await;
-            if sequence.is_multiple_of(30) {
-                let _ = publisher
-                    .node
-                    .publish(STREAM, Channel::Control, catalog(epoch, *sequence));
-            }
-            let _ = publisher
-                .node
-                .publish(STREAM, MEDIA, large_fragment(epoch, *sequence, 6000));
-            *sequence += 1;
-            for (viewer, got) in viewers.iter_mut().zip(received.iter_mut()) {
-                while let Ok(event) = viewer.events.try_recv() {
-                    if let Some((_, seq)) = fragment_sequence(&event) {
-                        got.insert(seq);
-                    }
-                }
-            }
-        }
-    }
-    run(
+    let mut seen: Vec<Vec<Event>> = vec![Vec::new(); viewers.len()];
+    stream_frames(
         &publisher,
         &mut viewers,
-        &mut received,
-        &mut sequence,
+        &mut seen,
         epoch,
+        &mut sequence,
         6000,
+        |_| false,
     )
     .await;
     let forwarded = |peer: &Peer| peer.node.stats().data_plane.map_or(0, |dp| dp.children);
@@ -970,17 +985,25 @@ async fn trees_repair_after_a_forwarding_viewer_dies_and_receive_only_viewers_fo
     assert!(forwarded(&viewers[victim]) > 0, "nobody forwards");
     viewers[victim].node.shutdown(Duration::ZERO);
     let killed_at = sequence;
-    run(
+    stream_frames(
         &publisher,
         &mut viewers,
-        &mut received,
-        &mut sequence,
+        &mut seen,
         epoch,
+        &mut sequence,
         6000,
+        |_| false,
     )
     .await;
     let end = sequence;
-    for (i, got) in received.iter().enumerate() {
+    let received = seen.iter().map(|events| {
+        events
+            .iter()
+            .filter_map(fragment_sequence)
+            .map(|(_, seq)| seq)
+            .collect::<BTreeSet<u64>>()
+    });
+    for (i, got) in received.enumerate() {
         if i == victim {
             continue;
         }
@@ -1086,55 +1109,12 @@ async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
             .unwrap();
         viewers.push(viewer);
     }
-    // 30 frames/s of 6 kB (shards over every stripe), the catalog every second; collects
-    // the (author, sequence) of every fragment and every lock each viewer reports.
-    async fn run(
-        publisher: &Peer,
-        viewers: &mut [Peer],
-        seen: &mut [Vec<Event>],
-        epoch: u64,
-        ms: u64,
-        mut done: impl FnMut(&[Vec<Event>]) -> bool,
-    ) -> bool {
-        let mut tick = tokio::time::interval(Duration::from_millis(33));
-        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
-        let mut sequence = 0u64;
-        while tokio::time::Instant::now() < end {
-            tick.tick().await;
-            if sequence.is_multiple_of(30) {
-                let _ = publisher
-                    .node
-                    .publish(STREAM, Channel::Control, catalog(epoch, sequence));
-            }
-            let _ = publisher
-                .node
-                .publish(STREAM, MEDIA, large_fragment(epoch, sequence, 6000));
-            sequence += 1;
-            for (viewer, seen) in viewers.iter_mut().zip(seen.iter_mut()) {
-                while let Ok(event) = viewer.events.try_recv() {
-                    if matches!(
-                        event,
-                        Event::Message {
-                            message: Message::Fragment(_),
-                            ..
-                        } | Event::PublisherLocked { .. }
-                    ) {
-                        seen.push(event);
-                    }
-                }
-            }
-            if done(seen) {
-                return true;
-            }
-        }
-        false
-    }
     let from = |seen: &[Event], author: PeerId| {
         seen.iter().filter(|e| is_fragment_from(e, author)).count()
     };
     let mut seen = vec![Vec::new(), Vec::new()];
     let old_id = old.id();
-    let both = run(&old, &mut viewers, &mut seen, 1, 20_000, |seen| {
+    let both = stream_frames(&old, &mut viewers, &mut seen, 1, &mut 0, 20_000, |seen| {
         seen.iter().all(|s| from(s, old_id) >= 30)
     })
     .await;
@@ -1147,15 +1127,7 @@ async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
     // The new publisher listens where the old one did and dials nobody: the viewers find
     // it by redialling their bootstrap address, which now answers under another peer id.
     let mut config = trees_config(&[], false);
-    config.listen = old
-        .addrs
-        .iter()
-        .map(|addr| {
-            addr.iter()
-                .filter(|p| !matches!(p, Protocol::P2p(_)))
-                .collect()
-        })
-        .collect();
+    config.listen = old.addrs.iter().map(without_peer_id).collect();
     // The old node's sockets close a moment after its shutdown.
     let mut tries = 0;
     let new = loop {
@@ -1178,7 +1150,7 @@ async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
         .data_plane
         .map_or(0, |dp| dp.pulls_sent);
     let started = tokio::time::Instant::now();
-    let followed = run(&new, &mut viewers, &mut seen, 2, 25_000, |seen| {
+    let followed = stream_frames(&new, &mut viewers, &mut seen, 2, &mut 0, 25_000, |seen| {
         from(&seen[0], new_id) >= 30
     })
     .await;
@@ -1222,19 +1194,15 @@ async fn a_publisher_back_under_a_new_peer_id_is_followed_unless_pinned() {
 }
 
 /// A bootstrap address that answers under another peer id at first contact is not
-/// followed: the address says whom to expect, so the node stays unconnected (only a bootstrap peer reached before is followed to a new id, as after a
-/// restart without its identity file).
+/// followed: the address says whom to expect, so the node stays unconnected (only a
+/// bootstrap peer reached before is followed to a new id, as after a restart without its
+/// identity file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_address_under_another_id_at_first_contact_is_not_followed() {
     init_tracing();
     let a = Peer::start(trees_config(&[], false)).await;
     let expected = PeerId::random();
-    let wrong: Multiaddr = a
-        .tcp_addr()
-        .iter()
-        .filter(|p| !matches!(p, Protocol::P2p(_)))
-        .chain(std::iter::once(Protocol::P2p(expected)))
-        .collect();
+    let wrong = without_peer_id(a.tcp_addr()).with(Protocol::P2p(expected));
     let b = Peer::start(trees_config(&[&wrong], false)).await;
     // The first dial and a maintenance round's redial (5 s) both reach A and fail.
     tokio::time::sleep(Duration::from_secs(6)).await;

@@ -120,7 +120,7 @@ const MAX_IDENTIFY_ADDRS: usize = 16;
 /// another catalog only after this long without a catalog or a verified manifest from it:
 /// a publisher restarted without its identity file comes back under a new peer id. Five
 /// repeats of the catalog (sent every second), the viewer's default `publisher-timeout`.
-pub(crate) const PUBLISHER_RELOCK_AFTER: Duration = Duration::from_secs(5);
+const PUBLISHER_RELOCK_AFTER: Duration = Duration::from_secs(5);
 
 pub(crate) enum Command {
     Announce {

@@ -34,7 +34,9 @@ use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use prost::Message as _;
 
-use crate::core::dataplane::{DataPlane, DataPlaneConfig, DataPlaneStats, ObjectKey, Output, Role};
+use crate::core::dataplane::{
+    DataPlane, DataPlaneConfig, DataPlaneStats, ObjectKey, Output, Role, body_kind,
+};
 use crate::proto::{Envelope, Fragment, envelope};
 use flood::FloodNode;
 use network::{Line, NetworkModel, Rng};
@@ -287,8 +289,8 @@ struct Sim<'a> {
     altered: u64,
     lost: u64,
     dropped_downlink: u64,
-    /// `SIM_STATS`: bytes received in the window per message kind (the `DpMessage` body tag).
-    kind_bytes: Option<[u64; 13]>,
+    /// `SIM_STATS`: bytes received in the window per message kind ([`body_kind`]).
+    kind_bytes: Option<BTreeMap<&'static str, u64>>,
     dropped_uplink: u64,
     to_departed: u64,
     joins: u64,
@@ -345,7 +347,7 @@ impl<'a> Sim<'a> {
             altered: 0,
             lost: 0,
             dropped_downlink: 0,
-            kind_bytes: std::env::var_os("SIM_STATS").map(|_| [0; 13]),
+            kind_bytes: std::env::var_os("SIM_STATS").map(|_| BTreeMap::new()),
             dropped_uplink: 0,
             to_departed: 0,
             joins: 0,
@@ -937,8 +939,8 @@ impl<'a> Sim<'a> {
             let kind = crate::proto::DpMessage::decode(bytes.clone())
                 .ok()
                 .and_then(|m| m.body)
-                .map_or(0, |body| body_tag(&body));
-            kinds[kind] += wire_len(bytes.len()) as u64;
+                .map_or("undecodable", |body| body_kind(&body));
+            *kinds.entry(kind).or_default() += wire_len(bytes.len()) as u64;
         }
         if done > self.now + DOWNLINK_EXACT_ABOVE_NS {
             self.push(done, Kind::Deliver { to, from, bytes });
@@ -1265,24 +1267,9 @@ impl<'a> Sim<'a> {
             loss.last().copied().unwrap_or(0)
         );
         if let Some(kinds) = &self.kind_bytes {
-            let total = kinds.iter().sum::<u64>().max(1) as f64;
-            let names = [
-                "undecodable",
-                "-",
-                "shard",
-                "manifest",
-                "join",
-                "accept",
-                "redirect",
-                "leave",
-                "have",
-                "pull",
-                "subscribe",
-                "report",
-                "keyframe",
-            ];
+            let total = kinds.values().sum::<u64>().max(1) as f64;
             let mut line = "p2plive-sim: viewers' download by kind:".to_owned();
-            for (name, bytes) in names.iter().zip(kinds).filter(|(_, b)| **b > 0) {
+            for (name, bytes) in kinds {
                 line += &format!(" {name} {:.1} %", *bytes as f64 * 100.0 / total);
             }
             eprintln!("{line}");
@@ -1489,22 +1476,4 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?}: not a positive rate"));
     }
     Ok((value * scale).round() as u64)
-}
-
-/// The `DpMessage` field number of a body (2 = shard ... 12 = keyframe), for `SIM_STATS`.
-fn body_tag(body: &crate::proto::dp_message::Body) -> usize {
-    use crate::proto::dp_message::Body;
-    match body {
-        Body::Shard(_) => 2,
-        Body::Manifest(_) => 3,
-        Body::Join(_) => 4,
-        Body::Accept(_) => 5,
-        Body::Redirect(_) => 6,
-        Body::Leave(_) => 7,
-        Body::Have(_) => 8,
-        Body::Pull(_) => 9,
-        Body::Subscribe(_) => 10,
-        Body::Report(_) => 11,
-        Body::Keyframe(_) => 12,
-    }
 }

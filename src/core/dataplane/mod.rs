@@ -214,6 +214,24 @@ pub fn stripe_of(key: &ObjectKey, index: u32, stripes: u8) -> u8 {
     (rotation.wrapping_add(u64::from(index)) % u64::from(stripes.max(1))) as u8
 }
 
+/// The kind of a data-plane message body, by its `DpMessage` field name ("shard",
+/// "manifest", "join", ...), for diagnostics that split traffic by kind.
+pub fn body_kind(body: &Body) -> &'static str {
+    match body {
+        Body::Shard(_) => "shard",
+        Body::Manifest(_) => "manifest",
+        Body::Join(_) => "join",
+        Body::Accept(_) => "accept",
+        Body::Redirect(_) => "redirect",
+        Body::Leave(_) => "leave",
+        Body::Have(_) => "have",
+        Body::Pull(_) => "pull",
+        Body::Subscribe(_) => "subscribe",
+        Body::Report(_) => "report",
+        Body::Keyframe(_) => "keyframe",
+    }
+}
+
 /// Settings of the data plane. The defaults are the ones the node uses.
 #[derive(Debug, Clone)]
 pub struct DataPlaneConfig {
@@ -564,6 +582,8 @@ struct Peer {
     /// Its haves carry another epoch than ours (a publisher restarted under a new peer id,
     /// or another one on the topic): neither a parent nor a source of pulls.
     foreign: bool,
+    /// When a manifest of another epoch it sent was last checked against our publisher's key.
+    stale_checked: Option<Instant>,
 }
 
 struct Stripe<P> {
@@ -974,6 +994,7 @@ impl<P: PeerKey> DataPlane<P> {
             room: 0,
             relayed: false,
             foreign: false,
+            stale_checked: None,
         });
         if !info.is_empty() {
             entry.info = info;
@@ -1183,7 +1204,7 @@ impl<P: PeerKey> DataPlane<P> {
         }
         self.stats.shards_received += 1;
         // Another epoch's shards: their manifests would never verify.
-        if self.peers.get(&from).is_some_and(|p| p.foreign) {
+        if self.is_foreign(&from) {
             self.stats.stale += 1;
             return;
         }
@@ -1357,9 +1378,20 @@ impl<P: PeerKey> DataPlane<P> {
         if let Some(epoch) = self.epoch
             && m.epoch != epoch
         {
-            if self.peers.get(&from).is_some_and(|p| p.foreign) {
+            // Whose stream it is costs a signature check: at most one per `have_interval`
+            // per peer (a replay of an epoch we knew is checked every time, as it bans).
+            let check = self.peers.get(&from).is_some_and(|p| {
+                !p.foreign
+                    && p.stale_checked.is_none_or(|at| {
+                        now.saturating_duration_since(at) >= self.config.have_interval
+                    })
+            });
+            if !check && !self.old_epochs.contains(&m.epoch) {
                 self.stats.stale += 1;
                 return;
+            }
+            if let Some(p) = self.peers.get_mut(&from) {
+                p.stale_checked = Some(now);
             }
             let ours = self.verify_manifest(&key, &m);
             if ours && self.old_epochs.contains(&m.epoch) {
@@ -1854,12 +1886,7 @@ impl<P: PeerKey> DataPlane<P> {
                 continue;
             }
             let candidate = match self.stripes[si].next_candidate.take() {
-                Some(c)
-                    if !self.banned.contains(&c)
-                        && !self.peers.get(&c).is_some_and(|p| p.foreign) =>
-                {
-                    Some(c)
-                }
+                Some(c) if !self.banned.contains(&c) && !self.is_foreign(&c) => Some(c),
                 _ => self.pick_join_candidate(s),
             };
             let Some(candidate) = candidate else { continue };
@@ -1910,6 +1937,10 @@ impl<P: PeerKey> DataPlane<P> {
                 self.abandon_parent(now, s);
             }
         }
+    }
+
+    fn is_foreign(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.foreign)
     }
 
     /// Leaves our parent in `s` (it is not asked again for a while); a new one is looked for.
@@ -2287,7 +2318,7 @@ impl<P: PeerKey> DataPlane<P> {
         let si = usize::from(s);
         let expected = self.stripes[si].parent == Some(from)
             || self.stripes[si].joining.is_some_and(|(p, _, _)| p == from);
-        let foreign = self.peers.get(&from).is_some_and(|p| p.foreign);
+        let foreign = self.is_foreign(&from);
         if foreign && self.stripes[si].joining.is_some_and(|(p, _, _)| p == from) {
             self.stripes[si].joining = None;
             self.stripes[si].refused.insert(from, now);
@@ -2586,9 +2617,6 @@ impl<P: PeerKey> DataPlane<P> {
             self.stats.stale += 1;
             return self.mark_foreign(now, from);
         }
-        if let Some(peer) = self.peers.get_mut(&from) {
-            peer.foreign = false;
-        }
         let mut learned = Vec::new();
         for layer in &have.layers {
             let id = (layer.track, layer.layer);
@@ -2630,6 +2658,7 @@ impl<P: PeerKey> DataPlane<P> {
             }
         }
         if let Some(peer) = self.peers.get_mut(&from) {
+            peer.foreign = false;
             peer.have = have
                 .layers
                 .into_iter()

@@ -236,17 +236,7 @@ impl Net {
                         .or_default()
                         .insert(bytes.as_ptr() as usize);
                 }
-                let kind = match m.body {
-                    Some(Body::Shard(_)) => "shard",
-                    Some(Body::Manifest(_)) => "manifest",
-                    Some(Body::Have(_)) => "have",
-                    Some(Body::Accept(_)) => "accept",
-                    Some(Body::Join(_)) => "join",
-                    Some(Body::Redirect(_)) => "redirect",
-                    Some(Body::Subscribe(_)) => "subscribe",
-                    Some(Body::Pull(_)) => "pull",
-                    _ => "other",
-                };
+                let kind = m.body.as_ref().map_or("other", body_kind);
                 *self.down_kind.entry((to, kind)).or_default() += bytes.len() as u64;
             }
             if let Some(node) = self.nodes.get_mut(&to) {
@@ -994,6 +984,28 @@ fn garbage_input_is_counted_never_a_panic() {
     assert!(node.stats().peers_banned <= 1);
 }
 
+/// A have (stream `tag`, `epoch`) of layer 0 up to frame `latest`, it and the 64 before it
+/// complete.
+fn complete_have(tag: u32, latest: u64, epoch: u64) -> Bytes {
+    DpMessage {
+        stream: tag,
+        body: Some(Body::Have(DpHave {
+            layers: vec![DpHaveLayer {
+                track: 0,
+                layer: 0,
+                latest,
+                complete: u64::MAX,
+                latest_complete: true,
+            }],
+            depths: Vec::new(),
+            room: 0,
+            epoch,
+        })),
+    }
+    .encode_to_vec()
+    .into()
+}
+
 #[test]
 fn a_have_of_far_future_frames_is_harmless() {
     // A neighbour announces the last possible frame sequence, complete. Nothing overflows,
@@ -1005,22 +1017,7 @@ fn a_have_of_far_future_frames_is_harmless() {
     let now = net.now;
     let node = net.nodes.get_mut(&1).unwrap();
     let peer = *node.peers().next().unwrap();
-    let have = DpMessage {
-        stream: node.tag,
-        body: Some(Body::Have(DpHave {
-            layers: vec![DpHaveLayer {
-                track: 0,
-                layer: 0,
-                latest: u64::MAX,
-                complete: u64::MAX,
-                latest_complete: true,
-            }],
-            depths: Vec::new(),
-            room: 0,
-            epoch: 0,
-        })),
-    };
-    node.handle_message(now, peer, have.encode_to_vec().into());
+    node.handle_message(now, peer, complete_have(node.tag, u64::MAX, 0));
     net.run(Duration::from_secs(5), Some((FRAME, 4000)));
     let node = &net.nodes[&1];
     let (first, newest) = (node.first[&(0, 0)], node.newest[&(0, 0)]);
@@ -1046,23 +1043,8 @@ fn a_have_of_another_epoch_is_not_pulled() {
         let peer = *node.peers().next().unwrap();
         let newest = node.newest[&(0, 0)];
         let ahead = newest + 20;
-        let have = DpMessage {
-            stream: node.tag,
-            body: Some(Body::Have(DpHave {
-                layers: vec![DpHaveLayer {
-                    track: 0,
-                    layer: 0,
-                    latest: ahead,
-                    complete: u64::MAX,
-                    latest_complete: true,
-                }],
-                depths: Vec::new(),
-                room: 0,
-                epoch: their_epoch,
-            })),
-        };
         let stale = node.stats().stale;
-        node.handle_message(now, peer, have.encode_to_vec().into());
+        node.handle_message(now, peer, complete_have(node.tag, ahead, their_epoch));
         assert_eq!(
             node.frames.contains_key(&(0, 0, ahead)),
             learned,
