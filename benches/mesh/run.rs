@@ -423,6 +423,9 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
             played_bytes,
         });
     }
+    if std::env::var_os("MESH_STATS").is_some() {
+        print_heaviest(&viewers, &viewers0, &viewers1, &window_bytes);
+    }
     let joins_ms: Vec<Option<f64>> = reports
         .iter()
         .map(|r| {
@@ -728,6 +731,46 @@ fn print_stats(before: &[NodeStatsSnapshot], after: &[NodeStatsSnapshot]) {
     }
     let peers: Vec<usize> = after.iter().map(|s| s.connected_peers).collect();
     eprintln!("mesh: connected peers per viewer {peers:?}");
+}
+
+/// `MESH_STATS=1`: the three surviving viewers with the largest download in the window, each
+/// with its data-plane counters in the window (where a download above the median goes).
+fn print_heaviest(
+    viewers: &[ViewerHandle],
+    before: &[NodeStatsSnapshot],
+    after: &[NodeStatsSnapshot],
+    window_bytes: &BTreeMap<u32, u64>,
+) {
+    let mut heavy: Vec<(f64, usize)> = viewers
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.original && !v.killed)
+        .map(|(i, v)| {
+            let played = window_bytes.get(&v.layer).copied().unwrap_or(0).max(1);
+            (
+                (after[i].bytes_in - before[i].bytes_in) as f64 / played as f64,
+                i,
+            )
+        })
+        .collect();
+    heavy.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for &(down, i) in heavy.iter().take(3) {
+        let (Some(b), Some(a)) = (&before[i].data_plane, &after[i].data_plane) else {
+            continue;
+        };
+        let counters: Vec<String> = a
+            .counters()
+            .into_iter()
+            .zip(b.counters())
+            .filter(|((_, x), (_, y))| x > y)
+            .map(|((name, x), (_, y))| format!("{name} {}", x - y))
+            .collect();
+        eprintln!(
+            "mesh: viewer {i} download {down:.3}x, peers {}: {}",
+            after[i].connected_peers,
+            counters.join(" ")
+        );
+    }
 }
 
 /// `MESH_GAPS=1`: a viewer's frames of the window that were not played on time, as ranges of

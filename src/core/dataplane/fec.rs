@@ -26,8 +26,8 @@ pub struct Layout {
     pub length: usize,
     /// Data shards `k` (1..=60).
     pub data: usize,
-    /// Parity shards `m`: at least [`Layout::base_parity`]; more when the publisher measured
-    /// loss (`data + parity` ≤ [`MAX_SHARDS`]).
+    /// Parity shards `m`: [`Layout::base_parity`], more when the publisher's audience measured
+    /// loss, 0 when it measured none (`data + parity` ≤ [`MAX_SHARDS`]).
     pub parity: usize,
     /// Bytes of every shard, rounded up to even (the layout rule of the first codec, which
     /// needed 2-byte symbols; kept so that layouts stay what they were).
@@ -72,7 +72,7 @@ impl Layout {
 
     /// Checks a layout received from the network against the limits.
     pub fn validate(&self, max_object: usize) -> Result<(), FecError> {
-        if self.data == 0 || self.parity == 0 || self.data + self.parity > MAX_SHARDS {
+        if self.data == 0 || self.data + self.parity > MAX_SHARDS {
             return Err(FecError::Layout("shard counts"));
         }
         if self.length > max_object || self.length == 0 {
@@ -121,6 +121,15 @@ fn codec(layout: &Layout) -> Result<Rc<ReedSolomon>, FecError> {
 
 /// Cuts `object` into `layout.total()` shards: the data shards (zero-padded) then parity.
 pub fn encode(object: &[u8], layout: &Layout) -> Result<Vec<Bytes>, FecError> {
+    if layout.parity == 0 {
+        if layout.data == 0 || layout.data > MAX_SHARDS {
+            return Err(FecError::Layout("shard counts"));
+        }
+        return Ok(data_shards(object, layout)
+            .into_iter()
+            .map(Bytes::from)
+            .collect());
+    }
     let codec = codec(layout)?;
     let mut shards = data_shards(object, layout);
     shards.resize(layout.total(), vec![0; layout.shard_len]);
@@ -233,7 +242,11 @@ mod tests {
         let good = Layout::for_object(5000, 16, 1100);
         for bad in [
             Layout { data: 0, ..good },
-            Layout { parity: 0, ..good },
+            Layout {
+                data: 65,
+                parity: 0,
+                ..good
+            },
             Layout {
                 data: 63,
                 parity: 2,
@@ -251,5 +264,28 @@ mod tests {
         ] {
             assert!(bad.validate(1 << 20).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn without_parity_the_data_shards_alone_rebuild_the_object() {
+        let obj = object(12_345);
+        let layout = Layout {
+            parity: 0,
+            ..Layout::for_object(obj.len(), 16, 1100)
+        };
+        layout.validate(1 << 20).unwrap();
+        let shards = encode(&obj, &layout).unwrap();
+        assert_eq!(shards.len(), layout.data);
+        let all: Vec<Option<Bytes>> = shards.iter().cloned().map(Some).collect();
+        assert_eq!(decode(&all, &layout).unwrap(), obj);
+        let mut one_lost = all.clone();
+        one_lost[3] = None;
+        assert_eq!(
+            decode(&one_lost, &layout),
+            Err(FecError::NotEnough {
+                have: layout.data - 1,
+                need: layout.data
+            })
+        );
     }
 }

@@ -280,8 +280,9 @@ pub struct DataPlaneConfig {
     /// Stream rate assumed (kbit/s) for the capacity rule until one is measured.
     pub assumed_stream_kbps: u64,
     /// Publisher: size the parity of each object from the shard loss its audience measures
-    /// (reported up the feedback tree), instead of always `⌈k / (stripes − 1)⌉`. See
-    /// [`parity_for_loss`].
+    /// (reported up the feedback tree), instead of always `⌈k / (stripes − 1)⌉`: no parity
+    /// while the median viewer loses nothing, at least `⌈k / (stripes − 1)⌉` once it loses
+    /// any, more as [`parity_for_loss`] asks. Until the first report, `⌈k / (stripes − 1)⌉`.
     pub adaptive_parity: bool,
     /// Seed of the core's own random choices (peer picks): deterministic runs.
     pub seed: u64,
@@ -434,7 +435,8 @@ pub struct DataPlaneStats {
     /// Viewer: share (‰) of the shards its parents pushed that did not arrive, over the
     /// last report interval with data.
     pub shard_loss_permille: u32,
-    /// Publisher: the shard loss (‰) its parity is sized for (0: the base parity).
+    /// Publisher: the shard loss (‰) its parity is sized for (0: no parity once the audience
+    /// reported, the base parity before).
     pub parity_loss_permille: u32,
 }
 
@@ -745,6 +747,9 @@ pub struct DataPlane<P: PeerKey> {
     /// Publisher: the shard loss parity is sized for, and when it was last set.
     parity_loss: f64,
     parity_loss_at: Instant,
+    /// Publisher: whether the audience has reported any shard loss measure yet (until then
+    /// the base parity is used).
+    parity_measured: bool,
     objects: BTreeMap<ObjectKey, Object<P>>,
     /// The objects neither complete nor given up (what the repair timer scans: a few in
     /// flight, not the seconds of objects kept for pulls).
@@ -847,6 +852,7 @@ impl<P: PeerKey> DataPlane<P> {
             pull_rtt: None,
             parity_loss: 0.0,
             parity_loss_at: now,
+            parity_measured: false,
             objects: BTreeMap::new(),
             incomplete: BTreeSet::new(),
             ready: VecDeque::new(),
@@ -1072,10 +1078,17 @@ impl<P: PeerKey> DataPlane<P> {
             usize::from(self.config.stripes),
             self.config.target_shard_bytes,
         );
-        if self.config.adaptive_parity && self.parity_loss > 0.0 {
-            layout.parity = parity_for_loss(layout.data, self.parity_loss, PARITY_RESIDUAL)
-                .clamp(layout.parity, layout.data.max(layout.parity))
-                .min(fec::MAX_SHARDS - layout.data);
+        if self.config.adaptive_parity && self.parity_measured {
+            layout.parity = if self.parity_loss > 0.0 {
+                parity_for_loss(layout.data, self.parity_loss, PARITY_RESIDUAL)
+                    .clamp(layout.parity, layout.data.max(layout.parity))
+                    .min(fec::MAX_SHARDS - layout.data)
+            } else {
+                // The median viewer lost nothing: parity would be pure overhead (1/11 of a
+                // 3 Mbit/s delta frame). A shard that does go missing is pulled; a loss
+                // raises the parity again at the next report.
+                0
+            };
         }
         let Ok(shards) = fec::encode(&object, &layout) else {
             return;
@@ -3132,6 +3145,12 @@ impl<P: PeerKey> DataPlane<P> {
         // Beyond MAX_PARITY_LOSS parity would cost more than the stream; such viewers step
         // down their layer (ABR takes the link loss) and pull the rest.
         let loss = loss.min(MAX_PARITY_LOSS);
+        if !self.parity_measured {
+            self.parity_measured = true;
+            self.parity_loss = loss;
+            self.parity_loss_at = now;
+            return;
+        }
         if loss >= self.parity_loss
             || now.saturating_duration_since(self.parity_loss_at) >= PARITY_HOLD
         {
