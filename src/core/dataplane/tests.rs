@@ -497,6 +497,44 @@ fn orphans_back_off_their_joins_and_rejoin_a_returning_publisher() {
     net.assert_all_intact();
 }
 
+/// A peer that still counts us as its child in a stripe where it is not our parent (a leave
+/// lost in a race) would push us that stripe a second time for as long as we watch: after
+/// a few such shards we send it a leave for the stripe (Plumtree's prune).
+#[test]
+fn a_stale_tree_edge_is_pruned() {
+    let mut net = stable_trees(20);
+    net.run(Duration::from_secs(1), Some((FRAME, 12_500)));
+    let stripe = 5u8;
+    let viewer = (1..=20)
+        .find(|id| net.nodes[id].parent(stripe).is_some_and(|p| p != PUBLISHER))
+        .expect("a viewer below another viewer in stripe 5");
+    // The publisher believes `viewer` is still its child in stripe 5.
+    let publisher = net.nodes.get_mut(&PUBLISHER).unwrap();
+    publisher.stripes[usize::from(stripe)]
+        .children
+        .insert(viewer);
+    publisher
+        .peers
+        .get_mut(&viewer)
+        .expect("connected to the publisher")
+        .subs
+        .insert(stripe, BTreeSet::from([(0, 0)]));
+    let duplicates = |net: &Net| net.nodes[&viewer].stats().shards_duplicate;
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    assert_eq!(net.nodes[&viewer].stats().stale_edges_pruned, 1);
+    assert!(
+        !net.nodes[&PUBLISHER].stripes[usize::from(stripe)]
+            .children
+            .contains(&viewer),
+        "the publisher still pushes stripe 5 to viewer {viewer}"
+    );
+    let before = duplicates(&net);
+    net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
+    // About 25 shards a second in the stripe: without the prune ~50 duplicates here.
+    let more = duplicates(&net) - before;
+    assert!(more <= 5, "viewer {viewer}: {more} duplicates in 2 s");
+}
+
 #[test]
 fn tree_repairs_itself_after_an_interior_viewer_dies() {
     let config = DataPlaneConfig::default();
