@@ -1344,7 +1344,6 @@ fn parity_rises_with_the_audiences_loss_and_falls_back() {
         "{}",
         newest_parity(&net)
     );
-    eprintln!("PULLS adaptive {pulls} fixed {fixed_pulls}");
     // Measured: 1 275 against 2 530 (1 110 when the lossless start still had parity).
     assert!(
         pulls * 10 < fixed_pulls * 6,
