@@ -1024,9 +1024,7 @@ impl<P: PeerKey> DataPlane<P> {
         let short = fnv64(&peer.to_bytes());
         if matches!(self.role, Role::Viewer { publisher, .. } if publisher == peer) {
             // The publisher (back): searches backing off start again.
-            for s in 0..self.config.stripes {
-                self.retry_join_soon(now, s);
-            }
+            self.retry_joins_soon(now);
         }
         let entry = self.peers.entry(peer).or_insert_with(|| Peer {
             info: Bytes::new(),
@@ -1648,9 +1646,7 @@ impl<P: PeerKey> DataPlane<P> {
         self.note_frame(now, &key, fragments, true);
         if self.starved(now) {
             // Media again (pulled, say): searches backing off start again.
-            for s in 0..self.config.stripes {
-                self.retry_join_soon(now, s);
-            }
+            self.retry_joins_soon(now);
         }
         self.last_complete = now;
         if plays && let (Some(from), Some(object)) = (from, object) {
@@ -2038,13 +2034,15 @@ impl<P: PeerKey> DataPlane<P> {
         now.saturating_duration_since(self.last_complete) >= STARVED_AFTER
     }
 
-    /// Ends a starved search's backoff in `s` (see `JOIN_BACKOFF_MS`).
-    fn retry_join_soon(&mut self, now: Instant, s: u8) {
-        let stripe = &mut self.stripes[usize::from(s)];
-        if stripe.parent.is_none() && stripe.join_failures > 0 {
-            stripe.join_failures = 0;
-            stripe.chain = 0;
-            stripe.next_join_at = stripe.next_join_at.min(now);
+    /// Ends starved searches' backoff in every stripe without a parent (see
+    /// `JOIN_BACKOFF_MS`).
+    fn retry_joins_soon(&mut self, now: Instant) {
+        for stripe in &mut self.stripes {
+            if stripe.parent.is_none() && stripe.join_failures > 0 {
+                stripe.join_failures = 0;
+                stripe.chain = 0;
+                stripe.next_join_at = stripe.next_join_at.min(now);
+            }
         }
     }
 
@@ -2799,9 +2797,7 @@ impl<P: PeerKey> DataPlane<P> {
                 .iter()
                 .any(|key| !self.objects.contains_key(key) && !self.is_old(key))
         {
-            for s in 0..self.config.stripes {
-                self.retry_join_soon(now, s);
-            }
+            self.retry_joins_soon(now);
         }
         for key in learned {
             if self.objects.len() < MAX_OBJECTS && !self.is_old(&key) {

@@ -42,23 +42,25 @@ struct Net {
     duplicate_to: BTreeSet<u32>,
 }
 
+/// The publisher's data plane (peer `PUBLISHER`, stream "test").
+fn publisher_plane(now: Instant, signing: &SigningKey, config: DataPlaneConfig) -> DataPlane<u32> {
+    DataPlane::new(
+        now,
+        "test",
+        PUBLISHER,
+        Role::Publisher {
+            key: signing.clone(),
+        },
+        config,
+    )
+}
+
 impl Net {
     fn new(config: DataPlaneConfig) -> Net {
         let now = Instant::now();
         let signing = SigningKey::from_bytes(&[7u8; 32]);
         let mut nodes = BTreeMap::new();
-        nodes.insert(
-            PUBLISHER,
-            DataPlane::new(
-                now,
-                "test",
-                PUBLISHER,
-                Role::Publisher {
-                    key: signing.clone(),
-                },
-                config,
-            ),
-        );
+        nodes.insert(PUBLISHER, publisher_plane(now, &signing, config));
         Net {
             now,
             start: now,
@@ -315,6 +317,28 @@ impl Net {
         (ok, window.len())
     }
 
+    /// Every one of `viewers` got every object published in `[from, to)` intact.
+    fn assert_delivered_all(
+        &self,
+        viewers: impl IntoIterator<Item = u32>,
+        from: Duration,
+        to: Duration,
+    ) {
+        for id in viewers {
+            let (ok, all) = self.delivery(id, from, to);
+            assert_eq!(ok, all, "viewer {id}");
+        }
+    }
+
+    /// Bytes of the objects published in `[from, to)` (virtual time since start).
+    fn published_bytes(&self, from: Duration, to: Duration) -> u64 {
+        self.published
+            .values()
+            .filter(|(at, _)| (from..to).contains(&at.duration_since(self.start)))
+            .map(|(_, b)| b.len() as u64)
+            .sum()
+    }
+
     /// Every delivered object equals the published one.
     fn assert_all_intact(&self) {
         for (viewer, objects) in &self.delivered {
@@ -368,15 +392,7 @@ fn every_viewer_gets_every_object_at_about_one_copy() {
     net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
     let t1 = net.now.duration_since(net.start);
     net.run(Duration::from_secs(2), None);
-    let published: u64 = net
-        .published
-        .values()
-        .filter(|(at, _)| {
-            let t = at.duration_since(net.start);
-            t >= t0 && t < t1
-        })
-        .map(|(_, b)| b.len() as u64)
-        .sum();
+    let published = net.published_bytes(t0, t1);
     for id in 1..=40 {
         let (ok, all) = net.delivery(id, t0, t1);
         assert_eq!(ok, all, "viewer {id}: {ok} of {all}");
@@ -425,12 +441,7 @@ fn no_parity_while_the_audience_loses_nothing() {
     net.run(Duration::from_secs(4), Some((FRAME, 12_500)));
     let t1 = net.now.duration_since(net.start);
     net.run(Duration::from_secs(2), None);
-    let published: u64 = net
-        .published
-        .values()
-        .filter(|(at, _)| (t0..t1).contains(&at.duration_since(net.start)))
-        .map(|(_, b)| b.len() as u64)
-        .sum();
+    let published = net.published_bytes(t0, t1);
     for id in 1..=20 {
         let (ok, all) = net.delivery(id, t0, t1);
         assert_eq!(ok, all, "viewer {id}");
@@ -474,26 +485,13 @@ fn orphans_back_off_their_joins_and_rejoin_a_returning_publisher() {
     }
     // The publisher restarts (same key) and reaches two viewers: everyone plays again.
     let now = net.now;
-    net.nodes.insert(
-        PUBLISHER,
-        DataPlane::new(
-            now,
-            "test",
-            PUBLISHER,
-            Role::Publisher {
-                key: net.signing.clone(),
-            },
-            config,
-        ),
-    );
+    net.nodes
+        .insert(PUBLISHER, publisher_plane(now, &net.signing, config));
     net.connect(PUBLISHER, 1);
     net.connect(PUBLISHER, 7);
     net.run(Duration::from_secs(2), Some((FRAME, 12_500)));
     let (t0, t1) = net.stream_window(Duration::from_secs(3));
-    for id in 1..=12 {
-        let (ok, all) = net.delivery(id, t0, t1);
-        assert_eq!(ok, all, "viewer {id}");
-    }
+    net.assert_delivered_all(1..=12, t0, t1);
     net.assert_all_intact();
 }
 
@@ -617,10 +615,7 @@ fn manifests_lost_in_one_stripe_hold_up_no_object() {
         }
     }));
     let (t0, t1) = net.stream_window(Duration::from_secs(3));
-    for id in 1..=20 {
-        let (ok, all) = net.delivery(id, t0, t1);
-        assert_eq!(ok, all, "viewer {id}");
-    }
+    net.assert_delivered_all(1..=20, t0, t1);
     net.assert_all_intact();
 }
 
@@ -656,10 +651,7 @@ fn a_sparse_stream_keeps_its_parents() {
         "{} parent changes in 10 s",
         after - before
     );
-    for id in 1..=12 {
-        let (ok, all) = net.delivery(id, t0, t1);
-        assert_eq!(ok, all, "viewer {id}");
-    }
+    net.assert_delivered_all(1..=12, t0, t1);
 }
 
 #[test]
