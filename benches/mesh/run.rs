@@ -158,6 +158,12 @@ fn node_config(mode: Mode, bootstrap: Vec<Multiaddr>, publisher: bool) -> NodeCo
     if publisher {
         // Room for a few seconds of keyframes at high bitrates.
         config.publish_capacity = 8192;
+    } else {
+        // As a p2plivesrc with the same playout latency sets it.
+        let playout = SubscriberConfig::default();
+        config.repair_delay = Some(node::repair_delay_for_latency(
+            playout.latency + playout.jitter_tolerance,
+        ));
     }
     config
 }

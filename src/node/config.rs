@@ -99,6 +99,12 @@ pub struct NodeConfig {
     /// unlimited (the default), `Some(0)` receive only. The trees never give it more children
     /// than fit, and its media sending is paced to it.
     pub upload_capacity_kbps: Option<u64>,
+    /// How long a viewer's data plane waits after an object's first sign before pulling a
+    /// shard that may still be on its way (see
+    /// [`crate::core::dataplane::DataPlaneConfig::repair_delay`]). `None` (the default):
+    /// the data plane's 400 ms. A viewer sets it from its playout latency
+    /// ([`repair_delay_for_latency`]), so that a repair fits in it.
+    pub repair_delay: Option<Duration>,
     /// Most connected peers with [`DataPlaneMode::Trees`]; beyond it, connections that are
     /// not tree edges are closed. Default [`DEFAULT_MAX_PEERS`].
     pub max_peers: usize,
@@ -193,6 +199,7 @@ impl NodeConfig {
             inbound_loss: None,
             data_plane: DataPlaneMode::default(),
             upload_capacity_kbps: None,
+            repair_delay: None,
             max_peers: DEFAULT_MAX_PEERS,
             relay_server: None,
             psk: None,
@@ -245,6 +252,16 @@ impl NodeConfig {
         }
         Ok(())
     }
+}
+
+/// The repair delay (see [`NodeConfig::repair_delay`]) of a viewer that plays each frame at
+/// most `playout` after its first fragment (its latency plus jitter tolerance): a third of it
+/// (20 ms to 400 ms), so a lost shard is pulled with two thirds of the budget left for the
+/// answer and a retry. With the default 300 + 60 ms: 120 ms. Waiting the data plane's
+/// 400 ms made every frame with a lost shard late when its stripe carried no later object in
+/// time (a sparse stream: 1–2 shards per frame over 16 stripes).
+pub fn repair_delay_for_latency(playout: Duration) -> Duration {
+    (playout / 3).clamp(Duration::from_millis(20), Duration::from_millis(400))
 }
 
 /// `/ip4/0.0.0.0/udp/0/quic-v1` and `/ip4/0.0.0.0/tcp/0`: every IPv4 interface, ports chosen by

@@ -305,6 +305,7 @@ pub(crate) struct Parts {
     pub bootstrap: Vec<(PeerId, Vec<Multiaddr>)>,
     pub data_plane: DataPlaneMode,
     pub upload_capacity_kbps: Option<u64>,
+    pub repair_delay: Option<Duration>,
     pub max_peers: usize,
     pub keypair: Keypair,
     /// libp2p's swarm and protocol metrics, on the node's registry.
@@ -383,10 +384,12 @@ impl EventLoop {
             }
             DataPlaneMode::Gossipsub => (None, None),
         };
+        let defaults = DataPlaneConfig::default();
         let plane_config = DataPlaneConfig {
             upload_capacity_kbps: parts.upload_capacity_kbps,
             seed: rand::random(),
-            ..DataPlaneConfig::default()
+            repair_delay: parts.repair_delay.unwrap_or(defaults.repair_delay),
+            ..defaults
         };
         let signing = signing_key(&parts.keypair);
         let mut swarm = parts.swarm;

@@ -34,7 +34,7 @@ pub use config::{
     DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
     DEFAULT_PUBLISH_CAPACITY, DataPlaneMode, GossipsubProfile, InboundLoss, NodeConfig,
     PreSharedKey, RelayServerConfig, default_listen, default_tcp_listen, load_psk, parse_bootstrap,
-    parse_multiaddrs,
+    parse_multiaddrs, repair_delay_for_latency,
 };
 pub use error::NodeError;
 pub use identity::load_or_create_identity;
@@ -216,6 +216,7 @@ impl Node {
             bootstrap,
             data_plane: config.data_plane,
             upload_capacity_kbps: config.upload_capacity_kbps,
+            repair_delay: config.repair_delay,
             max_peers: config.max_peers,
             keypair: config.keypair.clone(),
             metrics,

@@ -17,7 +17,7 @@ use crate::core::subscriber::DEFAULT_PUBLISHER_TIMEOUT;
 use crate::core::viewer::{ChannelChange, Viewer, ViewerConfig, ViewerStats};
 use crate::core::wire::{Catalog, Channel, Track, TrackKind};
 use crate::core::{OutputFrame, SubscriberConfig, SubscriberEvent, SubscriberStats};
-use crate::node::{Event, Node};
+use crate::node::{self, Event, Node};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -228,7 +228,9 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .nick("Latency")
             .blurb(
                 "Playout delay in milliseconds: how late a frame may arrive and still play, \
-                 reported in the latency query",
+                 reported in the latency query. A shard still missing a third of \
+                 (latency + jitter-tolerance) after its frame began to arrive is pulled from \
+                 a neighbour (at least 20 ms, at most 400 ms)",
             )
             .minimum(20)
             .maximum(30_000)
@@ -603,10 +605,14 @@ impl P2pLiveSrc {
                     ("publisher is not a valid peer id: {err}")
                 )
             })?;
-        let config = settings
+        let mut config = settings
             .net
             .node_config(MAX_TRANSMIT_SIZE)
             .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ("{err}")))?;
+        // A missing shard is pulled early enough to arrive within this element's latency.
+        config.repair_delay = Some(node::repair_delay_for_latency(Duration::from_millis(
+            u64::from(settings.latency_ms) + u64::from(settings.jitter_tolerance_ms),
+        )));
         let (node, events) = Node::spawn(config, RUNTIME.handle()).map_err(|err| {
             gst::error_msg!(
                 gst::ResourceError::OpenReadWrite,

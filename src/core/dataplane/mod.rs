@@ -277,7 +277,9 @@ pub struct DataPlaneConfig {
     /// Wait after the first sign of an object before pulling what is missing, unless the
     /// stripe it is missing in already carried a later object (then it was lost and is
     /// pulled after 15 ms) or changed parent. Long enough for shards on a slower path
-    /// (stripes take different routes): 400 ms.
+    /// (stripes take different routes): 400 ms. A viewer with a shorter playout latency
+    /// shortens it (see `crate::node::NodeConfig::repair_delay`): a sparse stream carries a
+    /// later object in a given stripe only every second or so.
     pub repair_delay: Duration,
     /// Nothing is pulled later than this after an object's first sign (its deadline).
     pub deadline: Duration,
