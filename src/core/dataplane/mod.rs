@@ -2992,13 +2992,33 @@ impl<P: PeerKey> DataPlane<P> {
                 .filter(|(_, p)| !p.foreign && self.peer_has(p, &key))
                 .map(|(id, _)| *id)
                 .collect();
-            // Else the parent of a stripe where it is missing: it is upstream of that loss,
-            // pulls in turn from its own parent if it lacks it too, and pushes the shards
-            // down once it rebuilt the object, so a loss near the root is repaired from the
-            // top (ultimately from the publisher) instead of among peers that all lack it.
-            let first_missing = (0..64u32).find(|i| shards & (1 << i) != 0).unwrap_or(0);
+            // Else the parent of a stripe that should have brought what is missing: it is
+            // upstream of that loss, pulls in turn from its own parent if it lacks it too,
+            // and pushes the shards down once it rebuilt the object, so a loss near the root
+            // is repaired from the top (ultimately from the publisher) instead of among peers
+            // that all lack it. A missing manifest is asked of the parents in its own
+            // stripes. Each retry asks the next of those parents: one may lack it as well and
+            // answers nothing (two peers each without a manifest, each the other's parent in
+            // another stripe, asked each other for 200 ms).
+            let mut upstream: Vec<P> = Vec::new();
+            let stripes_of_missing: Vec<u8> = if manifest {
+                manifest_stripes(&key, stripes)
+            } else {
+                (0..64u32)
+                    .filter(|i| shards & (1 << i) != 0)
+                    .map(|i| stripe_of(&key, i, stripes))
+                    .collect()
+            };
+            for s in stripes_of_missing {
+                if let Some(parent) = self.stripes[usize::from(s)].parent
+                    && !upstream.contains(&parent)
+                {
+                    upstream.push(parent);
+                }
+            }
+            let tries = self.objects.get(&key).map_or(1, |o| o.pulls.max(1));
             let upstream =
-                self.stripes[usize::from(stripe_of(&key, first_missing, stripes))].parent;
+                (!upstream.is_empty()).then(|| upstream[(tries as usize - 1) % upstream.len()]);
             let parents: Vec<P> = self.stripes.iter().filter_map(|s| s.parent).collect();
             let target = self
                 .pick(&holders)
