@@ -161,8 +161,10 @@ fn node_config(mode: Mode, bootstrap: Vec<Multiaddr>, publisher: bool) -> NodeCo
     } else {
         // As a p2plivesrc with the same playout latency sets it.
         let playout = SubscriberConfig::default();
-        config.repair_delay = Some(node::repair_delay_for_latency(
-            playout.latency + playout.jitter_tolerance,
+        config.repair_delay = Some(node::repair_delay_for_playout(
+            playout.latency,
+            playout.jitter_tolerance,
+            playout.gap_wait,
         ));
     }
     config

@@ -34,7 +34,7 @@ pub use config::{
     DEFAULT_EVENT_CAPACITY, DEFAULT_MAX_DIALED_PEERS, DEFAULT_MAX_PEERS, DEFAULT_MAX_TRANSMIT_SIZE,
     DEFAULT_PUBLISH_CAPACITY, DataPlaneMode, GossipsubProfile, InboundLoss, NodeConfig,
     PreSharedKey, RelayServerConfig, default_listen, default_tcp_listen, load_psk, parse_bootstrap,
-    parse_multiaddrs, repair_delay_for_latency,
+    parse_multiaddrs, repair_delay_for_playout,
 };
 pub use error::NodeError;
 pub use identity::load_or_create_identity;

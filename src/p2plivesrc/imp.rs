@@ -230,7 +230,8 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
                 "Playout delay in milliseconds: how late a frame may arrive and still play, \
                  reported in the latency query. A shard still missing a third of \
                  (latency + jitter-tolerance) after its frame began to arrive is pulled from \
-                 a neighbour (at least 20 ms, at most 400 ms)",
+                 a neighbour, at most 100 ms after (half the 200 ms a gap is waited for; \
+                 jitter-tolerance when larger), at least 20 ms",
             )
             .minimum(20)
             .maximum(30_000)
@@ -609,10 +610,12 @@ impl P2pLiveSrc {
             .net
             .node_config(MAX_TRANSMIT_SIZE)
             .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ("{err}")))?;
-        // A missing shard is pulled early enough to arrive within this element's latency.
-        config.repair_delay = Some(node::repair_delay_for_latency(Duration::from_millis(
-            u64::from(settings.latency_ms) + u64::from(settings.jitter_tolerance_ms),
-        )));
+        // A missing shard is pulled early enough to arrive before the playout gives it up.
+        config.repair_delay = Some(node::repair_delay_for_playout(
+            Duration::from_millis(settings.latency_ms.into()),
+            Duration::from_millis(settings.jitter_tolerance_ms.into()),
+            SubscriberConfig::default().gap_wait,
+        ));
         let (node, events) = Node::spawn(config, RUNTIME.handle()).map_err(|err| {
             gst::error_msg!(
                 gst::ResourceError::OpenReadWrite,

@@ -662,10 +662,14 @@ fn a_sparse_stream_keeps_its_parents() {
 /// object completed); a viewer now waits a third of its playout budget.
 #[test]
 fn a_shard_lost_in_a_sparse_stripe_is_pulled_well_within_the_latency() {
-    // p2plivesrc's defaults: latency 300 ms, jitter tolerance 60 ms.
+    // p2plivesrc's defaults: latency 300 ms, jitter tolerance 60 ms, gap wait 200 ms.
     let playout = Duration::from_millis(360);
     let config = DataPlaneConfig {
-        repair_delay: crate::node::repair_delay_for_latency(playout),
+        repair_delay: crate::node::repair_delay_for_playout(
+            Duration::from_millis(300),
+            Duration::from_millis(60),
+            Duration::from_millis(200),
+        ),
         ..DataPlaneConfig::default()
     };
     let mut net = Net::new(config.clone());
@@ -707,7 +711,7 @@ fn a_shard_lost_in_a_sparse_stripe_is_pulled_well_within_the_latency() {
         .map(|(_, _, delay)| *delay)
         .max()
         .unwrap();
-    // Measured: 168 ms (the 120 ms repair delay, then pulls over 5 ms links); 476 ms with the
+    // Measured: 148 ms (the 100 ms repair delay, then pulls over 5 ms links); 476 ms with the
     // data plane's default 400 ms.
     assert!(
         slowest < playout / 2,
@@ -1552,8 +1556,8 @@ fn an_unanswered_pull_is_retried_at_another_parent() {
         parent_silence: Duration::from_secs(60),
         graft: false,
         have_interval: Duration::from_secs(60),
-        // p2plivesrc's, from its default latency (300 ms) and jitter tolerance (60 ms).
-        repair_delay: Duration::from_millis(120),
+        // p2plivesrc's, from its default latency, jitter tolerance and gap wait.
+        repair_delay: Duration::from_millis(100),
         ..DataPlaneConfig::default()
     };
     let mut net = Net::new(config.clone());
@@ -1603,7 +1607,7 @@ fn an_unanswered_pull_is_retried_at_another_parent() {
         .map(|(_, _, delay)| *delay);
     assert!(targets.len() >= 2, "pulls went to {targets:?}");
     assert_ne!(targets[0], targets[1], "the retry asked the same peer");
-    // Measured: 350 ms (the 120 ms repair delay, the 200 ms retry timer before any answer
+    // Measured: 330 ms (the 100 ms repair delay, the 200 ms retry timer before any answer
     // was timed, the answer). With every retry at the first peer: never, in the second.
     assert!(
         delay.is_some_and(|d| d < config.repair_delay + config.pull_retry + FRAME * 3),
