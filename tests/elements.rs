@@ -294,6 +294,10 @@ fn bad_properties_fail_with_clear_errors() {
         ("p2plivesrc topic=\"\" ! fakesink", "topic"),
         ("p2plivesrc topic=\" \" ! fakesink", "blank"),
         ("videotestsrc ! p2plivesink topic=\"news \"", "spaces"),
+        (
+            "p2plivesrc min-layer=2 max-layer=0 ! fakesink",
+            "min-layer 2 is above",
+        ),
     ];
     for (description, expected) in cases {
         let error = start_error(&launch(description));

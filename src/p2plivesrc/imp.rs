@@ -287,7 +287,7 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .build(),
         glib::ParamSpecUInt::builder("min-layer")
             .nick("Minimum layer")
-            .blurb("Lowest video layer auto-layer may choose")
+            .blurb("Lowest video layer auto-layer may choose (above max-layer: an error at start)")
             .default_value(0)
             .mutable_ready()
             .build(),
@@ -595,6 +595,16 @@ impl P2pLiveSrc {
             .net
             .validate_topic()
             .map_err(|err| gst::error_msg!(gst::LibraryError::Settings, ("{err}")))?;
+        if settings.min_layer > settings.max_layer {
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                (
+                    "min-layer {} is above max-layer {}: no layer is allowed",
+                    settings.min_layer,
+                    settings.max_layer
+                )
+            ));
+        }
         let publisher = settings
             .publisher
             .as_deref()
