@@ -616,15 +616,26 @@ impl P2pLiveSrc {
                     ("publisher is not a valid peer id: {err}")
                 )
             })?;
+        let subscriber = SubscriberConfig {
+            latency: Duration::from_millis(settings.latency_ms.into()),
+            buffer_size: settings.buffer_size as usize,
+            jitter_tolerance: Duration::from_millis(settings.jitter_tolerance_ms.into()),
+            fragment_timeout: Duration::from_millis(settings.fragment_timeout_ms.into()),
+            publisher_timeout: (settings.publisher_timeout_ms > 0).then(|| {
+                let ms = settings.publisher_timeout_ms.max(MIN_PUBLISHER_TIMEOUT_MS);
+                Duration::from_millis(ms.into())
+            }),
+            ..SubscriberConfig::default()
+        };
         let mut config = settings
             .net
             .node_config(MAX_TRANSMIT_SIZE)
             .map_err(|err| gst::error_msg!(gst::ResourceError::Settings, ("{err}")))?;
         // A missing shard is pulled early enough to arrive before the playout gives it up.
         config.repair_delay = Some(node::repair_delay_for_playout(
-            Duration::from_millis(settings.latency_ms.into()),
-            Duration::from_millis(settings.jitter_tolerance_ms.into()),
-            SubscriberConfig::default().gap_wait,
+            subscriber.latency,
+            subscriber.jitter_tolerance,
+            subscriber.gap_wait,
         ));
         let (node, events) = Node::spawn(config, RUNTIME.handle()).map_err(|err| {
             gst::error_msg!(
@@ -653,17 +664,7 @@ impl P2pLiveSrc {
                 .unwrap_or_default()
         );
         let viewer = Viewer::new(ViewerConfig {
-            subscriber: SubscriberConfig {
-                latency: Duration::from_millis(settings.latency_ms.into()),
-                buffer_size: settings.buffer_size as usize,
-                jitter_tolerance: Duration::from_millis(settings.jitter_tolerance_ms.into()),
-                fragment_timeout: Duration::from_millis(settings.fragment_timeout_ms.into()),
-                publisher_timeout: (settings.publisher_timeout_ms > 0).then(|| {
-                    let ms = settings.publisher_timeout_ms.max(MIN_PUBLISHER_TIMEOUT_MS);
-                    Duration::from_millis(ms.into())
-                }),
-                ..SubscriberConfig::default()
-            },
+            subscriber,
             abr: AbrConfig {
                 min_layer: settings.min_layer,
                 max_layer: settings.max_layer,

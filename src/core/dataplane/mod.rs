@@ -135,10 +135,10 @@ const REPAIR_SHARE: f64 = 0.15;
 /// Starved (no object completed for `STARVED_AFTER`), it doubles for each search
 /// refused in a row (up to `JOIN_BACKOFF_DOUBLINGS` times) while each search follows half as
 /// many redirects, until media flows again (an object completes, a neighbour's have shows
-/// frames new to us) or the publisher itself connects. Exponential backoff with jitter, as for TCP's retransmission
-/// timer (RFC 6298 §5.5): with no publisher reachable, 16 stripes' searches every 100–200 ms,
-/// each a chain of up to 12 redirects, came to 100–180 joins a second per viewer. Only when
-/// starved: while 300 viewers join in 5 s, searches fail often but briefly, and backing off
+/// frames new to us) or the publisher itself connects. Exponential backoff with jitter, as
+/// for TCP's retransmission timer (RFC 6298 §5.5): with no publisher reachable, 16 stripes'
+/// searches every 100–200 ms, each a chain of up to 12 redirects, came to 100–180 joins a
+/// second per viewer. Only when starved: while 300 viewers join in 5 s, searches fail often but briefly, and backing off
 /// there cost the simulator's delivery (10 seeds: 0.9993 → 0.9927 on average).
 const JOIN_BACKOFF_MS: u64 = 100;
 /// 100 ms × 2^5: 3.2–6.4 s between searches at most.
@@ -2978,13 +2978,13 @@ impl<P: PeerKey> DataPlane<P> {
             };
             obj.last_pull = Some(now);
             obj.pulls = obj.pulls.saturating_add(1);
-            pulls.push((*key, want_manifest, shards));
+            pulls.push((*key, want_manifest, shards, obj.pulls));
         }
         self.repair_pending = pending;
         for key in given_up {
             self.incomplete.remove(&key);
         }
-        for (key, manifest, shards) in pulls {
+        for (key, manifest, shards, tries) in pulls {
             // A neighbour that announced the frame; else a parent (it is upstream).
             let holders: Vec<P> = self
                 .peers
@@ -3016,9 +3016,9 @@ impl<P: PeerKey> DataPlane<P> {
                     upstream.push(parent);
                 }
             }
-            let tries = self.objects.get(&key).map_or(1, |o| o.pulls.max(1));
-            let upstream =
-                (!upstream.is_empty()).then(|| upstream[(tries as usize - 1) % upstream.len()]);
+            // `tries` counts this pull: 1 for the first.
+            let upstream = (!upstream.is_empty())
+                .then(|| upstream[(tries.max(1) as usize - 1) % upstream.len()]);
             let parents: Vec<P> = self.stripes.iter().filter_map(|s| s.parent).collect();
             let target = self
                 .pick(&holders)
