@@ -85,7 +85,7 @@ pub fn run(data: &[u8]) {
         jitter_tolerance: input.millis(200),
         // The gap then waits the fuzzed jitter tolerance (the same code path); reading one
         // more value here would change what the stored regression inputs mean.
-        gap_wait: std::time::Duration::ZERO,
+        gap_wait: Some(std::time::Duration::ZERO),
     };
     let start = Instant::now();
     trace(format_args!("Playout::new({config:?})"));

@@ -11,8 +11,8 @@
 //! waits for their time.
 //!
 //! A missing frame never stalls a track: it is given up shortly before the next buffered
-//! frame is due, or `gap_wait` after a later frame arrived, or when the buffer is full.
-//! Playback then resumes at the next keyframe.
+//! frame is due (or `gap_wait` after a later frame arrived, if set), or when the buffer is
+//! full. Playback then resumes at the next keyframe.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -48,10 +48,16 @@ pub struct PlayoutConfig {
     /// once a later frame arrived.
     pub jitter_tolerance: Duration,
     /// How long a gap may wait once a later frame arrived (at least `jitter_tolerance`, and
-    /// never past the next frame's deadline). Long enough for the data plane to pull a lost
-    /// shard again (a round trip or two): giving a frame up costs the rest of its GOP,
-    /// waiting within the deadline costs nothing.
-    pub gap_wait: Duration,
+    /// never past the next frame's deadline). `None` (the default): until shortly before the
+    /// next frame's deadline, so the whole latency is time for the data plane to pull what is
+    /// missing; giving a frame up costs the rest of its GOP, while the frames after it wait
+    /// within their deadline at no cost. Frames without timestamps (no deadline) then wait
+    /// `latency`.
+    ///
+    /// A fixed 200 ms (the default until session 14) made a larger `latency` no more robust:
+    /// a frame repaired 285 ms after capture was given up at 243 ms, with a deadline near
+    /// 330 ms, and the 30 frames after it went with it (mesh benchmark, 5 % loss).
+    pub gap_wait: Option<Duration>,
 }
 
 impl Default for PlayoutConfig {
@@ -60,7 +66,7 @@ impl Default for PlayoutConfig {
             latency: Duration::from_millis(300),
             buffer_size: 256,
             jitter_tolerance: Duration::from_millis(60),
-            gap_wait: Duration::from_millis(200),
+            gap_wait: None,
         }
     }
 }
@@ -727,13 +733,19 @@ impl GroupPlayout {
             .filter(|buffered| self.eligible(buffered))
             .map(|buffered| buffered.arrival)
             .min()?;
-        let by_arrival = earliest_arrival + config.jitter_tolerance.max(config.gap_wait);
+        let by_arrival = config
+            .gap_wait
+            .map(|wait| earliest_arrival + config.jitter_tolerance.max(wait));
         let by_deadline = deadline(config, clock, &first.frame).map(|deadline| {
             deadline
                 .checked_sub(GAP_DEADLINE_MARGIN)
                 .unwrap_or(deadline)
         });
-        Some(by_deadline.map_or(by_arrival, |deadline| deadline.min(by_arrival)))
+        Some(match (by_deadline, by_arrival) {
+            (Some(deadline), Some(arrival)) => deadline.min(arrival),
+            (Some(at), None) | (None, Some(at)) => at,
+            (None, None) => earliest_arrival + config.latency.max(config.jitter_tolerance),
+        })
     }
 
     /// Enforces the buffer limit and gives up gaps whose time has come.
@@ -1382,15 +1394,18 @@ mod tests {
     }
 
     #[test]
-    fn reordering_within_the_gap_wait_is_restored() {
+    fn a_gap_waits_until_shortly_before_the_next_frame_is_due() {
         let t0 = Instant::now();
         let mut playout = playout(PlayoutConfig::default());
         playout.push(t0, video(0, 100));
         playout.push(t0 + MS * 80, video(2, 100));
-        // Waits for 1 at most the gap wait (200 ms) after 2 arrived.
-        assert_eq!(playout.poll_timeout(), Some(t0 + MS * 280));
-        playout.handle_timeout(t0 + MS * 100);
-        playout.push(t0 + MS * 100, video(1, 100));
+        // Frame 2 (stream time 80 ms) is due at 80 + 300 ms: the gap before it waits until
+        // 5 ms before that, not a fixed time after 2 arrived.
+        assert_eq!(playout.poll_timeout(), Some(t0 + MS * 375));
+        // 1 comes 220 ms after 2 (a repair that needed a few pulls): still in time. With
+        // the former fixed 200 ms gap wait it was given up at 280 ms, and 2 with it.
+        playout.handle_timeout(t0 + MS * 300);
+        playout.push(t0 + MS * 300, video(1, 100));
         let output = run(&mut playout, vec![]);
         assert_eq!(sequences(&output, VIDEO), [0, 1, 2]);
         assert!(output.iter().skip(1).all(|frame| !frame.discont));
@@ -1400,11 +1415,29 @@ mod tests {
     }
 
     #[test]
+    fn a_set_gap_wait_gives_up_earlier() {
+        let t0 = Instant::now();
+        let mut playout = playout(PlayoutConfig {
+            gap_wait: Some(MS * 200),
+            ..PlayoutConfig::default()
+        });
+        playout.push(t0, video(0, 100));
+        playout.push(t0 + MS * 80, video(2, 100));
+        // At most the gap wait (200 ms) after 2 arrived.
+        assert_eq!(playout.poll_timeout(), Some(t0 + MS * 280));
+        playout.handle_timeout(t0 + MS * 280);
+        playout.push(t0 + MS * 300, video(1, 100));
+        let output = run(&mut playout, vec![]);
+        assert_eq!(sequences(&output, VIDEO), [0]);
+        assert_eq!(playout.stats().frames_lost, 1);
+    }
+
+    #[test]
     fn gap_is_given_up_before_the_next_frame_is_due() {
         let t0 = Instant::now();
         // A gap wait longer than the latency: the deadline decides.
         let mut playout = playout(PlayoutConfig {
-            gap_wait: Duration::from_secs(5),
+            gap_wait: Some(Duration::from_secs(5)),
             ..PlayoutConfig::default()
         });
         playout.push(t0, video(0, 1));

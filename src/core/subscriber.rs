@@ -34,8 +34,9 @@ pub struct SubscriberConfig {
     pub buffer_size: usize,
     /// How late a frame may be before the clock is rebased (a gap waits at least this long).
     pub jitter_tolerance: Duration,
-    /// How long a gap may wait once a later frame arrived ([`PlayoutConfig::gap_wait`]).
-    pub gap_wait: Duration,
+    /// How long a gap may wait once a later frame arrived; `None`: until shortly before the
+    /// next frame is due ([`PlayoutConfig::gap_wait`]).
+    pub gap_wait: Option<Duration>,
     /// How long an incomplete frame waits for its missing fragments.
     pub fragment_timeout: Duration,
     /// Most incomplete frames held.

@@ -254,24 +254,28 @@ impl NodeConfig {
     }
 }
 
-/// The repair delay (see [`NodeConfig::repair_delay`]) of a viewer whose playout gives up a
-/// missing frame `gap_wait` (at least `jitter_tolerance`) after a later frame arrived, and
-/// never plays one later than `latency + jitter_tolerance` after it began to arrive
-/// ([`crate::core::PlayoutConfig`]): the smaller of a third of the latter and half of the
-/// former, 20 ms to 400 ms, so a lost shard is pulled with time left for the answer and a
-/// retry. With the defaults (300, 60, 200 ms): 100 ms.
+/// The repair delay (see [`NodeConfig::repair_delay`]) of a viewer whose playout never plays
+/// a frame later than `latency + jitter_tolerance` after it began to arrive, and gives a
+/// missing one up `gap_wait` (at least `jitter_tolerance`) after a later frame arrived if
+/// that is set ([`crate::core::PlayoutConfig`]): a third of the former, at most half of the
+/// latter, 20 ms to 400 ms, so a lost shard is pulled with time left for the answer and a
+/// retry. With the defaults (300 ms, 60 ms, no gap wait): 120 ms.
 ///
 /// Waiting the data plane's 400 ms made every frame with a lost shard late when its stripe
 /// carried no later object in time (a sparse stream: 1–2 shards per frame over 16 stripes);
-/// a third of a large latency alone (`latency=600`: 220 ms) came after the gap was given up
-/// (a viewer at 10 % loss lost 62 frames in 30 s, against 3 at `latency=450`).
+/// a third of a large latency alone (`latency=600`: 220 ms) came after a fixed 200 ms gap
+/// wait had given the frame up (a viewer at 10 % loss lost 62 frames in 30 s, against 3 at
+/// `latency=450`).
 pub fn repair_delay_for_playout(
     latency: Duration,
     jitter_tolerance: Duration,
-    gap_wait: Duration,
+    gap_wait: Option<Duration>,
 ) -> Duration {
-    ((latency + jitter_tolerance) / 3)
-        .min(gap_wait.max(jitter_tolerance) / 2)
+    let by_latency = (latency + jitter_tolerance) / 3;
+    gap_wait
+        .map_or(by_latency, |wait| {
+            by_latency.min(wait.max(jitter_tolerance) / 2)
+        })
         .clamp(Duration::from_millis(20), Duration::from_millis(400))
 }
 
@@ -351,18 +355,26 @@ mod tests {
     #[test]
     fn the_repair_delay_leaves_room_before_the_playout_gives_up() {
         let ms = Duration::from_millis;
-        // p2plivesrc's defaults: 300 ms latency, 60 ms jitter tolerance, 200 ms gap wait.
-        assert_eq!(repair_delay_for_playout(ms(300), ms(60), ms(200)), ms(100));
-        // A large latency does not outlast the gap wait (a third of it would be 686 ms).
-        assert_eq!(repair_delay_for_playout(ms(2000), ms(60), ms(200)), ms(100));
+        // p2plivesrc's defaults: 300 ms latency, 60 ms jitter tolerance, no gap wait.
+        assert_eq!(repair_delay_for_playout(ms(300), ms(60), None), ms(120));
+        // A large latency: at most 400 ms (a third would be 686 ms).
+        assert_eq!(repair_delay_for_playout(ms(2000), ms(60), None), ms(400));
+        // A gap wait shorter than the latency: half of it.
+        assert_eq!(
+            repair_delay_for_playout(ms(2000), ms(60), Some(ms(200))),
+            ms(100)
+        );
         // A large jitter tolerance lengthens the gap wait.
         assert_eq!(
-            repair_delay_for_playout(ms(2000), ms(500), ms(200)),
+            repair_delay_for_playout(ms(2000), ms(500), Some(ms(200))),
             ms(250)
         );
         // A small latency: a third of it, at least 20 ms.
-        assert_eq!(repair_delay_for_playout(ms(100), ms(20), ms(200)), ms(40));
-        assert_eq!(repair_delay_for_playout(ms(20), ms(0), ms(200)), ms(20));
+        assert_eq!(repair_delay_for_playout(ms(100), ms(20), None), ms(40));
+        assert_eq!(
+            repair_delay_for_playout(ms(20), ms(0), Some(ms(200))),
+            ms(20)
+        );
     }
 
     #[test]
