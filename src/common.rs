@@ -451,6 +451,7 @@ pub fn node_stats_fields(
             .field("pulls-served", dp.pulls_served)
             .field("media-shed", dp.shed)
             .field("shard-loss-permille", dp.shard_loss_permille)
+            .field("link-loss-permille", dp.link_loss_permille)
             .field("parity-loss-permille", dp.parity_loss_permille),
         None => builder,
     }

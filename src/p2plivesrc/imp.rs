@@ -1125,7 +1125,7 @@ async fn drive(mut driver: Driver) {
                 .node
                 .stats()
                 .data_plane
-                .map(|dp| f64::from(dp.shard_loss_permille) / 1000.0);
+                .map(|dp| f64::from(dp.link_loss_permille) / 1000.0);
             driver.viewer.set_link_loss(loss);
         }
         driver.viewer.handle_timeout(now);

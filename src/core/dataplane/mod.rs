@@ -459,6 +459,15 @@ pub struct DataPlaneStats {
     /// Viewer: share (‰) of the shards its parents pushed that did not arrive, over the
     /// last report interval with data.
     pub shard_loss_permille: u32,
+    /// Viewer: the loss (‰) of its own link, over the same interval: the lower median over
+    /// its parents of each one's share of shards that did not come from it unasked (a pull
+    /// answer from the parent does not hide a loss), over the parents with at least 10
+    /// shards due if any. A loss on the viewer's link shows at every parent. A relay that
+    /// forwards only part of what it should (a bad line of its own, a full uplink) shows at
+    /// that parent only, however many stripes it serves, and a lower layer would not cure
+    /// it; one that repairs first and pushes late shows at no parent. What ABR steps down
+    /// for.
+    pub link_loss_permille: u32,
     /// Publisher: the shard loss (‰) its parity is sized for (0: no parity once the audience
     /// reported, the base parity before).
     pub parity_loss_permille: u32,
@@ -550,6 +559,14 @@ struct Object<P> {
     /// Shards that came from the parent of their stripe (bit i: shard i): what was pushed,
     /// not pulled. Measures the loss on the way from the parents (see `adaptive_parity`).
     pushed: u64,
+    /// Of those, the shards that were not the parent's answer to our pull: what the link
+    /// from the parent carried unasked (the link loss, see
+    /// [`DataPlaneStats::link_loss_permille`]).
+    pushed_unasked: u64,
+    /// Shards asked for in our pulls (bit i: shard i).
+    pulled_shards: u64,
+    /// Stripes whose parent we pulled it from (bit s: stripe s).
+    pulled_parents: u32,
     /// Counted in the shard-loss measure already.
     sampled: bool,
     /// The peer of the last pull, until its first answer times the round trip.
@@ -574,6 +591,9 @@ impl<P> Object<P> {
             missed: false,
             decode_at: None,
             pushed: 0,
+            pushed_unasked: 0,
+            pulled_shards: 0,
+            pulled_parents: 0,
             sampled: false,
             pulled_from: None,
             pulls: 0,
@@ -653,6 +673,9 @@ struct Stripe<P> {
     /// Since when a shard is due from the parent (a verified manifest put one of an object
     /// it sends us in this stripe) with nothing from it since; see `parent_silence`.
     due_since: Option<Instant>,
+    /// Shards of the objects played that the parent should have pushed us since the last
+    /// report, and how many of them it did not push unasked (the link loss).
+    report_loss: (u32, u32),
 }
 
 impl<P: PartialEq + Copy> Stripe<P> {
@@ -866,6 +889,7 @@ impl<P: PeerKey> DataPlane<P> {
                 due_since: None,
                 newest_pushed: BTreeMap::new(),
                 newest_from: None,
+                report_loss: (0, 0),
             })
             .collect();
         let me_short = fnv64(&me.to_bytes());
@@ -1290,6 +1314,11 @@ impl<P: PeerKey> DataPlane<P> {
         let obj = self.objects.get_mut(&key).expect("inserted above");
         if pushed {
             obj.pushed |= 1 << shard.index;
+            let answer =
+                obj.pulled_shards & (1 << shard.index) != 0 && obj.pulled_parents & (1 << s) != 0;
+            if !answer {
+                obj.pushed_unasked |= 1 << shard.index;
+            }
         }
         let unsolicited = !pushed && obj.last_pull.is_none() && !self.is_publisher();
         if unsolicited {
@@ -2977,6 +3006,7 @@ impl<P: PeerKey> DataPlane<P> {
                 ),
             };
             obj.last_pull = Some(now);
+            obj.pulled_shards |= shards;
             obj.pulls = obj.pulls.saturating_add(1);
             pulls.push((*key, want_manifest, shards, obj.pulls));
         }
@@ -3025,8 +3055,15 @@ impl<P: PeerKey> DataPlane<P> {
                 .or(upstream)
                 .or_else(|| self.pick(&parents));
             let Some(target) = target else { continue };
+            let asked = self
+                .stripes
+                .iter()
+                .enumerate()
+                .filter(|(_, stripe)| stripe.parent == Some(target))
+                .fold(0u32, |bits, (i, _)| bits | (1 << i));
             if let Some(obj) = self.objects.get_mut(&key) {
                 obj.pulled_from = Some(target);
+                obj.pulled_parents |= asked;
             }
             self.stats.pulls_sent += 1;
             self.enqueue_control(
@@ -3167,6 +3204,12 @@ impl<P: PeerKey> DataPlane<P> {
             self.stats.shard_loss_permille = (loss * 1000.0).round() as u32;
             summary.add_shard_loss(loss);
         }
+        if let Some(link) = self.link_loss() {
+            self.stats.link_loss_permille = (link * 1000.0).round() as u32;
+        }
+        for stripe in &mut self.stripes {
+            stripe.report_loss = (0, 0);
+        }
         for child in &self.stripes[usize::from(FEEDBACK_STRIPE)].children {
             if let Some((at, report)) = self.peers.get(child).and_then(|p| p.report.as_ref())
                 && now.saturating_duration_since(*at) < fresh
@@ -3264,16 +3307,43 @@ impl<P: PeerKey> DataPlane<P> {
                 continue;
             }
             for i in 0..manifest.layout.total() as u32 {
-                let stripe = &self.stripes[usize::from(stripe_of(key, i, stripes))];
+                let stripe = &mut self.stripes[usize::from(stripe_of(key, i, stripes))];
                 if stripe.parent.is_none() || stripe.parent_since + STABLE_PARENT > obj.first_seen {
                     continue;
                 }
                 self.shard_loss.0 += 1;
-                if obj.pushed & (1 << i) == 0 {
-                    self.shard_loss.1 += 1;
-                }
+                self.shard_loss.1 += u64::from(obj.pushed & (1 << i) == 0);
+                stripe.report_loss.0 += 1;
+                stripe.report_loss.1 += u32::from(obj.pushed_unasked & (1 << i) == 0);
             }
         }
+    }
+
+    /// The loss of our own link (see [`DataPlaneStats::link_loss_permille`]) from the
+    /// per-stripe counts since the last report; `None` without counts.
+    fn link_loss(&self) -> Option<f64> {
+        // Each parent's stripes pooled (current parents; a stripe's count since the last
+        // report may include a few shards due from the one before).
+        let mut per_parent: BTreeMap<P, (u32, u32)> = BTreeMap::new();
+        for stripe in &self.stripes {
+            let (due, missing) = stripe.report_loss;
+            if let Some(parent) = stripe.parent
+                && due > 0
+            {
+                let entry = per_parent.entry(parent).or_default();
+                entry.0 += due;
+                entry.1 += missing;
+            }
+        }
+        const MIN_DUE: u32 = 10;
+        let enough = per_parent.values().any(|(due, _)| *due >= MIN_DUE);
+        let mut rates: Vec<f64> = per_parent
+            .values()
+            .filter(|(due, _)| !enough || *due >= MIN_DUE)
+            .map(|&(due, missing)| f64::from(missing) / f64::from(due))
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        rates.get(rates.len().checked_sub(1)? / 2).copied()
     }
 
     /// Publisher: the parity to use from the audience's shard loss (see
