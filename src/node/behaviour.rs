@@ -96,9 +96,10 @@ pub(crate) struct Behaviour {
     /// AutoNAT v1 (libp2p `autonat/autonat-v1.md`): asks peers to dial back, so the node
     /// learns whether it is reachable; it also answers other peers' probes.
     pub autonat: autonat::Behaviour,
-    /// Streams of our own protocols: `/p2plive/media/1` (see `media`) and the ping
-    /// responder (`/ipfs/ping/1.0.0`, see `ping`).
+    /// Streams of our own protocol `/p2plive/media/1` (see `media`).
     pub media: libp2p_stream::Behaviour,
+    /// The ping responder (`/ipfs/ping/1.0.0`, see `ping`).
+    pub ping: super::ping::Responder,
 }
 
 /// The gossipsub configuration of `profile`.
@@ -278,6 +279,7 @@ fn build_behaviour(
         dcutr: dcutr::Behaviour::new(peer_id),
         autonat: autonat::Behaviour::new(peer_id, autonat_config(config)),
         media: libp2p_stream::Behaviour::new(),
+        ping: super::ping::Responder,
     })
 }
 

@@ -393,7 +393,6 @@ impl EventLoop {
         };
         let signing = signing_key(&parts.keypair);
         let mut swarm = parts.swarm;
-        super::ping::serve(swarm.behaviour().media.new_control()).map_err(NodeError::Build)?;
         // Bootstrap peers (a p2plive-node) answer AutoNAT probes from the start.
         for (peer, addrs) in &parts.bootstrap {
             swarm
@@ -1093,6 +1092,7 @@ impl EventLoop {
             BehaviourEvent::Kademlia(e) => self.metrics.record(e),
             BehaviourEvent::Relay(e) => self.metrics.record(e),
             BehaviourEvent::Dcutr(e) => self.metrics.record(e),
+            BehaviourEvent::Ping(never) => match *never {},
             BehaviourEvent::Mdns(_)
             | BehaviourEvent::Media(_)
             | BehaviourEvent::RelayClient(_)
