@@ -96,8 +96,11 @@ pub(crate) struct Behaviour {
     /// AutoNAT v1 (libp2p `autonat/autonat-v1.md`): asks peers to dial back, so the node
     /// learns whether it is reachable; it also answers other peers' probes.
     pub autonat: autonat::Behaviour,
-    /// Streams of our own protocol `/p2plive/media/1` (see `media`).
+    /// Our outbound streams of `/p2plive/media/1` (see `media`).
     pub media: libp2p_stream::Behaviour,
+    /// Inbound `/p2plive/media/1` streams, with the trees data plane only (see
+    /// `media::Inbound`).
+    pub media_inbound: Toggle<super::media::Inbound>,
     /// The ping responder (`/ipfs/ping/1.0.0`, see `ping`).
     pub ping: super::ping::Responder,
 }
@@ -279,6 +282,9 @@ fn build_behaviour(
         dcutr: dcutr::Behaviour::new(peer_id),
         autonat: autonat::Behaviour::new(peer_id, autonat_config(config)),
         media: libp2p_stream::Behaviour::new(),
+        media_inbound: Toggle::from(
+            (config.data_plane == super::DataPlaneMode::Trees).then(super::media::Inbound::default),
+        ),
         ping: super::ping::Responder,
     })
 }

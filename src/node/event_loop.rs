@@ -379,7 +379,7 @@ impl EventLoop {
         let (media, media_events) = match parts.data_plane {
             DataPlaneMode::Trees => {
                 let control = parts.swarm.behaviour().media.new_control();
-                let (media, events) = Media::new(control).map_err(NodeError::Build)?;
+                let (media, events) = Media::new(control);
                 (Some(media), Some(events))
             }
             DataPlaneMode::Gossipsub => (None, None),
@@ -1095,10 +1095,16 @@ impl EventLoop {
             BehaviourEvent::Ping(never) => match *never {},
             BehaviourEvent::Mdns(_)
             | BehaviourEvent::Media(_)
+            | BehaviourEvent::MediaInbound(_)
             | BehaviourEvent::RelayClient(_)
             | BehaviourEvent::Autonat(_) => {}
         }
         match event {
+            BehaviourEvent::MediaInbound((peer, stream)) => {
+                if let Some(media) = self.media.as_ref() {
+                    media.accept(peer, stream);
+                }
+            }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
