@@ -228,10 +228,11 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
             .nick("Latency")
             .blurb(
                 "Playout delay in milliseconds: how late a frame may arrive and still play, \
-                 reported in the latency query. A shard still missing a third of \
-                 (latency + jitter-tolerance) after its frame began to arrive is pulled from \
-                 a neighbour, at most 100 ms after (half the 200 ms a gap is waited for; \
-                 jitter-tolerance when larger), at least 20 ms",
+                 reported in the latency query. A missing frame is waited for until shortly \
+                 before the next one is due, so a larger latency leaves more time to repair \
+                 loss. A shard still missing a third of (latency + jitter-tolerance) after \
+                 its frame began to arrive (120 ms by default; 20 to 400 ms) is pulled from a \
+                 neighbour",
             )
             .minimum(20)
             .maximum(30_000)
@@ -249,10 +250,9 @@ static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
         glib::ParamSpecUInt::builder("jitter-tolerance")
             .nick("Jitter tolerance")
             .blurb(
-                "Milliseconds a frame may be late before the playout clock moves later; a \
-                 missing frame is waited for after a later one arrived at least this long (and \
-                 200 ms by default, within the next frame's deadline, while the data plane \
-                 pulls it again) before playback skips to the next keyframe",
+                "Milliseconds a frame may be late before the playout clock moves later. A \
+                 missing frame is waited for until shortly before the next one is due (see \
+                 latency) before playback skips to the next keyframe",
             )
             .maximum(10_000)
             .default_value(DEFAULT_JITTER_TOLERANCE_MS)
