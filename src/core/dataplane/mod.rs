@@ -471,10 +471,11 @@ pub struct DataPlaneStats {
     /// Viewer: share (‰) of the shards its parents pushed that did not arrive, over the
     /// last report interval with data.
     pub shard_loss_permille: u32,
-    /// Viewer: the loss (‰) of its own link, over the same interval: the lower median over
-    /// its parents of each one's share of shards that did not come from it unasked (a pull
-    /// answer from the parent does not hide a loss), over the parents with at least 10
-    /// shards due if any. A loss on the viewer's link shows at every parent. A relay that
+    /// Viewer: the loss (‰) of its own link, over about the last 3 s (`LINK_LOSS_DECAY`;
+    /// not in its first 5 s of media): the lower median over its parents of each one's
+    /// share of shards that did not come from it unasked (a pull answer from the parent does
+    /// not hide a loss), over the parents with 20 shards due (else pooled over all of
+    /// them). A loss on the viewer's link shows at every parent. A relay that
     /// forwards only part of what it should (a bad line of its own, a full uplink) shows at
     /// that parent only, however many stripes it serves, and a lower layer would not cure
     /// it; one that repairs first and pushes late shows at no parent. What ABR steps down
