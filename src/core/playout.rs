@@ -44,8 +44,8 @@ pub struct PlayoutConfig {
     pub latency: Duration,
     /// Most frames buffered per track.
     pub buffer_size: usize,
-    /// How late a frame may be before the clock is rebased; a gap waits at least this long
-    /// once a later frame arrived.
+    /// How late a frame may be before the clock is rebased; with a `gap_wait`, a gap waits
+    /// at least this long once a later frame arrived.
     pub jitter_tolerance: Duration,
     /// How long a gap may wait once a later frame arrived (at least `jitter_tolerance`, and
     /// never past the next frame's deadline). `None` (the default): until shortly before the

@@ -98,11 +98,10 @@ pub(crate) struct Behaviour {
     pub autonat: autonat::Behaviour,
     /// Our outbound streams of `/p2plive/media/1` (see `media`).
     pub media: libp2p_stream::Behaviour,
-    /// Inbound `/p2plive/media/1` streams, with the trees data plane only (see
-    /// `media::Inbound`).
-    pub media_inbound: Toggle<super::media::Inbound>,
-    /// The ping responder (`/ipfs/ping/1.0.0`, see `ping`).
-    pub ping: super::ping::Responder,
+    /// Inbound `/p2plive/media/1` streams, with the trees data plane only (see `accept`).
+    pub media_inbound: Toggle<super::accept::Accept>,
+    /// Inbound ping streams (`/ipfs/ping/1.0.0`), answered by `ping::Responder`.
+    pub ping: super::accept::Accept,
 }
 
 /// The gossipsub configuration of `profile`.
@@ -283,9 +282,10 @@ fn build_behaviour(
         autonat: autonat::Behaviour::new(peer_id, autonat_config(config)),
         media: libp2p_stream::Behaviour::new(),
         media_inbound: Toggle::from(
-            (config.data_plane == super::DataPlaneMode::Trees).then(super::media::Inbound::default),
+            (config.data_plane == super::DataPlaneMode::Trees)
+                .then(|| super::accept::Accept::new(super::media::MEDIA_PROTOCOL)),
         ),
-        ping: super::ping::Responder,
+        ping: super::accept::Accept::new(super::ping::PING_PROTOCOL),
     })
 }
 

@@ -352,6 +352,8 @@ pub(crate) struct EventLoop {
     banned: HashSet<PeerId>,
     /// Our media streams re-opened per peer.
     media_retries: HashMap<PeerId, u32>,
+    /// Answers the ping streams `Behaviour::ping` accepts.
+    ping: super::ping::Responder,
     max_peers: usize,
     metrics: libp2p::metrics::Metrics,
     psk_fingerprint: Option<String>,
@@ -434,6 +436,7 @@ impl EventLoop {
             peer_info: HashMap::new(),
             banned: HashSet::new(),
             media_retries: HashMap::new(),
+            ping: super::ping::Responder::default(),
             max_peers: parts.max_peers,
             metrics: parts.metrics,
             psk_fingerprint: parts.psk_fingerprint,
@@ -1092,10 +1095,10 @@ impl EventLoop {
             BehaviourEvent::Kademlia(e) => self.metrics.record(e),
             BehaviourEvent::Relay(e) => self.metrics.record(e),
             BehaviourEvent::Dcutr(e) => self.metrics.record(e),
-            BehaviourEvent::Ping(never) => match *never {},
             BehaviourEvent::Mdns(_)
             | BehaviourEvent::Media(_)
             | BehaviourEvent::MediaInbound(_)
+            | BehaviourEvent::Ping(_)
             | BehaviourEvent::RelayClient(_)
             | BehaviourEvent::Autonat(_) => {}
         }
@@ -1105,6 +1108,7 @@ impl EventLoop {
                     media.accept(peer, stream);
                 }
             }
+            BehaviourEvent::Ping((peer, stream)) => self.ping.answer(peer, stream),
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,

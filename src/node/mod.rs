@@ -11,6 +11,7 @@
 //! The node does not depend on GStreamer: elements, the headless node binary and benchmarks
 //! all use it the same way.
 
+mod accept;
 mod behaviour;
 mod config;
 mod error;
