@@ -856,6 +856,27 @@ async fn spawn_reports_configuration_errors() {
     let err = spawn(config);
     assert!(matches!(err, NodeError::Listen { .. }), "{err}");
     assert!(err.to_string().contains(&port.to_string()), "{err}");
+    drop(taken);
+
+    // A port another node listens on: libp2p-tcp binds with SO_REUSEPORT, so without a
+    // check a second node shared the port (and its incoming connections) with the first.
+    let mut config = local_config(&[], false);
+    config.listen = node::parse_multiaddrs("/ip4/127.0.0.1/tcp/0").unwrap();
+    let first = Peer::start(config).await;
+    let first_addr = without_peer_id(&first.addrs[0]);
+    let mut config = local_config(&[], false);
+    config.listen = vec![first_addr.clone()];
+    let err = spawn(config);
+    assert!(matches!(err, NodeError::Listen { .. }), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    // Every address: 0.0.0.0 holds 127.0.0.1's port too.
+    let Some(libp2p::multiaddr::Protocol::Tcp(held)) = first_addr.iter().nth(1) else {
+        panic!("{first_addr}");
+    };
+    let mut config = local_config(&[], false);
+    config.listen = node::parse_multiaddrs(&format!("/ip4/0.0.0.0/tcp/{held}")).unwrap();
+    assert!(matches!(spawn(config), NodeError::Listen { .. }));
+    first.node.shutdown(Duration::ZERO);
 
     // Bootstrap to ourselves, without a peer id, over an unsupported transport.
     let mut config = local_config(&[], false);

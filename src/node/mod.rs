@@ -143,6 +143,7 @@ impl Node {
 
         let mut listeners = HashMap::new();
         for addr in &config.listen {
+            check_port_free(addr)?;
             let id = swarm
                 .listen_on(addr.clone())
                 .map_err(|err| NodeError::Listen {
@@ -414,6 +415,42 @@ fn check_dialable(addr: &Multiaddr) -> Result<(), NodeError> {
                      /udp/<port>/quic-v1"
                 .into(),
         })
+    }
+}
+
+/// Refuses a TCP listen address whose port another socket already listens on.
+///
+/// libp2p-tcp binds its listeners with `SO_REUSEPORT` (TCP hole punching dials from the
+/// listening port), so a second node given the same `/tcp/<port>` (another `p2plivesink`
+/// started with the same `listen` property, in this process or another of the same user)
+/// would bind it too, and Linux would share the incoming connections between the two: some
+/// viewers would find the wrong publisher. A plain bind (no `SO_REUSEPORT`) of the same
+/// address fails with `AddrInUse` exactly when such a listener exists, and is closed at once.
+/// Port 0 (any free port) and other addresses are left to the transport.
+///
+/// # Errors
+///
+/// [`NodeError::Listen`] when the port is in use.
+fn check_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
+    let mut protocols = addr.iter();
+    let ip: std::net::IpAddr = match protocols.next() {
+        Some(Protocol::Ip4(ip)) => ip.into(),
+        Some(Protocol::Ip6(ip)) => ip.into(),
+        _ => return Ok(()),
+    };
+    let Some(Protocol::Tcp(port)) = protocols.next() else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => Err(NodeError::Listen {
+            addr: addr.to_string(),
+            reason: format!("TCP port {port} is in use (by another node or program): {err}"),
+        }),
+        // Anything else (an address not on this host, say) is the transport's to report.
+        _ => Ok(()),
     }
 }
 
