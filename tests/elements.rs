@@ -308,6 +308,49 @@ fn bad_properties_fail_with_clear_errors() {
     }
 }
 
+/// A second sink given the port a first one listens on fails to start, saying the port is
+/// in use, instead of sharing it (and its incoming connections) through `SO_REUSEPORT`; a
+/// viewer told to drop every message warns that it will play nothing.
+#[test]
+fn a_port_in_use_and_a_total_simulated_loss_are_reported() {
+    init();
+    let topic = unique_topic("port");
+    let first = Running::start(launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,width=64,height=48 ! \
+         p2plivesink name=pub topic={topic} listen=/ip4/127.0.0.1/tcp/0 mdns=false kademlia=false"
+    )));
+    let addr = first.listening_addr("pub", JOIN);
+    let tcp = addr.split("/p2p/").next().expect("an address");
+    let error = start_error(&launch(&format!(
+        "videotestsrc is-live=true ! video/x-raw,width=64,height=48 ! \
+         p2plivesink topic={topic} listen={tcp} mdns=false kademlia=false"
+    )));
+    assert!(
+        error.contains("in use"),
+        "'{error}' should say the port is in use"
+    );
+
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc topic={topic} bootstrap={addr} simulated-loss=1.0 {LOOPBACK} ! fakesink"
+    )));
+    let bus = viewer.0.bus().expect("bus");
+    let warning = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(5),
+            &[gst::MessageType::Warning],
+        )
+        .and_then(|m| match m.view() {
+            gst::MessageView::Warning(w) => Some(w.error().to_string()),
+            _ => None,
+        });
+    assert!(
+        warning
+            .as_deref()
+            .is_some_and(|w| w.contains("simulated-loss=1")),
+        "a warning about simulated-loss=1, got {warning:?}"
+    );
+}
+
 #[test]
 fn identity_file_keeps_the_peer_id() {
     init();

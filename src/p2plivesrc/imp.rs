@@ -432,6 +432,14 @@ impl ObjectImpl for P2pLiveSrc {
             }
             "simulated-loss" => {
                 settings.simulated_loss = value.get().expect("type checked upstream");
+                if settings.simulated_loss >= 1.0 {
+                    gst::warning!(
+                        CAT,
+                        imp = self,
+                        "simulated-loss=1 drops every message this viewer receives: it will \
+                         play nothing"
+                    );
+                }
                 if let Some(state) = self.state.lock().unwrap().as_ref() {
                     state.node.set_inbound_loss(settings.simulated_loss);
                 }
@@ -644,6 +652,13 @@ impl P2pLiveSrc {
             )
         })?;
         node.set_inbound_loss(settings.simulated_loss);
+        if settings.simulated_loss >= 1.0 {
+            gst::element_imp_warning!(
+                self,
+                gst::ResourceError::Read,
+                ("simulated-loss=1 drops every message this viewer receives: nothing will play")
+            );
+        }
         let topic = settings.net.topic.clone();
         // Viewers also carry the feedback channel, so reports reach a publisher they are not
         // connected to.
