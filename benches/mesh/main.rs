@@ -17,7 +17,9 @@
 //! - `unicast`: every viewer connects to the publisher only and the publisher flood-publishes,
 //!   so it sends each viewer its own copy and no viewer forwards anything.
 //!
-//! Viewers run the real `core::Subscriber` (reassembly and playout) on the real clock. Every run
+//! Viewers run the real `core::Viewer` (reassembly, playout, keyframe requests and reports, as
+//! in `p2plivesrc`, on a fixed layer) on the real clock; the publisher honours keyframe
+//! requests as `p2plivesink` does. Every run
 //! stops by itself: each phase has a deadline and a watchdog ends the process past
 //! `--max-wall`. Outputs (with `--json`): the JSON, a markdown table and SVG plots beside it.
 //!

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use gstp2plive::core::dataplane::DataPlaneStats;
 use gstp2plive::core::wire::{Layer, LayerKind, TrackKind};
 use gstp2plive::core::{
-    Channel, EncodedFrame, Message, Publisher, PublisherConfig, Subscriber, SubscriberConfig,
-    SubscriberEvent,
+    Channel, EncodedFrame, Message, Publisher, PublisherConfig, SubscriberConfig, SubscriberEvent,
+    Viewer, ViewerConfig,
 };
 use gstp2plive::node::{
     self, DataPlaneMode, Event, GossipsubProfile, InboundLoss, Node, NodeConfig, NodeStatsSnapshot,
@@ -218,19 +218,20 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
     let start = Instant::now();
 
     // ---- publisher --------------------------------------------------------------------
-    let (pub_node, mut pub_events, pub_addr) =
+    let (pub_node, pub_events, pub_addr) =
         start_node(node_config(config.mode, Vec::new(), true)).await?;
     let publisher_id = pub_node.peer_id();
+    // As p2plivesink: the stream, and the feedback channel its viewers' reports and
+    // keyframe requests come on.
     pub_node
         .announce_stream(STREAM)
+        .and_then(|()| pub_node.subscribe(STREAM, Channel::Feedback))
         .map_err(|err| format!("announce: {err}"))?;
-    // The publisher's own events are not needed; drain them so nothing backs up.
-    let pub_drain = tokio::spawn(async move { while pub_events.recv().await.is_some() {} });
-
     let (pub_stop_tx, pub_stop) = watch::channel(false);
     let pub_task = tokio::spawn(publish(
         config.clone(),
         pub_node.clone(),
+        pub_events,
         pub_stop,
         rng.next_u64(),
     ));
@@ -364,7 +365,6 @@ pub async fn run(config: RunConfig) -> Result<RunResult, String> {
     for node in viewers.iter().map(|v| &v.node).chain([&pub_node]) {
         let _ = tokio::time::timeout_at(teardown_deadline, node.stopped()).await;
     }
-    pub_drain.abort();
 
     // ---- figures ----------------------------------------------------------------------
     let in_window: Vec<Published> = published
@@ -524,7 +524,14 @@ async fn start_viewer(
     node.join_stream(STREAM, Some(publisher_id), channels)
         .map_err(|err| format!("join: {err}"))?;
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(view(node.peer_id(), layer, joined_at, events, stop_rx));
+    let task = tokio::spawn(view(
+        node.clone(),
+        index as u64 + 1,
+        layer,
+        joined_at,
+        events,
+        stop_rx,
+    ));
     Ok(ViewerHandle {
         node,
         layer,
@@ -537,9 +544,15 @@ async fn start_viewer(
 }
 
 /// Publishes the synthetic stream until told to stop; returns every frame published.
+///
+/// Viewers' keyframe requests are honoured as `p2plivesink` honours them: the publisher core
+/// coalesces them (at most one per layer per `keyframe_request_interval`, 1 s), and the
+/// next frame of that layer is a keyframe, from which the next GOP counts (as an encoder
+/// forced to an IDR frame restarts its keyframe interval).
 async fn publish(
     config: RunConfig,
     node: Node,
+    mut events: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<bool>,
     seed: u64,
 ) -> Vec<Published> {
@@ -592,6 +605,8 @@ async fn publish(
     let mut ticker = tokio::time::interval(frame_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut frame: u64 = 0;
+    // Per layer: the frame that is the next keyframe.
+    let mut next_keyframe: Vec<u64> = vec![0; config.layers as usize];
     loop {
         let timer = publisher
             .poll_timeout()
@@ -602,10 +617,32 @@ async fn publish(
                 publisher.handle_timeout(Instant::now());
                 send(&mut publisher);
             }
+            event = events.recv() => match event {
+                Some(Event::Message { message, source, .. }) => match message {
+                    Message::KeyframeRequest(request) => {
+                        publisher.handle_keyframe_request(Instant::now(), request);
+                        while let Some((_, layer)) = publisher.poll_keyframe_request() {
+                            if let Some(next) = next_keyframe.get_mut(layer as usize) {
+                                *next = frame;
+                            }
+                        }
+                    }
+                    Message::Feedback(report) => {
+                        publisher.handle_feedback(Instant::now(), &source.to_bytes(), report);
+                    }
+                    _ => {}
+                },
+                Some(_) => {}
+                // The node stopped; publishing goes on until told to stop.
+                None => events = mpsc::channel(1).1,
+            },
             _ = ticker.tick() => {
-                let keyframe = frame.is_multiple_of(gop_frames);
                 let pts = frame_interval * frame as u32;
                 for layer in 0..config.layers {
+                    let keyframe = frame >= next_keyframe[layer as usize];
+                    if keyframe {
+                        next_keyframe[layer as usize] = frame + gop_frames;
+                    }
                     let mean = delta_size(layer);
                     let size = if keyframe {
                         mean * config.keyframe_ratio
@@ -642,19 +679,26 @@ async fn publish(
     published
 }
 
-/// A viewer: the node's events into a real `Subscriber`, until told to stop.
+/// A viewer: the node's events into the viewer core `p2plivesrc` runs (its `Subscriber`,
+/// keyframe requests while it waits for a keyframe, a report each second), on `layer`
+/// whatever the layer controller would choose, until told to stop.
 async fn view(
-    peer_id: PeerId,
+    node: Node,
+    viewer_id: u64,
     layer: u32,
     joined_at: Instant,
     mut events: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<bool>,
 ) -> ViewerReport {
-    let config = SubscriberConfig::default();
-    let latency = config.latency;
-    let mut subscriber = Subscriber::new(config);
+    let config = ViewerConfig {
+        viewer_id,
+        ..ViewerConfig::default()
+    };
+    let latency = config.subscriber.latency;
+    let mut viewer = Viewer::new(config);
+    let mut layer_fixed = false;
     let mut report = ViewerReport {
-        peer_id,
+        peer_id: node.peer_id(),
         joined_at,
         first_frame_at: None,
         completions: Vec::new(),
@@ -667,13 +711,13 @@ async fn view(
     let mut done_below: u64 = 0;
 
     loop {
-        let timer = subscriber
+        let timer = viewer
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
             _ = stop.changed() => break,
             () = tokio::time::sleep_until(timer.into()) => {
-                subscriber.handle_timeout(Instant::now());
+                viewer.handle_timeout(Instant::now());
             }
             event = events.recv() => {
                 let Some(event) = event else { break };
@@ -710,11 +754,21 @@ async fn view(
                         }
                     }
                 }
-                subscriber.handle_message(Instant::now(), message);
+                viewer.handle_message(Instant::now(), message);
             }
         }
         let now = Instant::now();
-        while let Some(event) = subscriber.poll_event() {
+        if !layer_fixed {
+            layer_fixed = viewer.set_fixed_layer(now, 0, Some(layer));
+        }
+        // The bench subscribed the viewer's channels itself.
+        while viewer.poll_channel_change().is_some() {}
+        while viewer.poll_layer_change().is_some() {}
+        while let Some(transmit) = viewer.poll_transmit() {
+            // Best effort, as in p2plivesrc: a full queue drops a report.
+            let _ = node.publish(STREAM, transmit.channel, transmit.payload);
+        }
+        while let Some(event) = viewer.poll_event() {
             if let SubscriberEvent::Frame(frame) = event {
                 report.first_frame_at.get_or_insert(now);
                 if now <= frame.pts + latency {
