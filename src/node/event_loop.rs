@@ -35,6 +35,9 @@ const MAX_INFO_ADDRS: usize = 8;
 const MEDIA_BATCH: usize = 64;
 /// Times our media stream to one peer is re-opened while connected before giving up.
 const MEDIA_RETRIES: u32 = 3;
+/// A media stream that stayed open this long was working: its end starts the count of
+/// re-opens over (see [`MediaRetries`]).
+const MEDIA_STEADY: Duration = Duration::from_secs(30);
 /// While a data plane has queued messages, its writers are refilled at least this often.
 /// Relays a node behind a NAT holds a reservation on at once.
 const MAX_RELAY_RESERVATIONS: usize = 2;
@@ -351,7 +354,7 @@ pub(crate) struct EventLoop {
     /// Peers the data plane caught misbehaving: disconnected, never accepted again.
     banned: HashSet<PeerId>,
     /// Our media streams re-opened per peer.
-    media_retries: HashMap<PeerId, u32>,
+    media_retries: HashMap<PeerId, MediaRetries>,
     /// Answers the ping streams `Behaviour::ping` accepts.
     ping: super::ping::Responder,
     max_peers: usize,
@@ -1493,15 +1496,15 @@ impl EventLoop {
                     return;
                 };
                 media.opened(peer, writer);
+                self.media_retries.entry(peer).or_default().opened(now);
             }
             MediaEvent::Down { peer } => {
                 // Our stream ended while the connection lives on (a race with a second
                 // connection, a reset): open another; the data plane keeps the peer and its
                 // queue meanwhile. Peers that do not speak the protocol fail again and again:
                 // a few tries, then they are dropped from the data plane.
-                let tries = self.media_retries.entry(peer).or_default();
-                *tries += 1;
-                if self.swarm.is_connected(&peer) && *tries <= MEDIA_RETRIES {
+                let retry = self.media_retries.entry(peer).or_default().ended(now);
+                if self.swarm.is_connected(&peer) && retry {
                     if let Some(media) = self.media.as_mut() {
                         media.close(&peer);
                         media.open(peer);
@@ -1798,9 +1801,66 @@ fn peek_stream_tag(bytes: &[u8]) -> Option<u32> {
     }
 }
 
+/// Re-opens of our media stream to one peer while connected: at most [`MEDIA_RETRIES`] in a
+/// row, so a peer that does not speak the protocol is dropped from the data plane; a stream
+/// that stayed open [`MEDIA_STEADY`] starts the count over, so resets spread over a long
+/// connection (a reset now and then over hours) never drop a working peer.
+#[derive(Debug, Default)]
+struct MediaRetries {
+    tries: u32,
+    up_since: Option<std::time::Instant>,
+}
+
+impl MediaRetries {
+    fn opened(&mut self, now: std::time::Instant) {
+        self.up_since = Some(now);
+    }
+
+    /// Our stream ended: whether to open another.
+    fn ended(&mut self, now: std::time::Instant) -> bool {
+        if self
+            .up_since
+            .take()
+            .is_some_and(|at| now.saturating_duration_since(at) >= MEDIA_STEADY)
+        {
+            self.tries = 0;
+        }
+        self.tries += 1;
+        self.tries <= MEDIA_RETRIES
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams that fail at once are re-opened three times; streams that worked a while are
+    /// re-opened however often they end (before, the fourth end over a connection's whole
+    /// life dropped the peer from the data plane).
+    #[test]
+    fn media_streams_that_worked_are_reopened_however_often_they_end() {
+        let start = std::time::Instant::now();
+        let mut failing = MediaRetries::default();
+        let ends: Vec<bool> = (0..5).map(|_| failing.ended(start)).collect();
+        assert_eq!(ends, [true, true, true, false, false]);
+
+        let mut working = MediaRetries::default();
+        for hour in 0..10u64 {
+            let opened = start + Duration::from_secs(3600 * hour);
+            working.opened(opened);
+            assert!(working.ended(opened + MEDIA_STEADY), "end {hour}");
+        }
+        // Short-lived again: the count runs from the last working stream's end (the first
+        // re-open), so two more re-opens.
+        let later = start + Duration::from_secs(3600 * 11);
+        let ends: Vec<bool> = (0..3)
+            .map(|i| {
+                working.opened(later + Duration::from_secs(i));
+                working.ended(later + Duration::from_secs(i) + Duration::from_millis(10))
+            })
+            .collect();
+        assert_eq!(ends, [true, true, false]);
+    }
 
     #[test]
     fn stream_tag_is_read_without_decoding() {
