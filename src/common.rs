@@ -452,8 +452,6 @@ pub fn node_stats_fields(
             .field("media-shed", dp.shed)
             .field("shard-loss-permille", dp.shard_loss_permille)
             .field("link-loss-permille", dp.link_loss_permille)
-            .field("relay-withdrawn", dp.withdrawn)
-            .field("relay-withdrawals", dp.relay_withdrawals)
             .field("parity-loss-permille", dp.parity_loss_permille),
         None => builder,
     }

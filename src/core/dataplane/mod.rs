@@ -168,24 +168,6 @@ const PRUNE_AFTER_UNSOLICITED: u32 = 16;
 /// Children are evicted for capacity only once the measured rate is this many times the
 /// rate they were accepted at (see `maintain_tree`).
 const EVICT_RATE_MARGIN: f64 = 1.1;
-/// A viewer whose own link loses at least this share of its shards, and at least
-/// `LOSSY_RELAY_PARITY_FACTOR` times the share of parity the publisher sends (which it sizes
-/// for the median viewer's loss), forwards nothing (see `DataPlane::withdrawn`): it must
-/// repair before it forwards, so its children get late what others would push at once. In
-/// `gst-launch-1.0` runs a viewer at 35 % loss that joined after a loss-free one took 12–15
-/// of its 16 stripes as their parent; the loss-free one lost frames and stepped down to
-/// layer 0 for 48 s (session 14). Relative to the parity, so that an audience whose links
-/// all lose as much keeps its relays.
-const LOSSY_RELAY_LOSS: f64 = 0.1;
-const LOSSY_RELAY_PARITY_FACTOR: f64 = 2.0;
-/// Reports in a row (one a second) at or above the threshold before a viewer withdraws:
-/// when every link starts losing at once, the publisher's parity follows the audience's
-/// reports a few seconds later, and until then each viewer would look lossier than the
-/// audience.
-const LOSSY_RELAY_REPORTS: u32 = 5;
-/// Once withdrawn, a viewer forwards again only when its link loss is under half the
-/// threshold, and not before this long (children moved away are not called back at once).
-const LOSSY_RELAY_HOLD: Duration = Duration::from_secs(10);
 
 /// A peer's identity as the data plane sees it: libp2p's `PeerId` in the node, an integer in
 /// the simulator and tests.
@@ -419,7 +401,7 @@ pub enum Output<P> {
 }
 
 /// The cumulative counters of [`DataPlaneStats`] by name (see [`DataPlaneStats::counters`]).
-pub type Counters = [(&'static str, u64); 35];
+pub type Counters = [(&'static str, u64); 34];
 
 /// Counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -477,10 +459,6 @@ pub struct DataPlaneStats {
     /// shrank, and orphaned subtrees dissolved (their children rejoin elsewhere).
     pub children_evicted: u64,
     pub subtrees_dissolved: u64,
-    /// Times this viewer stopped forwarding because its own link loses too much (see
-    /// `LOSSY_RELAY_LOSS`); `withdrawn` says whether it is so now.
-    pub relay_withdrawals: u64,
-    pub withdrawn: bool,
     /// Leaves sent to peers that kept pushing a stripe in which they are not our parent.
     pub stale_edges_pruned: u64,
     /// Current state.
@@ -547,7 +525,6 @@ impl DataPlaneStats {
             ("parents_gone", self.parents_gone),
             ("children_evicted", self.children_evicted),
             ("subtrees_dissolved", self.subtrees_dissolved),
-            ("relay_withdrawals", self.relay_withdrawals),
             ("stale_edges_pruned", self.stale_edges_pruned),
         ]
     }
@@ -863,13 +840,6 @@ pub struct DataPlane<P: PeerKey> {
     /// Measured incoming (viewer) or published (publisher) media rate, bytes/s (EWMA).
     rate_bytes: f64,
     rate_window: (Instant, u64),
-    /// Share of parity among the shards of the newest verified manifest.
-    parity_share: f64,
-    /// Forwarding nothing for our link's loss since then, until at least the second instant
-    /// (see `LOSSY_RELAY_LOSS`).
-    withdrawn: Option<(Instant, Instant)>,
-    /// Reports in a row whose link loss was at or above the threshold.
-    lossy_reports: u32,
     /// Upload pacing (bytes) when the capacity is limited.
     tokens: f64,
     tokens_at: Instant,
@@ -972,9 +942,6 @@ impl<P: PeerKey> DataPlane<P> {
             next_report: now + config.report_interval,
             next_expire: now,
             rate_bytes: 0.0,
-            parity_share: 0.0,
-            withdrawn: None,
-            lossy_reports: 0,
             rate_window: (now, 0),
             tokens: 0.0,
             tokens_at: now,
@@ -1592,7 +1559,6 @@ impl<P: PeerKey> DataPlane<P> {
         // What every stripe's children cost: the object's shards, parity included, once;
         // not what reached us (duplicates and repairs would shrink our fan-out as they grow).
         self.note_rate(now, layout.total() * layout.shard_len);
-        self.parity_share = layout.parity as f64 / layout.total().max(1) as f64;
         // Each stripe's parent that sends us this layer owes us its shard of the object.
         let layer = (key.track, key.layer);
         for i in 0..layout.total() as u32 {
@@ -1887,14 +1853,6 @@ impl<P: PeerKey> DataPlane<P> {
 
     /// [`Self::max_children`] at `rate_factor` times the measured rate.
     fn children_limit(&self, rate_factor: f64) -> usize {
-        if self.withdrawn.is_some() {
-            return 0;
-        }
-        self.capacity_limit(rate_factor)
-    }
-
-    /// [`Self::children_limit`] from the upload capacity alone.
-    fn capacity_limit(&self, rate_factor: f64) -> usize {
         match self.config.upload_capacity_kbps {
             None => self.config.max_children,
             Some(0) => 0,
@@ -3269,7 +3227,6 @@ impl<P: PeerKey> DataPlane<P> {
             .is_some_and(|at| now.saturating_duration_since(at) >= LINK_LOSS_WARM_UP);
         if let Some(link) = self.link_loss().filter(|_| warm) {
             self.stats.link_loss_permille = (link * 1000.0).round() as u32;
-            self.judge_own_link(now, link);
         }
         for stripe in &mut self.stripes {
             stripe.link_counts.0 *= LINK_LOSS_DECAY;
@@ -3384,33 +3341,6 @@ impl<P: PeerKey> DataPlane<P> {
                 }
             }
         }
-    }
-
-    /// Stops forwarding while our own link loses far more than the audience's (see
-    /// `LOSSY_RELAY_LOSS`) for `LOSSY_RELAY_REPORTS` reports in a row: our children are
-    /// evicted by `maintain_tree` and rejoin elsewhere, and our joins say we cannot forward.
-    /// Resumes once the loss fell under half the threshold, `LOSSY_RELAY_HOLD` after the
-    /// withdrawal at the earliest.
-    fn judge_own_link(&mut self, now: Instant, link: f64) {
-        let threshold = LOSSY_RELAY_LOSS.max(LOSSY_RELAY_PARITY_FACTOR * self.parity_share);
-        if link >= threshold {
-            self.lossy_reports = self.lossy_reports.saturating_add(1);
-        } else {
-            self.lossy_reports = 0;
-        }
-        match self.withdrawn {
-            None if self.lossy_reports >= LOSSY_RELAY_REPORTS && !self.is_publisher() => {
-                tracing::debug!(link, threshold, "own link too lossy to forward");
-                self.withdrawn = Some((now, now + LOSSY_RELAY_HOLD));
-                self.stats.relay_withdrawals += 1;
-            }
-            Some((_, until)) if now >= until && link < threshold / 2.0 => {
-                tracing::debug!(link, "own link fit to forward again");
-                self.withdrawn = None;
-            }
-            _ => {}
-        }
-        self.stats.withdrawn = self.withdrawn.is_some();
     }
 
     /// The loss of our own link (see [`DataPlaneStats::link_loss_permille`]) from the
