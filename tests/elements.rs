@@ -308,6 +308,22 @@ fn bad_properties_fail_with_clear_errors() {
     }
 }
 
+/// The text of the first WARNING `running` posts within 5 s.
+fn first_warning(running: &Running) -> Option<String> {
+    running
+        .0
+        .bus()
+        .expect("bus")
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(5),
+            &[gst::MessageType::Warning],
+        )
+        .and_then(|m| match m.view() {
+            gst::MessageView::Warning(w) => Some(w.error().to_string()),
+            _ => None,
+        })
+}
+
 /// A second sink given the port a first one listens on fails to start, saying the port is
 /// in use, instead of sharing it (and its incoming connections) through `SO_REUSEPORT`; a
 /// viewer told to drop every message warns that it will play nothing.
@@ -333,21 +349,27 @@ fn a_port_in_use_and_a_total_simulated_loss_are_reported() {
     let viewer = Running::start(launch(&format!(
         "p2plivesrc topic={topic} bootstrap={addr} simulated-loss=1.0 {LOOPBACK} ! fakesink"
     )));
-    let bus = viewer.0.bus().expect("bus");
-    let warning = bus
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(5),
-            &[gst::MessageType::Warning],
-        )
-        .and_then(|m| match m.view() {
-            gst::MessageView::Warning(w) => Some(w.error().to_string()),
-            _ => None,
-        });
+    let warning = first_warning(&viewer);
     assert!(
         warning
             .as_deref()
             .is_some_and(|w| w.contains("simulated-loss=1")),
         "a warning about simulated-loss=1, got {warning:?}"
+    );
+
+    // Set while playing, too.
+    let viewer = Running::start(launch(&format!(
+        "p2plivesrc name=view topic={topic} bootstrap={addr} {LOOPBACK} ! fakesink"
+    )));
+    viewer
+        .by_name::<gst::Element>("view")
+        .set_property("simulated-loss", 1.0f64);
+    let warning = first_warning(&viewer);
+    assert!(
+        warning
+            .as_deref()
+            .is_some_and(|w| w.contains("simulated-loss=1")),
+        "a warning about simulated-loss=1 set while playing, got {warning:?}"
     );
 }
 

@@ -607,6 +607,8 @@ async fn publish(
     let mut frame: u64 = 0;
     // Per layer: the frame that is the next keyframe.
     let mut next_keyframe: Vec<u64> = vec![0; config.layers as usize];
+    // Until the node stops (its event channel closes); publishing goes on until told to stop.
+    let mut events_open = true;
     loop {
         let timer = publisher
             .poll_timeout()
@@ -617,7 +619,7 @@ async fn publish(
                 publisher.handle_timeout(Instant::now());
                 send(&mut publisher);
             }
-            event = events.recv() => match event {
+            event = events.recv(), if events_open => match event {
                 Some(Event::Message { message, source, .. }) => match message {
                     Message::KeyframeRequest(request) => {
                         publisher.handle_keyframe_request(Instant::now(), request);
@@ -633,8 +635,7 @@ async fn publish(
                     _ => {}
                 },
                 Some(_) => {}
-                // The node stopped; publishing goes on until told to stop.
-                None => events = mpsc::channel(1).1,
+                None => events_open = false,
             },
             _ = ticker.tick() => {
                 let pts = frame_interval * frame as u32;

@@ -447,7 +447,10 @@ fn check_port_free(addr: &Multiaddr) -> Result<(), NodeError> {
     match std::net::TcpListener::bind((ip, port)) {
         Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => Err(NodeError::Listen {
             addr: addr.to_string(),
-            reason: format!("TCP port {port} is in use (by another node or program): {err}"),
+            reason: format!(
+                "TCP port {port} is in use (by another node or program, or by an earlier \
+                 address of this listen list): {err}"
+            ),
         }),
         // Anything else (an address not on this host, say) is the transport's to report.
         _ => Ok(()),

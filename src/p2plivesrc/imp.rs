@@ -431,17 +431,19 @@ impl ObjectImpl for P2pLiveSrc {
                 settings.ack_interval_ms = value.get().expect("type checked upstream")
             }
             "simulated-loss" => {
-                settings.simulated_loss = value.get().expect("type checked upstream");
-                if settings.simulated_loss >= 1.0 {
-                    gst::warning!(
-                        CAT,
-                        imp = self,
-                        "simulated-loss=1 drops every message this viewer receives: it will \
-                         play nothing"
-                    );
-                }
-                if let Some(state) = self.state.lock().unwrap().as_ref() {
-                    state.node.set_inbound_loss(settings.simulated_loss);
+                let share: f64 = value.get().expect("type checked upstream");
+                settings.simulated_loss = share;
+                drop(settings);
+                let running = match self.state.lock().unwrap().as_ref() {
+                    Some(state) => {
+                        state.node.set_inbound_loss(share);
+                        true
+                    }
+                    None => false,
+                };
+                // Posted with no lock held: a sync bus handler may read our properties.
+                if running {
+                    self.warn_if_total_loss(share);
                 }
             }
             "publisher-timeout" => {
@@ -597,6 +599,18 @@ impl BinImpl for P2pLiveSrc {
 }
 
 impl P2pLiveSrc {
+    /// Posts a WARNING when `simulated-loss` is 1: the viewer would play nothing, silently.
+    /// (At start, and when the property is set while running.)
+    fn warn_if_total_loss(&self, share: f64) {
+        if share >= 1.0 {
+            gst::element_imp_warning!(
+                self,
+                gst::ResourceError::Read,
+                ("simulated-loss=1 drops every message this viewer receives: nothing will play")
+            );
+        }
+    }
+
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let settings = self.settings.lock().unwrap().clone();
         settings
@@ -652,13 +666,7 @@ impl P2pLiveSrc {
             )
         })?;
         node.set_inbound_loss(settings.simulated_loss);
-        if settings.simulated_loss >= 1.0 {
-            gst::element_imp_warning!(
-                self,
-                gst::ResourceError::Read,
-                ("simulated-loss=1 drops every message this viewer receives: nothing will play")
-            );
-        }
+        self.warn_if_total_loss(settings.simulated_loss);
         let topic = settings.net.topic.clone();
         // Viewers also carry the feedback channel, so reports reach a publisher they are not
         // connected to.
