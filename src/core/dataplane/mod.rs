@@ -317,6 +317,8 @@ pub struct DataPlaneConfig {
     /// (reported up the feedback tree), instead of always `⌈k / (stripes − 1)⌉`: no parity
     /// while the median viewer loses nothing, at least `⌈k / (stripes − 1)⌉` once it loses
     /// any, more as [`parity_for_loss`] asks. Until the first report, `⌈k / (stripes − 1)⌉`.
+    /// A viewer's loss is reported only from `LINK_LOSS_WARM_UP` (5 s) after its first push:
+    /// the base parity covers an audience's first seconds.
     pub adaptive_parity: bool,
     /// Seed of the core's own random choices (peer picks): deterministic runs.
     pub seed: u64,
