@@ -349,13 +349,7 @@ fn a_port_in_use_and_a_total_simulated_loss_are_reported() {
     let viewer = Running::start(launch(&format!(
         "p2plivesrc topic={topic} bootstrap={addr} simulated-loss=1.0 {LOOPBACK} ! fakesink"
     )));
-    let warning = first_warning(&viewer);
-    assert!(
-        warning
-            .as_deref()
-            .is_some_and(|w| w.contains("simulated-loss=1")),
-        "a warning about simulated-loss=1, got {warning:?}"
-    );
+    assert_total_loss_warning(&viewer, "set at launch");
 
     // Set while playing, too.
     let viewer = Running::start(launch(&format!(
@@ -364,12 +358,17 @@ fn a_port_in_use_and_a_total_simulated_loss_are_reported() {
     viewer
         .by_name::<gst::Element>("view")
         .set_property("simulated-loss", 1.0f64);
-    let warning = first_warning(&viewer);
+    assert_total_loss_warning(&viewer, "set while playing");
+}
+
+/// The viewer's first warning names `simulated-loss=1` (`when`: how it was set).
+fn assert_total_loss_warning(viewer: &Running, when: &str) {
+    let warning = first_warning(viewer);
     assert!(
         warning
             .as_deref()
             .is_some_and(|w| w.contains("simulated-loss=1")),
-        "a warning about simulated-loss=1 set while playing, got {warning:?}"
+        "a warning about simulated-loss=1 {when}, got {warning:?}"
     );
 }
 
