@@ -110,6 +110,7 @@ fn message(kind: u8, tag: u32, r: &mut Reader) -> Option<DpMessage> {
             key: Some(key(r)?),
             shards: u64::from(r.u32()?),
             manifest: r.byte()? % 2 == 0,
+            count: u32::from(r.byte()? % 20),
         }),
         8 => Body::Subscribe(DpSubscribe {
             layers: vec![DpTrackLayer {

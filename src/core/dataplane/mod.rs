@@ -90,6 +90,10 @@ const LINK_LOSS_DECAY: f64 = 0.7;
 const LINK_LOSS_WARM_UP: Duration = Duration::from_secs(5);
 /// Shards due (decayed) from a parent for its own loss share to count in the link loss.
 const LINK_LOSS_MIN_DUE: f64 = 20.0;
+/// A stripe quiet for `parent_silence / RESUBSCRIBE` sends its parent the subscription again:
+/// a lost one leaves the parent pushing nothing until the silence drops it (session 16's core
+/// harness: 3 s of 20 % loss on every link left viewers missing 50–300 ‰ 5 s later).
+const RESUBSCRIBE: u32 = 3;
 /// Between two graft attempts in one stripe.
 const GRAFT_INTERVAL: Duration = Duration::from_secs(2);
 /// What a child that adds a layer gets of the objects already seen (their stripe's share).
@@ -685,6 +689,8 @@ struct Stripe<P> {
     next_graft: Instant,
     refused: BTreeMap<P, Instant>,
     sent_subs: Option<BTreeSet<(u32, u32)>>,
+    /// When the subscription was last sent to the parent (see `maintain_tree`).
+    subs_sent_at: Option<Instant>,
     /// Since when a shard is due from the parent (a verified manifest put one of an object
     /// it sends us in this stripe) with nothing from it since; see `parent_silence`.
     due_since: Option<Instant>,
@@ -861,6 +867,9 @@ pub struct DataPlane<P: PeerKey> {
     first_pushed: Option<Instant>,
     /// When an object last became complete here (pushed, pulled or rebuilt).
     last_complete: Instant,
+    /// The next have goes to every peer, not only tree neighbours: media came again after
+    /// starving (see `STARVED_AFTER`).
+    have_to_all: bool,
     flow_since: Instant,
     /// Some object may still need a pull (cleared when a scan finds none).
     repair_pending: bool,
@@ -904,6 +913,7 @@ impl<P: PeerKey> DataPlane<P> {
                 next_graft: now,
                 refused: BTreeMap::new(),
                 sent_subs: None,
+                subs_sent_at: None,
                 due_since: None,
                 newest_pushed: BTreeMap::new(),
                 newest_from: None,
@@ -955,6 +965,7 @@ impl<P: PeerKey> DataPlane<P> {
             last_pushed: now,
             first_pushed: None,
             last_complete: now,
+            have_to_all: false,
             flow_since: now,
             repair_pending: false,
             fast_repair_until: now,
@@ -1315,7 +1326,15 @@ impl<P: PeerKey> DataPlane<P> {
         let pushed = self.stripes[usize::from(s)].parent == Some(from);
         if pushed {
             self.stripes[usize::from(s)].note_pushed(from, &key, now);
-            self.stripes[usize::from(s)].due_since = None;
+            // An answer to our pull is no sign the parent still pushes to us: one that
+            // dropped us (its leave lost) would otherwise keep the edge alive for as long as
+            // we pull from it.
+            let answer = self.objects.get(&key).is_some_and(|obj| {
+                obj.pulled_shards & (1 << shard.index) != 0 && obj.pulled_parents & (1 << s) != 0
+            });
+            if !answer {
+                self.stripes[usize::from(s)].due_since = None;
+            }
             if now.saturating_duration_since(self.last_pushed) >= self.config.parent_silence {
                 self.flow_since = now;
             }
@@ -1696,8 +1715,12 @@ impl<P: PeerKey> DataPlane<P> {
         }
         self.note_frame(now, &key, fragments, true);
         if self.starved(now) {
-            // Media again (pulled, say): searches backing off start again.
+            // Media again (pulled, say): searches backing off start again, and every peer
+            // hears of it with our next have. Haves go only to tree neighbours, and a peer
+            // that starved has none: without this it learned that the stream flows again
+            // only when its join backoff (up to 6.4 s) ran out.
             self.retry_joins_soon(now);
+            self.have_to_all = true;
         }
         self.last_complete = now;
         if plays && let (Some(from), Some(object)) = (from, object) {
@@ -1990,6 +2013,22 @@ impl<P: PeerKey> DataPlane<P> {
                 // A parent that stopped forwarding while the stream flows: graft elsewhere.
                 self.stats.parents_silent += 1;
                 self.abandon_parent(now, s);
+            } else if self.stripes[si].parent.is_some() {
+                // Quiet for a third of that: the subscription may have been lost (it is sent
+                // only when it changes), and the parent pushes nothing until it comes. It is
+                // sent again, at most once a `RESUBSCRIBE` of the silence.
+                let resend = self.config.parent_silence / RESUBSCRIBE;
+                let quiet = self.stripes[si].due_since.is_some_and(|due| {
+                    let since = due.max(self.flow_since).max(self.stripes[si].parent_since);
+                    newest_data.saturating_duration_since(since) >= resend
+                });
+                let sent_long_ago = self.stripes[si]
+                    .subs_sent_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= resend);
+                if quiet && sent_long_ago {
+                    self.stripes[si].sent_subs = None;
+                    self.send_subscription(s);
+                }
             }
             // An orphan subtree whose every candidate is below it (their paths contain us)
             // would wait for ever: after a while it is dissolved and its children rejoin.
@@ -2765,6 +2804,7 @@ impl<P: PeerKey> DataPlane<P> {
             .map(|&(track, layer)| DpTrackLayer { track, layer })
             .collect();
         self.stripes[si].sent_subs = Some(wanted);
+        self.stripes[si].subs_sent_at = Some(self.last_now);
         self.enqueue_control(
             parent,
             Body::Subscribe(DpSubscribe {
@@ -2905,12 +2945,19 @@ impl<P: PeerKey> DataPlane<P> {
             room,
             epoch: self.epoch.unwrap_or(0),
         }));
-        let neighbours: BTreeSet<P> = self
-            .stripes
-            .iter()
-            .flat_map(|s| s.parent.iter().chain(s.children.iter()))
-            .copied()
-            .collect();
+        let neighbours: BTreeSet<P> = if std::mem::take(&mut self.have_to_all) {
+            self.peers
+                .iter()
+                .filter(|(_, p)| !p.foreign)
+                .map(|(id, _)| *id)
+                .collect()
+        } else {
+            self.stripes
+                .iter()
+                .flat_map(|s| s.parent.iter().chain(s.children.iter()))
+                .copied()
+                .collect()
+        };
         for peer in neighbours {
             self.enqueue(peer, Class::Control, bytes.clone());
         }
@@ -2983,6 +3030,13 @@ impl<P: PeerKey> DataPlane<P> {
             // Anything else may still be on its way: it waits `repair_delay`.
             // (A changed parent matters only to objects that started before the change: the
             // new parent sends what comes after, in order.)
+            // Before `repair_delay`, only the shards taken as lost are asked for, and only as
+            // many as the object still lacks once those on their way arrive: asked for every
+            // missing shard, a holder sent data shards that the stripes' parents were still
+            // pushing, and both copies came (session 16, seed 9: of the shards that pulls
+            // triggered by an overtaking or a parent change brought, 75 % were already held
+            // or came after the object completed).
+            let mut precise: Option<(u64, u32)> = None;
             if age < repair_delay {
                 let in_changed = |i: u32| {
                     let s = stripe_of(key, i, stripes);
@@ -2996,45 +3050,59 @@ impl<P: PeerKey> DataPlane<P> {
                         .overtook(key, now, reorder)
                 };
                 let lost = |i: u32| in_changed(i) || overtaken(i);
-                let lost_now = match &obj.manifest {
-                    Some(m) => (0..m.layout.total() as u32).any(|i| {
-                        obj.shards.get(i as usize).is_some_and(Option::is_none) && lost(i)
-                    }),
-                    None => lost(0),
-                };
-                if !lost_now {
-                    continue;
+                match &obj.manifest {
+                    Some(m) => {
+                        let (mut lost_bits, mut on_way, mut held) = (0u64, 0usize, 0usize);
+                        for i in 0..m.layout.total() as u32 {
+                            match obj.shards.get(i as usize) {
+                                Some(Some(_)) => held += 1,
+                                Some(None) if lost(i) => lost_bits |= 1 << i,
+                                Some(None) => on_way += 1,
+                                None => {}
+                            }
+                        }
+                        let lacking = m.layout.data.saturating_sub(held + on_way);
+                        if lost_bits == 0 || lacking == 0 {
+                            continue;
+                        }
+                        precise = Some((lost_bits, lacking as u32));
+                    }
+                    None if !lost(0) => continue,
+                    None => {}
                 }
             }
-            let (want_manifest, shards) = match &obj.manifest {
+            let (want_manifest, shards, count) = match (&obj.manifest, precise) {
                 // Every shard but those held (unverified) yet.
-                None => (
+                (None, _) => (
                     true,
                     obj.unverified
                         .iter()
                         .fold(u64::MAX, |bits, (_, i, _, _)| bits & !(1u64 << (i % 64))),
+                    0,
                 ),
+                (Some(_), Some((lost, count))) => (false, lost, count),
                 // Every missing shard: the holder sends as many as complete `data` (the
                 // bits it is not asked for are the ones we hold).
-                Some(_) => (
+                (Some(_), None) => (
                     false,
                     obj.shards
                         .iter()
                         .enumerate()
                         .filter(|(_, shard)| shard.is_none())
                         .fold(0u64, |bits, (i, _)| bits | (1 << i)),
+                    0,
                 ),
             };
             obj.last_pull = Some(now);
             obj.pulled_shards |= shards;
             obj.pulls = obj.pulls.saturating_add(1);
-            pulls.push((*key, want_manifest, shards, obj.pulls));
+            pulls.push((*key, want_manifest, shards, count, obj.pulls));
         }
         self.repair_pending = pending;
         for key in given_up {
             self.incomplete.remove(&key);
         }
-        for (key, manifest, shards, tries) in pulls {
+        for (key, manifest, shards, count, tries) in pulls {
             // A neighbour that announced the frame; else a parent (it is upstream).
             let holders: Vec<P> = self
                 .peers
@@ -3092,6 +3160,7 @@ impl<P: PeerKey> DataPlane<P> {
                     key: Some(key.to_proto()),
                     shards,
                     manifest,
+                    count,
                 }),
             );
         }
@@ -3113,16 +3182,21 @@ impl<P: PeerKey> DataPlane<P> {
         };
         let layout = manifest.layout;
         let manifest_proto = manifest.proto.clone();
-        // Bit i asks for shard i; the bits not set are shards the puller holds, so only as
-        // many as complete `data` are sent (data shards first). 0 asks for the data shards.
+        // Bit i asks for shard i; unless `count` says how many to send, the bits not set are
+        // shards the puller holds, so only as many as complete `data` are sent (data shards
+        // first). 0 asks for the data shards.
         let (wanted, needed) = if pull.shards == 0 {
             ((0..layout.data).collect::<Vec<usize>>(), layout.data)
         } else {
             let wanted: Vec<usize> = (0..layout.total())
                 .filter(|i| pull.shards & (1 << i) != 0)
                 .collect();
-            let held = layout.total() - wanted.len();
-            (wanted, layout.data.saturating_sub(held))
+            let needed = if pull.count > 0 {
+                (pull.count as usize).min(layout.data)
+            } else {
+                layout.data.saturating_sub(layout.total() - wanted.len())
+            };
+            (wanted, needed)
         };
         let complete = obj.complete;
         let answer = needed.min(wanted.len()) * layout.shard_len

@@ -478,11 +478,12 @@ fn orphans_back_off_their_joins_and_rejoin_a_returning_publisher() {
     net.run(Duration::from_secs(10), None);
     for (id, (after, before)) in (1..=12).zip(joins(&net).into_iter().zip(before)) {
         let sent = after - before;
-        // Measured: 52–256 (before: 6 411 at viewer 1, a join every 1.6 ms). What remains:
-        // orphan subtrees (whose members still take joiners) form, dissolve after
-        // `join_timeout` and form again.
+        // Measured: 52–256, and 86–621 once precise pulls changed the run's history
+        // (session 18); without the backoff 6 411 at viewer 1, a join every 1.6 ms. What
+        // remains: orphan subtrees (whose members still take joiners) form, dissolve after
+        // `join_timeout` and form again, as often as the history makes them.
         assert!(
-            sent <= 400,
+            sent <= 800,
             "viewer {id} sent {sent} joins in 10 s without a publisher"
         );
     }
