@@ -620,3 +620,36 @@ fn all_tracks_are_announced_together_before_no_more_pads() {
     let names = pads_rx.recv_timeout(JOIN).expect("no-more-pads");
     assert_eq!(names, ["audio_0", "video_0"]);
 }
+
+/// A publisher's pipeline stopped and dropped (as `gst-launch-1.0` does on Ctrl-C) logs no
+/// errors. The bin removes its children before its request pads are released; the sink then
+/// removed each element of the pad's chain a second time, and every shutdown logged "Element
+/// '…' is not in bin" and "Failed to remove the element" four times (found by a fresh user's
+/// `gst-launch-1.0` run, session 18).
+#[test]
+fn a_stopped_publisher_logs_no_errors() {
+    init();
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = errors.clone();
+    gst::log::set_active(true);
+    gst::log::set_threshold_for_name("GST_RUST", gst::DebugLevel::Error);
+    let log =
+        gst::log::add_log_function(move |_cat, level, _file, _func, _line, object, message| {
+            let from_us = object.is_some_and(|o| o.to_string().contains("teardown"));
+            if level <= gst::DebugLevel::Error && from_us {
+                let text = message.get().map(|m| m.to_string()).unwrap_or_default();
+                seen.lock().unwrap().push(text);
+            }
+        });
+    let pipeline = launch(&format!(
+        "{} ! p2plivesink name=teardown topic=teardown {LOOPBACK}",
+        h264_source(30)
+    ));
+    pipeline.set_state(gst::State::Playing).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    pipeline.set_state(gst::State::Null).unwrap();
+    drop(pipeline);
+    gst::log::remove_log_function(log);
+    let errors = errors.lock().unwrap().clone();
+    assert!(errors.is_empty(), "errors logged at shutdown: {errors:?}");
+}

@@ -475,12 +475,18 @@ impl ElementImpl for P2pLiveSink {
             return;
         };
         let obj = self.obj();
+        // When the sink is disposed, the bin has removed its children before its request
+        // pads are released: removing them again logged two errors per element.
         for element in input.elements.iter().rev() {
             let _ = element.set_state(gst::State::Null);
-            let _ = obj.remove(element);
+            if element.has_as_parent(&*obj) {
+                let _ = obj.remove(element);
+            }
         }
         let _ = input.ghost.set_active(false);
-        let _ = obj.remove_pad(&input.ghost);
+        if input.ghost.has_as_parent(&*obj) {
+            let _ = obj.remove_pad(&input.ghost);
+        }
     }
 
     fn change_state(
