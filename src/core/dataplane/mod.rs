@@ -1333,14 +1333,16 @@ impl<P: PeerKey> DataPlane<P> {
         let wire = (wire.len() == canonical).then_some(wire);
         let s = stripe_of(&key, shard.index, self.config.stripes);
         let pushed = self.stripes[usize::from(s)].parent == Some(from);
+        // Pushed by the parent, but in answer to our pull (not its own push).
+        let answer = pushed
+            && self.objects.get(&key).is_some_and(|obj| {
+                obj.pulled_shards & (1 << shard.index) != 0 && obj.pulled_parents & (1 << s) != 0
+            });
         if pushed {
             self.stripes[usize::from(s)].note_pushed(from, &key, now);
             // An answer to our pull is no sign the parent still pushes to us: one that
             // dropped us (its leave lost) would otherwise keep the edge alive for as long as
             // we pull from it.
-            let answer = self.objects.get(&key).is_some_and(|obj| {
-                obj.pulled_shards & (1 << shard.index) != 0 && obj.pulled_parents & (1 << s) != 0
-            });
             if !answer {
                 self.stripes[usize::from(s)].due_since = None;
             }
@@ -1362,8 +1364,6 @@ impl<P: PeerKey> DataPlane<P> {
         let obj = self.objects.get_mut(&key).expect("inserted above");
         if pushed {
             obj.pushed |= 1 << shard.index;
-            let answer =
-                obj.pulled_shards & (1 << shard.index) != 0 && obj.pulled_parents & (1 << s) != 0;
             if !answer {
                 obj.pushed_unasked |= 1 << shard.index;
             }
@@ -2014,10 +2014,11 @@ impl<P: PeerKey> DataPlane<P> {
             // earliest from when the stream (re)started flowing, or this parent took us).
             // Not merely idle: a sparse stream (a base temporal layer of small frames) leaves
             // a stripe empty for seconds.
-            let silent = self.stripes[si].due_since.is_some_and(|due| {
+            let quiet_for = self.stripes[si].due_since.map(|due| {
                 let since = due.max(self.flow_since).max(self.stripes[si].parent_since);
-                newest_data.saturating_duration_since(since) >= self.config.parent_silence
+                newest_data.saturating_duration_since(since)
             });
+            let silent = quiet_for.is_some_and(|d| d >= self.config.parent_silence);
             if self.stripes[si].parent.is_some() && silent {
                 // A parent that stopped forwarding while the stream flows: graft elsewhere.
                 self.stats.parents_silent += 1;
@@ -2027,10 +2028,7 @@ impl<P: PeerKey> DataPlane<P> {
                 // only when it changes), and the parent pushes nothing until it comes. It is
                 // sent again, at most once a `RESUBSCRIBE` of the silence.
                 let resend = self.config.parent_silence / RESUBSCRIBE;
-                let quiet = self.stripes[si].due_since.is_some_and(|due| {
-                    let since = due.max(self.flow_since).max(self.stripes[si].parent_since);
-                    newest_data.saturating_duration_since(since) >= resend
-                });
+                let quiet = quiet_for.is_some_and(|d| d >= resend);
                 let sent_long_ago = self.stripes[si]
                     .subs_sent_at
                     .is_none_or(|at| now.saturating_duration_since(at) >= resend);

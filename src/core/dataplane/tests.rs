@@ -1746,7 +1746,8 @@ fn a_pull_asks_only_for_the_shards_lost() {
         sequence,
         fragment: 0,
     };
-    let parent = |i: u32| net.nodes[&viewer].stripes[usize::from(stripe_of(&key, i, 16))].parent;
+    let parent =
+        |i: u32| net.nodes[&viewer].stripes[usize::from(stripe_of(&key, i, config.stripes))].parent;
     // Two data shards whose stripes have different parents: `slow`'s arrive late, `lost`'s is
     // dropped.
     let (slow, lost) = (0..8u32)
